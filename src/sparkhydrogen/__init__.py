@@ -1,0 +1,59 @@
+"""spark-hydrogen: a first-class barrier (gang) execution mode for PySpark.
+
+    import sparkhydrogen as h2
+
+    out = h2.barrier(rdd).mapPartitions(train).collect()   # drop-in for rdd.barrier()
+    results = h2.run(fn, num_tasks=4)                      # every rank's return value, by rank
+
+    ctx = h2.BarrierTaskContext.get()                      # inside a task
+    ctx.barrier(); ctx.allGather({"any": "picklable"}, timeout=30)
+"""
+
+from .config import CoordinatorConfig, HydrogenConfig, LaunchConfig
+from .context import BarrierTaskContext, BarrierTaskInfo
+from .errors import (
+    AuthenticationError,
+    CollectiveError,
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    CoordinatorConnectionError,
+    ErrorInfo,
+    GangAbortedError,
+    GangFailedError,
+    HydrogenError,
+    InsufficientSlotsError,
+    LaunchError,
+    NotInGangError,
+    PayloadError,
+    ProtocolError,
+    RegistrationError,
+)
+from .launch import RDDBarrier, barrier, run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "BarrierTaskContext",
+    "BarrierTaskInfo",
+    "CollectiveError",
+    "CollectiveMismatchError",
+    "CollectiveTimeoutError",
+    "CoordinatorConfig",
+    "CoordinatorConnectionError",
+    "ErrorInfo",
+    "GangAbortedError",
+    "GangFailedError",
+    "HydrogenError",
+    "HydrogenConfig",
+    "InsufficientSlotsError",
+    "LaunchConfig",
+    "LaunchError",
+    "NotInGangError",
+    "PayloadError",
+    "ProtocolError",
+    "RDDBarrier",
+    "RegistrationError",
+    "barrier",
+    "run",
+]

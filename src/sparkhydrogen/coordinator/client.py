@@ -1,0 +1,237 @@
+"""Blocking client a task uses to talk to the coordinator: one connection, one request at a time.
+
+Example:
+    >>> client = CoordinatorClient.connect(("127.0.0.1", port), gang_id, secret)  # doctest: +SKIP
+    >>> client.register((0, 0, 0), rank=0)                                        # doctest: +SKIP
+    >>> client.collective("barrier", b"")                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import socket
+import threading
+from typing import Optional
+
+from ..errors import (
+    AuthenticationError,
+    CollectiveTimeoutError,
+    CoordinatorConnectionError,
+    ErrorInfo,
+    ProtocolError,
+    from_info,
+)
+from .protocol import (
+    NONCE_BYTES,
+    PREFIX,
+    Frame,
+    Kind,
+    Limits,
+    client_proof,
+    decode_header,
+    decode_prefix,
+    encode_frame,
+    server_proof,
+)
+
+__all__ = ["CoordinatorClient", "REPLY_GRACE"]
+
+#: Extra seconds a client waits beyond a call's own timeout for the coordinator's verdict.
+REPLY_GRACE = 5.0
+
+#: A client accepts large replies (an allGather returns every rank's payload).
+_CLIENT_LIMITS = Limits(max_header_bytes=1 << 20, max_payload_bytes=1 << 40)
+
+
+class CoordinatorClient:
+    """A task's authenticated connection to its gang's coordinator (thread-safe)."""
+
+    def __init__(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        self._sock = sock
+        self.address = address
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._closed = False
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], gang_id: str, secret: bytes, timeout: float = 30.0) -> "CoordinatorClient":
+        """Connect and run the mutual HMAC handshake; raises :class:`CoordinatorConnectionError`."""
+        host, port = address
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise CoordinatorConnectionError(
+                f"cannot reach the spark-hydrogen coordinator at {host}:{port} within {timeout:g} s: {exc}. "
+                "Executors must be able to connect to the driver; set spark.hydrogen.coordinator.host/port "
+                "to an address and port they can reach"
+            ) from exc
+        client = cls(sock, (host, port))
+        try:
+            _tune(sock)
+            client._handshake(gang_id, secret)
+            sock.settimeout(None)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _handshake(self, gang_id: str, secret: bytes) -> None:
+        hello = self._read_frame()
+        if hello.kind is not Kind.HELLO:
+            raise ProtocolError(f"expected HELLO from the coordinator, got {hello.kind.name}")
+        try:
+            server_nonce = bytes.fromhex(str(hello.header.get("nonce", "")))
+        except ValueError as exc:
+            raise ProtocolError("coordinator sent a malformed nonce") from exc
+        if len(server_nonce) != NONCE_BYTES:
+            raise ProtocolError("coordinator sent a nonce of the wrong length")
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        proof = client_proof(secret, gang_id, server_nonce, nonce)
+        self._send(encode_frame(Kind.AUTH, {"gang": gang_id, "nonce": nonce.hex(), "proof": proof}))
+        try:
+            welcome = self._read_frame()
+        except CoordinatorConnectionError as exc:
+            raise AuthenticationError(
+                f"the coordinator at {self.address[0]}:{self.address[1]} refused this task's credentials "
+                f"for gang {gang_id[:8]} (the gang is unknown there or was removed): {exc}"
+            ) from exc
+        expected = server_proof(secret, gang_id, server_nonce, nonce)
+        if welcome.kind is not Kind.WELCOME or not hmac.compare_digest(
+            str(welcome.header.get("proof", "")).encode(), expected.encode()
+        ):
+            raise AuthenticationError(
+                f"the peer at {self.address[0]}:{self.address[1]} could not prove it knows gang {gang_id[:8]}'s "
+                "secret: it is not this gang's coordinator"
+            )
+
+    # requests --------------------------------------------------------------
+    def register(self, rank: int, *, gang_attempt: int = 0, stage_id: int = 0, host: str = "",
+                 task_attempt_id: int = -1) -> int:
+        """Join the gang as ``rank`` (of gang attempt ``gang_attempt``, Spark stage ``stage_id``).
+
+        Returns the gang's world size.
+        """
+        header = {
+            "op": "register",
+            "gang_attempt": gang_attempt,
+            "stage_id": stage_id,
+            "rank": rank,
+            "host": host or socket.gethostname(),
+            "pid": os.getpid(),
+            "task_attempt_id": task_attempt_id,
+        }
+        with self._lock:
+            self._send(encode_frame(Kind.REQUEST, header))
+            reply = self._expect_reply(None)
+        return int(reply.header["world_size"])
+
+    def collective(self, kind: str, payload: bytes = b"", root: Optional[int] = None,
+                   timeout: Optional[float] = None) -> list[memoryview]:
+        """Make the next collective call; returns the payloads of the reply, in rank order."""
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+            header = {"op": "call", "kind": kind, "seq": seq, "root": root, "timeout": timeout}
+            self._send(encode_frame(Kind.REQUEST, header, payload))
+            reply = self._expect_reply(None if timeout is None else timeout + REPLY_GRACE, kind, seq)
+        if reply.header.get("seq") != seq:
+            raise ProtocolError(f"reply for collective call #{reply.header.get('seq')} while waiting for #{seq}")
+        sizes = reply.header.get("sizes") or []
+        view = memoryview(reply.payload)
+        parts, offset = [], 0
+        for size in sizes:
+            parts.append(view[offset : offset + size])
+            offset += size
+        return parts
+
+    def fail(self, error: ErrorInfo) -> None:
+        """Report that this rank's user code raised; the coordinator aborts the attempt."""
+        self._notify({"op": "fail", "error": error.to_json()})
+
+    def finish(self) -> None:
+        """Report that this rank's task completed normally."""
+        self._notify({"op": "finish"})
+
+    def _notify(self, header: dict[str, object]) -> None:
+        with self._lock:
+            try:
+                self._send(encode_frame(Kind.REQUEST, header))
+            except CoordinatorConnectionError:
+                pass  # the coordinator already knows: a lost connection counts as this rank failing
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+
+    # I/O -------------------------------------------------------------------
+    def _expect_reply(self, timeout: Optional[float], kind: str = "register", seq: int = -1) -> Frame:
+        self._sock.settimeout(timeout)
+        try:
+            frame = self._read_frame()
+        except socket.timeout as exc:
+            raise CollectiveTimeoutError(
+                f"{kind} (collective call #{seq + 1}): the coordinator at {self.address[0]}:{self.address[1]} "
+                f"gave no verdict within {timeout:g} s (the call's timeout plus {REPLY_GRACE:g} s grace); "
+                "the driver may be overloaded or unreachable"
+            ) from exc
+        finally:
+            if not self._closed:
+                self._sock.settimeout(None)
+        if frame.kind is Kind.ERROR:
+            raise from_info(ErrorInfo.from_json(frame.header.get("error") or {}))
+        if frame.kind is not Kind.REPLY:
+            raise ProtocolError(f"expected REPLY from the coordinator, got {frame.kind.name}")
+        return frame
+
+    def _send(self, data: bytes) -> None:
+        if self._closed:
+            raise CoordinatorConnectionError("the connection to the coordinator is closed")
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise CoordinatorConnectionError(
+                f"lost the connection to the coordinator at {self.address[0]}:{self.address[1]}: {exc}"
+            ) from exc
+
+    def _read_frame(self) -> Frame:
+        prefix = self._recv_exact(PREFIX.size)
+        kind, head_len, body_len = decode_prefix(prefix, _CLIENT_LIMITS)
+        header = decode_header(self._recv_exact(head_len))
+        payload = self._recv_exact(body_len) if body_len else b""
+        return Frame(kind, header, payload)
+
+    def _recv_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                chunk = self._sock.recv_into(view[got:], min(n - got, 1 << 22))
+            except socket.timeout:
+                raise
+            except OSError as exc:
+                raise CoordinatorConnectionError(
+                    f"lost the connection to the coordinator at {self.address[0]}:{self.address[1]}: {exc}"
+                ) from exc
+            if chunk == 0:
+                raise CoordinatorConnectionError(
+                    f"the coordinator at {self.address[0]}:{self.address[1]} closed the connection "
+                    "(the driver stopped, or refused this peer)"
+                )
+            got += chunk
+        return buf
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+

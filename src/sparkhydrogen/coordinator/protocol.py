@@ -1,0 +1,189 @@
+"""Wire format of the coordinator channel (see ``docs/protocol.md``).
+
+A frame is a fixed 12-byte binary prefix, a small UTF-8 JSON object (the
+control header) and raw payload bytes::
+
+    magic "H2" (2 bytes) | version (u8) | kind (u8) | header length (u32) | payload length (u32)
+
+Both lengths are checked against the receiver's limits *before* anything is
+allocated for them.  The JSON header carries the operation and its arguments;
+the payload is opaque (pickled by tasks, never unpickled by the coordinator).
+
+Authentication is a challenge/response on the gang's secret; the secret itself
+never crosses the wire (:func:`client_proof`, :func:`server_proof`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "PREFIX",
+    "Kind",
+    "Frame",
+    "Limits",
+    "PREAUTH_LIMITS",
+    "encode_frame",
+    "decode_prefix",
+    "decode_header",
+    "FrameDecoder",
+    "client_proof",
+    "server_proof",
+    "NONCE_BYTES",
+]
+
+MAGIC = b"H2"
+VERSION = 1
+PREFIX = struct.Struct("!2sBBII")
+NONCE_BYTES = 32
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds. Server -> client: HELLO, WELCOME, REPLY, ERROR. Client -> server: AUTH, REQUEST."""
+
+    HELLO = 1
+    AUTH = 2
+    WELCOME = 3
+    REQUEST = 4
+    REPLY = 5
+    ERROR = 6
+
+
+_KINDS = frozenset(int(k) for k in Kind)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest control header and payload a receiver accepts in one frame."""
+
+    max_header_bytes: int
+    max_payload_bytes: int
+
+
+#: What the server accepts from a peer that has not authenticated yet: one small
+#: AUTH frame with no payload, so unauthenticated bytes cannot make it allocate.
+PREAUTH_LIMITS = Limits(max_header_bytes=4096, max_payload_bytes=0)
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    header: Mapping[str, Any]
+    payload: bytes | bytearray = b""
+
+
+def encode_frame(kind: Kind, header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b"") -> bytes:
+    """Serialise one frame into a single bytes object (ready for ``sendall``/``write``)."""
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return b"".join((PREFIX.pack(MAGIC, VERSION, int(kind), len(head), len(payload)), head, payload))
+
+
+def decode_prefix(prefix: bytes | bytearray | memoryview, limits: Limits) -> tuple[Kind, int, int]:
+    """Check the 12-byte prefix; return (kind, header length, payload length)."""
+    magic, version, kind, head_len, body_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}: the peer does not speak the spark-hydrogen protocol")
+    if version != VERSION:
+        raise ProtocolError(
+            f"peer speaks protocol version {version}, this side speaks {VERSION}: "
+            "install the same spark-hydrogen version on the driver and the executors"
+        )
+    if kind not in _KINDS:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if head_len > limits.max_header_bytes:
+        raise ProtocolError(f"control header of {head_len} bytes exceeds the limit of {limits.max_header_bytes}")
+    if body_len > limits.max_payload_bytes:
+        raise ProtocolError(
+            f"payload of {body_len} bytes exceeds the limit of {limits.max_payload_bytes} bytes "
+            "(raise spark.hydrogen.coordinator.maxPayload to allow larger payloads)"
+        )
+    return Kind(kind), head_len, body_len
+
+
+def decode_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse the JSON control header; it must be an object."""
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"control header is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError(f"control header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, iterate complete frames.
+
+    Limits can be changed between frames (the server widens them after authentication).
+
+    Example:
+        >>> dec = FrameDecoder(Limits(1024, 1024))
+        >>> [f.header for f in dec.feed(encode_frame(Kind.REQUEST, {"op": "barrier"}))]
+        [{'op': 'barrier'}]
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._buf = bytearray()
+        self._pos = 0
+        self._pending: Optional[tuple[Kind, int, int]] = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Frame]:
+        self._buf += data
+        while True:
+            frame = self._next()
+            if frame is None:
+                break
+            yield frame
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _next(self) -> Optional[Frame]:
+        avail = len(self._buf) - self._pos
+        if self._pending is None:
+            if avail < PREFIX.size:
+                return None
+            self._pending = decode_prefix(memoryview(self._buf)[self._pos : self._pos + PREFIX.size], self.limits)
+            self._pos += PREFIX.size
+            avail -= PREFIX.size
+        kind, head_len, body_len = self._pending
+        if avail < head_len + body_len:
+            return None
+        start = self._pos
+        header = decode_header(self._buf[start : start + head_len])
+        payload = bytes(self._buf[start + head_len : start + head_len + body_len])
+        self._pos = start + head_len + body_len
+        self._pending = None
+        return Frame(kind, header, payload)
+
+
+def _mac(secret: bytes, label: bytes, parts: Sequence[bytes]) -> str:
+    mac = hmac.new(secret, label, hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(4, "big"))
+        mac.update(part)
+    return mac.hexdigest()
+
+
+def client_proof(secret: bytes, gang_id: str, server_nonce: bytes, client_nonce: bytes) -> str:
+    """HMAC-SHA256 the client sends to prove it holds the gang's secret."""
+    return _mac(secret, b"sparkhydrogen-client-v1", (gang_id.encode(), server_nonce, client_nonce))
+
+
+def server_proof(secret: bytes, gang_id: str, server_nonce: bytes, client_nonce: bytes) -> str:
+    """HMAC-SHA256 the server sends back so the client knows it reached the real coordinator."""
+    return _mac(secret, b"sparkhydrogen-server-v1", (gang_id.encode(), server_nonce, client_nonce))

@@ -1,0 +1,493 @@
+"""The coordinator's rules as a pure state machine: no sockets, no threads, no clock.
+
+Every method takes ``now`` (seconds, any monotonic origin) and returns the
+*actions* the I/O layer must carry out: complete a round for some ranks,
+reject some ranks' calls with an error, or log a line.  That keeps the rules
+(membership, sequenced collectives, aborts, timeouts) testable exhaustively
+with a fake clock.
+
+Vocabulary:
+
+* **gang** - one barrier job as the driver declared it (id, secret, world size);
+* **attempt** - one launch of that gang's tasks, keyed by :data:`AttemptKey`
+  ``(gang attempt, Spark stage id, Spark stage attempt)``;
+* **round** - the k-th collective call (``seq == k``) of every rank of an attempt.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
+
+from ..errors import ErrorInfo, RegistrationError
+
+__all__ = [
+    "Op",
+    "AttemptKey",
+    "MemberInfo",
+    "Call",
+    "Complete",
+    "Reject",
+    "Log",
+    "Action",
+    "AttemptState",
+    "Attempt",
+    "Gang",
+    "Registry",
+]
+
+AttemptKey = tuple[int, int, int]
+
+
+class Op(str, enum.Enum):
+    BARRIER = "barrier"
+    ALLGATHER = "allGather"
+    BROADCAST = "broadcast"
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """What a rank tells the coordinator about itself when it registers."""
+
+    host: str = "?"
+    pid: int = 0
+    task_attempt_id: int = -1
+
+
+@dataclass(frozen=True)
+class Call:
+    """One rank's collective call: the ``seq``-th of its task."""
+
+    op: Op
+    seq: int
+    payload: bytes = b""
+    root: Optional[int] = None
+    timeout: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Complete:
+    """Round ``seq`` completed: reply to ``ranks`` with ``payloads`` (rank order, or root's only)."""
+
+    ranks: tuple[int, ...]
+    seq: int
+    op: Op
+    payloads: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Fail the pending (or just made) call of each of ``ranks`` with ``error``."""
+
+    ranks: tuple[int, ...]
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str
+    message: str
+
+
+Action = Union[Complete, Reject, Log]
+
+
+class AttemptState(str, enum.Enum):
+    RUNNING = "running"
+    ABORTED = "aborted"
+    FINISHED = "finished"
+
+
+@dataclass
+class _Member:
+    info: MemberInfo
+    registered_at: float
+    last_heard: float
+    next_seq: int = 0
+    last_op: Optional[str] = None
+    finished: bool = False
+    connected: bool = True
+
+
+@dataclass
+class _Arrival:
+    call: Call
+    at: float
+
+
+@dataclass
+class _Round:
+    seq: int
+    op: Op
+    root: Optional[int]
+    started: float
+    arrivals: dict[int, _Arrival] = field(default_factory=dict)
+    last_logged: float = 0.0
+
+
+def _call_name(op: str, seq: int) -> str:
+    return f"{op} (collective call #{seq + 1})"
+
+
+def _fmt_ranks(ranks: Sequence[int]) -> str:
+    return ", ".join(str(r) for r in sorted(ranks))
+
+
+class Attempt:
+    """One launch of a gang: membership, sequenced rounds, abort and timeout rules."""
+
+    def __init__(self, gang_id: str, key: AttemptKey, world_size: int, now: float,
+                 missing_log_interval: float = 30.0) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.gang_id = gang_id
+        self.key = key
+        self.world_size = world_size
+        self.created = now
+        self.missing_log_interval = missing_log_interval
+        self.state = AttemptState.RUNNING
+        self.members: dict[int, _Member] = {}
+        self.rounds: dict[int, _Round] = {}
+        self.abort_error: Optional[ErrorInfo] = None
+        self.failure: Optional[ErrorInfo] = None
+        self._last_registration_log = now
+
+    # -- description -------------------------------------------------------
+    @property
+    def label(self) -> str:
+        attempt, stage, stage_attempt = self.key
+        return f"gang {self.gang_id[:8]} attempt {attempt} (stage {stage}.{stage_attempt})"
+
+    def _whereabouts(self, rank: int, now: float) -> str:
+        member = self.members.get(rank)
+        if member is None:
+            return f"rank {rank} never connected"
+        where = f"host {member.info.host}, pid {member.info.pid}"
+        if member.finished:
+            return f"rank {rank} ({where}) already finished its task"
+        last = f"last heard {now - member.last_heard:.1f} s ago"
+        if member.last_op:
+            last += f" in {member.last_op}"
+        return f"rank {rank} ({where}) {last}"
+
+    @property
+    def done(self) -> bool:
+        """True once nothing more can happen: finished, or aborted with every rank gone."""
+        if self.state is AttemptState.FINISHED:
+            return True
+        return self.state is AttemptState.ABORTED and not any(m.connected for m in self.members.values())
+
+    # -- membership --------------------------------------------------------
+    def register(self, rank: int, info: MemberInfo, now: float) -> list[Action]:
+        """Admit ``rank``; raises :class:`RegistrationError` for a bad or duplicate rank."""
+        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise RegistrationError(f"rank {rank!r} is outside 0..{self.world_size - 1} for {self.label}")
+        if rank in self.members:
+            old = self.members[rank].info
+            raise RegistrationError(
+                f"rank {rank} is already registered in {self.label} (host {old.host}, pid {old.pid}); "
+                f"refusing a second registration from host {info.host}, pid {info.pid}"
+            )
+        self.members[rank] = _Member(info=info, registered_at=now, last_heard=now)
+        if self.state is not AttemptState.RUNNING:
+            return [Reject((rank,), self._closed_error())]
+        return []
+
+    def finish(self, rank: int, now: float) -> list[Action]:
+        """``rank``'s task ended normally after ``next_seq`` collectives."""
+        member = self._member(rank)
+        member.finished = True
+        member.last_heard = now
+        if self.state is not AttemptState.RUNNING:
+            return []
+        waiting = [r for r in self.rounds.values() if r.seq >= member.next_seq]
+        if waiting:
+            rnd = min(waiting, key=lambda r: r.seq)
+            ranks = sorted(rnd.arrivals)
+            error = ErrorInfo(
+                type="CollectiveMismatchError",
+                message=(
+                    f"{self.label}: rank {rank} finished its task after {member.next_seq} collective call(s), "
+                    f"but rank(s) {_fmt_ranks(ranks)} called {_call_name(rnd.op.value, rnd.seq)}: every rank "
+                    "must make the same sequence of barrier/allGather/broadcast calls"
+                ),
+                rank=rank,
+            )
+            return self._abort(error, failed_rank=None, root_cause=error)
+        if all(m.finished for m in self.members.values()) and len(self.members) == self.world_size:
+            self.state = AttemptState.FINISHED
+        return []
+
+    def fail(self, rank: int, error: ErrorInfo, now: float) -> list[Action]:
+        """``rank``'s user code raised ``error``: abort the attempt for everyone."""
+        member = self._member(rank)
+        member.last_heard = now
+        if self.state is not AttemptState.RUNNING:
+            return []
+        return self._abort_for(rank, error)
+
+    def disconnect(self, rank: int, now: float) -> list[Action]:
+        """``rank``'s connection closed. Before it finished, that is a failure of the rank."""
+        member = self.members.get(rank)
+        if member is None:
+            return []
+        member.connected = False
+        if member.finished or self.state is not AttemptState.RUNNING:
+            return []
+        error = ErrorInfo(
+            type="ConnectionLost",
+            message=(
+                f"rank {rank} (host {member.info.host}, pid {member.info.pid}) lost its connection to the "
+                f"coordinator before finishing (last heard {now - member.last_heard:.1f} s ago"
+                + (f" in {member.last_op}" if member.last_op else "")
+                + "): its Python worker exited, was killed, or its executor was lost"
+            ),
+            rank=rank,
+        )
+        return self._abort_for(rank, error)
+
+    def abort(self, reason: str) -> list[Action]:
+        """Abort from outside the gang (driver cancelled the job, coordinator stopping)."""
+        if self.state is not AttemptState.RUNNING:
+            return []
+        error = ErrorInfo(type="GangAbortedError", message=f"{self.label} was aborted: {reason}")
+        return self._abort(error, failed_rank=None, root_cause=error)
+
+    # -- collectives -------------------------------------------------------
+    def call(self, rank: int, call: Call, now: float) -> list[Action]:
+        """``rank`` makes its ``call.seq``-th collective call."""
+        member = self._member(rank)
+        member.last_heard = now
+        if member.finished:
+            raise RegistrationError(f"rank {rank} made a collective call after finishing its task")
+        if call.seq != member.next_seq:
+            raise RegistrationError(
+                f"rank {rank} sent collective call #{call.seq + 1} but #{member.next_seq + 1} was expected"
+            )
+        member.next_seq += 1
+        member.last_op = _call_name(call.op.value, call.seq)
+        if self.state is not AttemptState.RUNNING:
+            return [Reject((rank,), self._closed_error())]
+        finished = [r for r, m in self.members.items() if m.finished and m.next_seq <= call.seq]
+        if finished:
+            error = ErrorInfo(
+                type="CollectiveMismatchError",
+                message=(
+                    f"{self.label}: rank {rank} called {_call_name(call.op.value, call.seq)}, but rank(s) "
+                    f"{_fmt_ranks(finished)} already finished their task after "
+                    f"{min(self.members[r].next_seq for r in finished)} collective call(s): every rank must "
+                    "make the same sequence of barrier/allGather/broadcast calls"
+                ),
+                rank=rank,
+            )
+            return self._abort(error, failed_rank=None, root_cause=error, also=(rank,))
+        rnd = self.rounds.get(call.seq)
+        if rnd is None:
+            rnd = self.rounds[call.seq] = _Round(call.seq, call.op, call.root, started=now, last_logged=now)
+        rnd.arrivals[rank] = _Arrival(call, now)
+        if rnd.op is not call.op or rnd.root != call.root:
+            return self._mismatch(rnd)
+        if len(rnd.arrivals) < self.world_size:
+            return []
+        del self.rounds[call.seq]
+        ranks = tuple(range(self.world_size))
+        if call.op is Op.BARRIER:
+            payloads: tuple[bytes, ...] = ()
+        elif call.op is Op.BROADCAST:
+            payloads = (rnd.arrivals[call.root or 0].call.payload,)
+        else:
+            payloads = tuple(rnd.arrivals[r].call.payload for r in ranks)
+        return [Complete(ranks, call.seq, call.op, payloads)]
+
+    def _mismatch(self, rnd: _Round) -> list[Action]:
+        by_call: dict[str, list[int]] = {}
+        for r, arrival in sorted(rnd.arrivals.items()):
+            desc = arrival.call.op.value + ("" if arrival.call.root is None else f"(root={arrival.call.root})")
+            by_call.setdefault(desc, []).append(r)
+        detail = "; ".join(f"rank(s) {_fmt_ranks(rs)} called {desc}" for desc, rs in by_call.items())
+        error = ErrorInfo(
+            type="CollectiveMismatchError",
+            message=(
+                f"{self.label}: mismatched collective call #{rnd.seq + 1}: {detail}. Every rank must make "
+                "the same sequence of barrier/allGather/broadcast calls (with the same root)"
+            ),
+        )
+        return self._abort(error, failed_rank=None, root_cause=error)
+
+    # -- time --------------------------------------------------------------
+    def tick(self, now: float) -> list[Action]:
+        """Expire timed-out calls and log rounds that wait long for missing ranks."""
+        if self.state is not AttemptState.RUNNING:
+            return []
+        actions: list[Action] = []
+        for rnd in list(self.rounds.values()):
+            expired = [
+                (r, a) for r, a in rnd.arrivals.items()
+                if a.call.timeout is not None and now >= a.at + a.call.timeout
+            ]
+            if expired:
+                return self._timeout(rnd, expired, now)
+            if now - rnd.last_logged >= self.missing_log_interval:
+                rnd.last_logged = now
+                missing = [r for r in range(self.world_size) if r not in rnd.arrivals]
+                actions.append(Log("warning", (
+                    f"{self.label}: {_call_name(rnd.op.value, rnd.seq)} has waited {now - rnd.started:.0f} s "
+                    f"for rank(s) {_fmt_ranks(missing)}: "
+                    + "; ".join(self._whereabouts(r, now) for r in missing)
+                )))
+        if len(self.members) < self.world_size and now - self._last_registration_log >= self.missing_log_interval:
+            self._last_registration_log = now
+            missing = [r for r in range(self.world_size) if r not in self.members]
+            actions.append(Log("warning", (
+                f"{self.label}: rank(s) {_fmt_ranks(missing)} have not connected "
+                f"{now - self.created:.0f} s after the first rank did"
+            )))
+        return actions
+
+    def _timeout(self, rnd: _Round, expired: list[tuple[int, _Arrival]], now: float) -> list[Action]:
+        rank, arrival = min(expired, key=lambda item: item[1].at + (item[1].call.timeout or 0.0))
+        missing = [r for r in range(self.world_size) if r not in rnd.arrivals]
+        error = ErrorInfo(
+            type="CollectiveTimeoutError",
+            message=(
+                f"{self.label}: {_call_name(rnd.op.value, rnd.seq)} timed out after {arrival.call.timeout:g} s "
+                f"on rank {rank}; rank(s) {_fmt_ranks(missing)} never arrived: "
+                + "; ".join(self._whereabouts(r, now) for r in missing)
+            ),
+            rank=rank,
+        )
+        return self._abort(error, failed_rank=None, root_cause=error, also=tuple(r for r, _ in expired))
+
+    # -- aborting ----------------------------------------------------------
+    def _abort_for(self, rank: int, cause: ErrorInfo) -> list[Action]:
+        error = ErrorInfo(
+            type="GangAbortedError",
+            message=f"{self.label} aborted: {cause.describe()}" + (
+                f"\n--- traceback of rank {rank} ---\n{cause.traceback}" if cause.traceback else ""
+            ),
+            rank=rank,
+            extra={"failed_rank": rank, "cause": cause.to_json()},
+        )
+        return self._abort(error, failed_rank=rank, root_cause=cause)
+
+    def _abort(self, error: ErrorInfo, failed_rank: Optional[int], root_cause: ErrorInfo,
+               also: tuple[int, ...] = ()) -> list[Action]:
+        """Move to ABORTED; reject every pending call (and the ranks in ``also``) with ``error``."""
+        self.state = AttemptState.ABORTED
+        self.abort_error = error
+        self.failure = root_cause
+        waiting = {r for rnd in self.rounds.values() for r in rnd.arrivals} | set(also)
+        if failed_rank is not None:
+            waiting.discard(failed_rank)
+        self.rounds.clear()
+        actions: list[Action] = [Log("error", f"{self.label}: {root_cause.describe()}")]
+        if waiting:
+            actions.append(Reject(tuple(sorted(waiting)), error))
+        return actions
+
+    def _closed_error(self) -> ErrorInfo:
+        return self.abort_error or ErrorInfo(
+            type="GangAbortedError", message=f"{self.label} has already finished; no more collectives"
+        )
+
+    def _member(self, rank: int) -> _Member:
+        member = self.members.get(rank)
+        if member is None:
+            raise RegistrationError(f"rank {rank} is not registered in {self.label}")
+        return member
+
+
+@dataclass
+class Gang:
+    """A gang as declared by the driver; owns its attempts."""
+
+    gang_id: str
+    secret: bytes
+    world_size: int
+    name: str = ""
+    attempts: dict[AttemptKey, Attempt] = field(default_factory=dict)
+    failures: list[tuple[AttemptKey, ErrorInfo]] = field(default_factory=list)
+
+    def attempt_for(self, gang_attempt: int, stage_id: int, rank: int, task_attempt_id: int, now: float,
+                    missing_log_interval: float = 30.0) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
+        """The attempt a registering task belongs to, created on first use.
+
+        Python tasks cannot see Spark's stage attempt number, so the *generation*
+        (third part of the key) is inferred from task attempt ids, which Spark
+        hands out in increasing order: a rank already present with a lower id, or
+        an aborted attempt whose every member has a lower id, means Spark launched
+        the stage again and this task starts a new generation.  A gang attempt
+        older than one already seen is stale and refused.
+
+        Returns the attempt and, for each older attempt this one supersedes, the
+        actions of aborting it.
+        """
+        newest = max((a.key[0] for a in self.attempts.values()), default=gang_attempt)
+        if gang_attempt < newest:
+            raise RegistrationError(
+                f"gang {self.gang_id[:8]}: this task belongs to gang attempt {gang_attempt}, but attempt "
+                f"{newest} has already started (the driver retried the gang); refusing the stale task"
+            )
+        superseded: list[tuple[Attempt, list[Action]]] = []
+        same = [a for a in self.attempts.values() if a.key[:2] == (gang_attempt, stage_id)]
+        current = max(same, key=lambda a: a.key[2], default=None)
+        if current is not None and not self._starts_new_generation(current, rank, task_attempt_id):
+            return current, superseded
+        generation = 0 if current is None else current.key[2] + 1
+        for other in list(self.attempts.values()):
+            if other.key[0] < gang_attempt or other is current:
+                superseded.append((other, other.abort(
+                    f"superseded by a newer launch of the gang (attempt {gang_attempt}.{generation})")))
+        key: AttemptKey = (gang_attempt, stage_id, generation)
+        attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval)
+        self.attempts[key] = attempt
+        return attempt, superseded
+
+    @staticmethod
+    def _starts_new_generation(current: Attempt, rank: int, task_attempt_id: int) -> bool:
+        member = current.members.get(rank)
+        if member is not None:
+            if task_attempt_id <= member.info.task_attempt_id:
+                raise RegistrationError(
+                    f"rank {rank} is already registered in {current.label} by task {member.info.task_attempt_id} "
+                    f"(host {member.info.host}, pid {member.info.pid}); refusing task {task_attempt_id}"
+                )
+            return True
+        if current.state is AttemptState.ABORTED and current.members:
+            return task_attempt_id > max(m.info.task_attempt_id for m in current.members.values())
+        return False
+
+    def collect(self, attempt: Attempt) -> None:
+        """Forget a done attempt, remembering its failure (if any) for the driver."""
+        if attempt.failure is not None:
+            self.failures.append((attempt.key, attempt.failure))
+            del self.failures[:-16]
+        self.attempts.pop(attempt.key, None)
+
+    def last_failure(self) -> Optional[tuple[AttemptKey, ErrorInfo]]:
+        """Most recent root-cause failure across live and collected attempts."""
+        live = [(a.key, a.failure) for a in self.attempts.values() if a.failure is not None]
+        candidates = self.failures + live  # type: ignore[operator]
+        return max(candidates, key=lambda kv: kv[0]) if candidates else None
+
+
+class Registry:
+    """All gangs known to one coordinator."""
+
+    def __init__(self) -> None:
+        self.gangs: dict[str, Gang] = {}
+
+    def add(self, gang: Gang) -> None:
+        if gang.gang_id in self.gangs:
+            raise ValueError(f"gang {gang.gang_id} is already registered")
+        self.gangs[gang.gang_id] = gang
+
+    def remove(self, gang_id: str) -> Optional[Gang]:
+        return self.gangs.pop(gang_id, None)
+
+    def get(self, gang_id: str) -> Optional[Gang]:
+        return self.gangs.get(gang_id)
+
+    def secrets(self) -> Mapping[str, bytes]:
+        return {gid: g.secret for gid, g in self.gangs.items()}

@@ -1,0 +1,194 @@
+"""One error tree for spark-hydrogen, rooted at :class:`HydrogenError`.
+
+Every error the library raises on purpose is a ``HydrogenError``.  Errors that
+cross the wire (coordinator -> task) are described by :class:`ErrorInfo`, a
+plain JSON-able record, and rebuilt into the right class by :func:`from_info`,
+so a task sees the same exception type the coordinator meant.
+
+Validation of arguments raises the built-in ``TypeError``/``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+__all__ = [
+    "HydrogenError",
+    "NotInGangError",
+    "CollectiveError",
+    "CollectiveTimeoutError",
+    "CollectiveMismatchError",
+    "GangAbortedError",
+    "RegistrationError",
+    "PayloadError",
+    "CoordinatorConnectionError",
+    "AuthenticationError",
+    "ProtocolError",
+    "LaunchError",
+    "InsufficientSlotsError",
+    "GangFailedError",
+    "ErrorInfo",
+    "from_info",
+]
+
+
+class HydrogenError(Exception):
+    """Root of every error raised by spark-hydrogen."""
+
+
+class NotInGangError(HydrogenError, RuntimeError):
+    """A task-side API was used outside a spark-hydrogen barrier task."""
+
+
+class CollectiveError(HydrogenError):
+    """A collective call (barrier, allGather, broadcast) could not complete."""
+
+
+class CollectiveTimeoutError(CollectiveError, TimeoutError):
+    """A collective did not complete within its timeout; the message names the missing ranks."""
+
+
+class CollectiveMismatchError(CollectiveError):
+    """Ranks made different collective calls at the same position in their call sequence."""
+
+
+class GangAbortedError(CollectiveError):
+    """The gang attempt was aborted because some rank failed.
+
+    Attributes:
+        failed_rank: the rank whose failure aborted the gang (``None`` if unknown).
+        cause: the :class:`ErrorInfo` describing that rank's failure, if known.
+    """
+
+    def __init__(
+        self, message: str, failed_rank: Optional[int] = None, cause: Optional["ErrorInfo"] = None
+    ) -> None:
+        super().__init__(message)
+        self.failed_rank = failed_rank
+        self.cause = cause
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.failed_rank, self.cause))
+
+
+class RegistrationError(HydrogenError):
+    """A task could not join its gang (stale attempt, duplicate rank, unknown gang)."""
+
+
+class PayloadError(HydrogenError, TypeError):
+    """A collective payload could not be serialised or exceeds the configured limit."""
+
+
+class CoordinatorConnectionError(HydrogenError, ConnectionError):
+    """The task lost (or could not open) its connection to the coordinator."""
+
+
+class AuthenticationError(CoordinatorConnectionError):
+    """The coordinator and a peer could not prove they share the gang's secret."""
+
+
+class ProtocolError(CoordinatorConnectionError):
+    """Bytes on the coordinator channel do not follow the spark-hydrogen wire protocol."""
+
+
+class LaunchError(HydrogenError):
+    """The driver could not launch, or complete, a gang."""
+
+
+class InsufficientSlotsError(LaunchError):
+    """The cluster has fewer concurrent task slots than the gang needs."""
+
+
+class GangFailedError(LaunchError):
+    """A gang job failed; carries the rank that failed first and its original error.
+
+    Attributes:
+        failed_rank: the rank whose failure ended the job, or ``None`` if unknown.
+        cause: the :class:`ErrorInfo` of that rank's failure, if known.
+    """
+
+    def __init__(
+        self, message: str, failed_rank: Optional[int] = None, cause: Optional["ErrorInfo"] = None
+    ) -> None:
+        super().__init__(message)
+        self.failed_rank = failed_rank
+        self.cause = cause
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.failed_rank, self.cause))
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A JSON-able description of an error, as it travels on the coordinator channel.
+
+    ``type`` is the class name; for errors raised by user code it is the
+    original exception's qualified name and ``traceback`` its formatted traceback.
+    """
+
+    type: str
+    message: str
+    rank: Optional[int] = None
+    traceback: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "message": self.message,
+            "rank": self.rank,
+            "traceback": self.traceback,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ErrorInfo":
+        extra = data.get("extra") or {}
+        cause = extra.get("cause")
+        if isinstance(cause, Mapping):
+            extra = {**extra, "cause": dict(cause)}
+        return cls(
+            type=str(data.get("type", "HydrogenError")),
+            message=str(data.get("message", "")),
+            rank=data.get("rank") if isinstance(data.get("rank"), int) else None,
+            traceback=str(data.get("traceback", "")),
+            extra=dict(extra),
+        )
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, rank: Optional[int], traceback: str = "") -> "ErrorInfo":
+        kind = type(exc)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        return cls(type=name, message=str(exc), rank=rank, traceback=traceback)
+
+    def describe(self) -> str:
+        """One line: ``rank 3 raised ValueError: bad input``."""
+        who = f"rank {self.rank}" if self.rank is not None else "a rank"
+        return f"{who} raised {self.type}: {self.message}"
+
+
+_WIRE_TYPES: dict[str, type[HydrogenError]] = {
+    cls.__name__: cls
+    for cls in (
+        HydrogenError,
+        CollectiveError,
+        CollectiveTimeoutError,
+        CollectiveMismatchError,
+        RegistrationError,
+        PayloadError,
+        CoordinatorConnectionError,
+        AuthenticationError,
+        ProtocolError,
+    )
+}
+
+
+def from_info(info: ErrorInfo) -> HydrogenError:
+    """Rebuild the exception the coordinator described (task side)."""
+    if info.type == "GangAbortedError":
+        cause_data = info.extra.get("cause")
+        cause = ErrorInfo.from_json(cause_data) if isinstance(cause_data, Mapping) else None
+        failed = info.extra.get("failed_rank")
+        return GangAbortedError(info.message, failed if isinstance(failed, int) else None, cause)
+    return _WIRE_TYPES.get(info.type, HydrogenError)(info.message)

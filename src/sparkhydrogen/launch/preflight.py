@@ -1,0 +1,84 @@
+"""Slot preflight: fail in milliseconds, with numbers, where Spark would wait 10 minutes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..errors import InsufficientSlotsError, LaunchError
+
+__all__ = ["SlotReport", "shortfall_message", "cluster_slots", "ensure_slots"]
+
+log = logging.getLogger("sparkhydrogen.launch")
+
+
+@dataclass(frozen=True)
+class SlotReport:
+    """What the cluster can run at once, as Spark's scheduler counts it."""
+
+    slots: int
+    executors: int
+    task_cpus: int
+    master: str
+
+
+def shortfall_message(needed: int, report: SlotReport) -> Optional[str]:
+    """``None`` when ``needed`` tasks fit at once, else an actionable explanation (pure).
+
+    >>> shortfall_message(8, SlotReport(slots=4, executors=2, task_cpus=1, master="spark://m:7077"))[:52]
+    'barrier job needs 8 slots but the cluster has 4 (2 e'
+    """
+    if needed <= report.slots:
+        return None
+    where = f"master {report.master}" if report.master.startswith("local") else f"{report.executors} executor(s)"
+    return (
+        f"barrier job needs {needed} slots but the cluster has {report.slots} ({where}, "
+        f"spark.task.cpus={report.task_cpus}): lower the number of tasks (or repartition the RDD to at "
+        f"most {report.slots} partitions), or add executors/cores. To wait for executors that are still "
+        "starting, set spark.hydrogen.launch.slotWaitTimeout"
+    )
+
+
+def cluster_slots(sc: Any) -> SlotReport:
+    """Ask the JVM scheduler how many tasks of the default resource profile can run concurrently."""
+    try:
+        jsc = sc._jsc.sc()
+        profile = jsc.resourceProfileManager().defaultResourceProfile()
+        slots = int(jsc.maxNumConcurrentTasks(profile))
+        executors = int(jsc.statusTracker().getExecutorInfos().__len__())
+    except Exception as exc:  # Py4J errors: translate at the boundary
+        raise LaunchError(f"could not ask Spark's scheduler for free slots: {exc}") from exc
+    master = sc.master or "?"
+    if not master.startswith("local") or master.startswith("local-cluster"):
+        executors = max(executors - 1, 0)  # the driver is listed too
+    task_cpus = int(sc.getConf().get("spark.task.cpus") or 1)
+    return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus, master=master)
+
+
+def ensure_slots(sc: Any, needed: int, wait: float = 0.0) -> SlotReport:
+    """Raise :class:`InsufficientSlotsError` unless ``needed`` slots exist (waiting up to ``wait`` s)."""
+    if str(sc.getConf().get("spark.dynamicAllocation.enabled") or "false").lower() == "true":
+        raise LaunchError(
+            "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages under dynamic allocation "
+            "(SPARK-24942); disable it for this application or use a fixed number of executors"
+        )
+    deadline = time.monotonic() + wait
+    pause = threading.Event()
+    last_log = 0.0
+    while True:
+        report = cluster_slots(sc)
+        problem = shortfall_message(needed, report)
+        if problem is None:
+            return report
+        now = time.monotonic()
+        if now >= deadline:
+            if wait > 0:
+                problem += f" (waited {wait:g} s)"
+            raise InsufficientSlotsError(problem)
+        if now - last_log >= 5.0:
+            last_log = now
+            log.warning("waiting up to %.0f s more for slots: %s", deadline - now, problem)
+        pause.wait(min(0.25, deadline - now))

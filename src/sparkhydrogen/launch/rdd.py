@@ -1,0 +1,73 @@
+"""``sparkhydrogen.barrier(rdd)``: a drop-in for ``rdd.barrier()`` served by our coordinator."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+from .gang import declare_gang
+from .task import run_rank
+
+__all__ = ["RDDBarrier", "barrier"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def _ignore_index(f: Callable[[Iterable[Any]], Iterable[Any]], index: int, rows: Iterable[Any]) -> Iterable[Any]:
+    return f(rows)
+
+
+class RDDBarrier(Generic[T]):
+    """Wraps an RDD so that the next ``mapPartitions`` runs as a spark-hydrogen gang.
+
+    The result is an ordinary RDD: narrow transformations chained after it run in
+    the same tasks and still see :class:`~sparkhydrogen.BarrierTaskContext`.
+    """
+
+    def __init__(self, rdd: Any) -> None:
+        self.rdd = rdd
+
+    def mapPartitions(self, f: Callable[[Iterable[T]], Iterable[U]], preservesPartitioning: bool = False) -> Any:
+        """Like :meth:`pyspark.RDDBarrier.mapPartitions`; every partition is one rank."""
+        if not callable(f):
+            raise TypeError(f"mapPartitions needs a function, got {type(f).__name__}")
+        return self._launch(functools.partial(_ignore_index, f), preservesPartitioning, _name(f))
+
+    def mapPartitionsWithIndex(self, f: Callable[[int, Iterable[T]], Iterable[U]],
+                               preservesPartitioning: bool = False) -> Any:
+        """Like :meth:`pyspark.RDDBarrier.mapPartitionsWithIndex`; the index is the rank."""
+        if not callable(f):
+            raise TypeError(f"mapPartitionsWithIndex needs a function, got {type(f).__name__}")
+        return self._launch(f, preservesPartitioning, _name(f))
+
+    def _launch(self, f: Callable[[int, Iterable[Any]], Iterable[Any]], preserves: bool, name: str) -> Any:
+        gang = declare_gang(self.rdd.context, self.rdd.getNumPartitions(), name)
+        body = functools.partial(run_rank, gang.spec(), f)
+        return self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
+
+
+def _name(f: Callable[..., Any]) -> str:
+    return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def barrier(data: Any) -> RDDBarrier[Any]:
+    """Gang-schedule the next stage of ``data`` (an RDD): all partitions start together.
+
+    Example:
+        >>> import sparkhydrogen as h2                                     # doctest: +SKIP
+        >>> def f(rows):
+        ...     ctx = h2.BarrierTaskContext.get()
+        ...     ctx.barrier()
+        ...     yield ctx.rank(), sum(ctx.allGather(sum(rows)))
+        >>> h2.barrier(sc.parallelize(range(8), 4)).mapPartitions(f).collect()  # doctest: +SKIP
+        [(0, 28), (1, 28), (2, 28), (3, 28)]
+    """
+    from pyspark import RDD
+
+    if isinstance(data, RDD):
+        return RDDBarrier(data)
+    raise TypeError(
+        f"sparkhydrogen.barrier() takes a pyspark RDD, got {type(data).__module__}.{type(data).__qualname__}"
+        + (" (for a DataFrame, use df.rdd)" if type(data).__name__ == "DataFrame" else "")
+    )

@@ -1,0 +1,76 @@
+"""``sparkhydrogen.run(fn, num_tasks)``: run a function as a gang and get every rank's return value."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+from .. import serde
+from .gang import declare_gang, job_error
+from .task import run_rank
+
+__all__ = ["run"]
+
+log = logging.getLogger("sparkhydrogen.launch")
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], index: int,
+          rows: Iterable[Any]) -> Iterator[tuple[int, bytes]]:
+    result = fn(*args, **kwargs)
+    yield index, serde.dumps(result, f"return value of rank {index}")
+
+
+def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
+        kwargs: Optional[Mapping[str, Any]] = None, spark: Any = None) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled tasks; return the results by rank.
+
+    Inside ``fn``, :meth:`BarrierTaskContext.get` gives the rank, world size and
+    collectives. If any rank raises, every other rank's collectives raise
+    :class:`GangAbortedError` at once and this call raises :class:`GangFailedError`
+    naming the rank, its exception and its traceback.
+
+    Example:
+        >>> def hello():                                              # doctest: +SKIP
+        ...     ctx = sparkhydrogen.BarrierTaskContext.get()
+        ...     return ctx.allGather(ctx.rank() * 10)
+        >>> sparkhydrogen.run(hello, num_tasks=2)                     # doctest: +SKIP
+        [[0, 10], [0, 10]]
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
+        raise TypeError(f"num_tasks must be an int, got {type(num_tasks).__name__}")
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    return _run(fn, num_tasks, args=tuple(args), kwargs=dict(kwargs or {}), sc=_spark_context(spark))
+
+
+def _spark_context(spark: Any) -> Any:
+    if spark is not None:
+        return getattr(spark, "sparkContext", spark)
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context
+    if sc is None:
+        raise ValueError("no active SparkContext: create a SparkSession first, or pass spark=")
+    return sc
+
+
+def _run(fn: Callable[..., Any], num_tasks: int, *, args: tuple[Any, ...], kwargs: dict[str, Any], sc: Any) -> list[Any]:
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    gang = declare_gang(sc, num_tasks, name)
+    try:
+        body = functools.partial(run_rank, gang.spec(), functools.partial(_call, fn, args, kwargs))
+        rdd = sc.parallelize(range(num_tasks), num_tasks).barrier().mapPartitionsWithIndex(body)
+        try:
+            pairs = rdd.collect()
+        except Exception as exc:
+            raise job_error(gang, exc) from exc
+    finally:
+        gang.release()
+    return [serde.loads(payload, "return value") for _, payload in sorted(pairs, key=lambda kv: kv[0])]
