@@ -163,9 +163,10 @@ class ErrorInfo:
         return cls(type=name, message=str(exc), rank=rank, traceback=traceback)
 
     def describe(self) -> str:
-        """One line: ``rank 3 raised ValueError: bad input``."""
-        who = f"rank {self.rank}" if self.rank is not None else "a rank"
-        return f"{who} raised {self.type}: {self.message}"
+        """One line: ``rank 3 raised ValueError: bad input`` (or ``Type: message`` for coordinator verdicts)."""
+        if self.rank is None:
+            return f"{self.type}: {self.message}"
+        return f"rank {self.rank} raised {self.type}: {self.message}"
 
 
 _WIRE_TYPES: dict[str, type[HydrogenError]] = {

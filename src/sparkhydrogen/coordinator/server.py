@@ -38,7 +38,7 @@ from .protocol import (
     encode_frame,
     server_proof,
 )
-from .state import Action, Attempt, AttemptKey, Call, Complete, Gang, Log, MemberInfo, Op, Registry, Reject
+from .state import Action, Attempt, AttemptKey, AttemptState, Call, Complete, Gang, Log, MemberInfo, Op, Registry, Reject
 
 __all__ = ["CoordinatorServer", "GangHandle"]
 
@@ -395,10 +395,10 @@ class CoordinatorServer:
 
     def _collect(self, attempt: Attempt) -> None:
         if attempt.done:
+            self._members.pop((attempt.gang_id, attempt.key), None)
             gang = self.registry.get(attempt.gang_id)
             if gang is not None:
-                gang.collect(attempt)
-            self._members.pop((attempt.gang_id, attempt.key), None)
+                gang.prune()
 
     def _dispatch(self, attempt: Attempt, actions: list[Action]) -> None:
         members = self._members.get((attempt.gang_id, attempt.key), {})
@@ -427,6 +427,6 @@ class CoordinatorServer:
         now = self.now()
         for gang in list(self.registry.gangs.values()):
             for attempt in list(gang.attempts.values()):
-                self._dispatch(attempt, attempt.tick(now))
-                self._collect(attempt)
+                if attempt.state is AttemptState.RUNNING:
+                    self._dispatch(attempt, attempt.tick(now))
         loop.call_later(self.config.tick_interval, self._tick)

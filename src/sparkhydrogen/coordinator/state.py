@@ -414,10 +414,12 @@ class Gang:
         """The attempt a registering task belongs to, created on first use.
 
         Python tasks cannot see Spark's stage attempt number, so the *generation*
-        (third part of the key) is inferred from task attempt ids, which Spark
-        hands out in increasing order: a rank already present with a lower id, or
-        an aborted attempt whose every member has a lower id, means Spark launched
-        the stage again and this task starts a new generation.  A gang attempt
+        (third part of the key) is inferred from task attempt ids.  Spark gives the
+        tasks of one barrier stage attempt ids from one window of ``world_size``
+        consecutive numbers (it launches them in one scheduling pass), and every
+        later stage attempt gets higher ids.  So a task starts a new generation
+        when its rank is already taken by a lower id, or when its id cannot lie in
+        the window of the current generation's members.  A gang attempt
         older than one already seen is stale and refused.
 
         Returns the attempt and, for each older attempt this one supersedes, the
@@ -445,7 +447,7 @@ class Gang:
         return attempt, superseded
 
     @staticmethod
-    def _starts_new_generation(current: Attempt, rank: int, task_attempt_id: int) -> bool:
+    def _starts_new_generation(current: "Attempt", rank: int, task_attempt_id: int) -> bool:
         member = current.members.get(rank)
         if member is not None:
             if task_attempt_id <= member.info.task_attempt_id:
@@ -454,16 +456,23 @@ class Gang:
                     f"(host {member.info.host}, pid {member.info.pid}); refusing task {task_attempt_id}"
                 )
             return True
-        if current.state is AttemptState.ABORTED and current.members:
-            return task_attempt_id > max(m.info.task_attempt_id for m in current.members.values())
+        if current.members:
+            lowest = min(m.info.task_attempt_id for m in current.members.values())
+            return task_attempt_id >= lowest + current.world_size
         return False
 
-    def collect(self, attempt: Attempt) -> None:
-        """Forget a done attempt, remembering its failure (if any) for the driver."""
-        if attempt.failure is not None:
-            self.failures.append((attempt.key, attempt.failure))
-            del self.failures[:-16]
-        self.attempts.pop(attempt.key, None)
+    def prune(self, keep_done: int = 8) -> None:
+        """Forget all but the ``keep_done`` newest done attempts, remembering their failures.
+
+        Done attempts are kept a while so that a late task of an aborted attempt
+        joins it (and is refused at once) instead of starting a fresh attempt.
+        """
+        done = sorted((a for a in self.attempts.values() if a.done), key=lambda a: a.key)
+        for attempt in done[: max(len(done) - keep_done, 0)]:
+            if attempt.failure is not None:
+                self.failures.append((attempt.key, attempt.failure))
+                del self.failures[:-16]
+            del self.attempts[attempt.key]
 
     def last_failure(self) -> Optional[tuple[AttemptKey, ErrorInfo]]:
         """Most recent root-cause failure across live and collected attempts."""

@@ -1,0 +1,38 @@
+"""Start and stop real SparkSessions for tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from typing import Iterator
+
+from pyspark.sql import SparkSession
+
+
+@contextmanager
+def spark_session(master: str, **conf: str) -> Iterator[SparkSession]:
+    """A SparkSession on ``master`` that is stopped (and its local-cluster work dir removed) afterwards."""
+    builder = (
+        SparkSession.builder.master(master)
+        .appName("sparkhydrogen-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+    )
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    app_id = spark.sparkContext.applicationId
+    try:
+        yield spark
+    finally:
+        spark.stop()
+        if master.startswith("local-cluster"):
+            import pyspark
+
+            work = os.path.join(os.path.dirname(pyspark.__file__), "work", app_id)
+            shutil.rmtree(work, ignore_errors=True)
