@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -33,13 +34,45 @@ def shortfall_message(needed: int, report: SlotReport) -> Optional[str]:
     """
     if needed <= report.slots:
         return None
-    where = f"master {report.master}" if report.master.startswith("local") else f"{report.executors} executor(s)"
+    if report.slots == 0:
+        return (
+            f"barrier job needs {needed} slots but no executor has registered yet (master {report.master}); "
+            "start executors, or set spark.hydrogen.launch.slotWaitTimeout to wait for them longer"
+        )
+    local = report.master.startswith("local") and not report.master.startswith("local-cluster")
+    where = f"master {report.master}" if local else f"{report.executors} executor(s)"
     return (
         f"barrier job needs {needed} slots but the cluster has {report.slots} ({where}, "
         f"spark.task.cpus={report.task_cpus}): lower the number of tasks (or repartition the RDD to at "
         f"most {report.slots} partitions), or add executors/cores. To wait for executors that are still "
         "starting, set spark.hydrogen.launch.slotWaitTimeout"
     )
+
+
+#: How long the preflight waits, at least, for executors that are expected but not registered yet.
+STARTUP_WAIT = 60.0
+
+
+def expected_slots(master: str, task_cpus: int) -> Optional[int]:
+    """Slots a master promises once started, where the master string says (``local-cluster[N,C,M]``).
+
+    >>> expected_slots("local-cluster[2,1,1024]", 1)
+    2
+    >>> expected_slots("spark://host:7077", 1) is None
+    True
+    """
+    match = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master.strip())
+    if match is None:
+        return None
+    return int(match.group(1)) * (int(match.group(2)) // max(task_cpus, 1))
+
+
+def _startup_pending(needed: int, report: SlotReport) -> bool:
+    """True while the shortfall is executors still starting, not a cluster that is too small."""
+    if report.slots == 0:
+        return True
+    expected = expected_slots(report.master, report.task_cpus)
+    return expected is not None and report.slots < expected and needed <= expected
 
 
 def cluster_slots(sc: Any) -> SlotReport:
@@ -65,7 +98,8 @@ def ensure_slots(sc: Any, needed: int, wait: float = 0.0) -> SlotReport:
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages under dynamic allocation "
             "(SPARK-24942); disable it for this application or use a fixed number of executors"
         )
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    deadline = started + wait
     pause = threading.Event()
     last_log = 0.0
     while True:
@@ -74,9 +108,11 @@ def ensure_slots(sc: Any, needed: int, wait: float = 0.0) -> SlotReport:
         if problem is None:
             return report
         now = time.monotonic()
+        if _startup_pending(needed, report):
+            deadline = max(deadline, started + STARTUP_WAIT)
         if now >= deadline:
-            if wait > 0:
-                problem += f" (waited {wait:g} s)"
+            if now - started >= 0.5:
+                problem += f" (waited {now - started:.0f} s)"
             raise InsufficientSlotsError(problem)
         if now - last_log >= 5.0:
             last_log = now
