@@ -28,7 +28,7 @@ from .errors import (
     ProtocolError,
     RegistrationError,
 )
-from .launch import RDDBarrier, barrier, run
+from .launch import RDDBarrier, barrier, retry, run
 
 __version__ = "0.1.0"
 
@@ -55,5 +55,6 @@ __all__ = [
     "RDDBarrier",
     "RegistrationError",
     "barrier",
+    "retry",
     "run",
 ]

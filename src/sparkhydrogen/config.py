@@ -9,6 +9,9 @@ Spark conf keys (all optional)::
     spark.hydrogen.coordinator.connectTimeout  seconds a task waits to connect (default 30s)
     spark.hydrogen.collective.timeout          default timeout of every collective (default: none)
     spark.hydrogen.launch.slotWaitTimeout      seconds to wait for enough free slots (default 0)
+    spark.hydrogen.heartbeat.interval          how often a task says it is alive (default 1s)
+    spark.hydrogen.heartbeat.timeout           silence after which a rank counts as failed (default 8s)
+    spark.hydrogen.checkpoint.maxSize          driver memory for one gang's checkpoint (default 512m)
 
 Sizes accept Spark's suffixes (``64k``, ``256m``, ``1g``); durations accept
 seconds or Spark's ``500ms``/``30s``/``5min`` forms.
@@ -72,6 +75,8 @@ class CoordinatorConfig:
     handshake_timeout: float = 10.0
     missing_log_interval: float = 30.0
     tick_interval: float = 0.05
+    liveness_timeout: Optional[float] = 8.0
+    checkpoint_max_bytes: int = 512 * MiB
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -81,8 +86,10 @@ class CoordinatorConfig:
         if self.port_max_retries < 0:
             raise ValueError(f"port_max_retries must be >= 0, got {self.port_max_retries}")
         for name in ("max_header_bytes", "max_payload_bytes", "handshake_timeout",
-                     "missing_log_interval", "tick_interval"):
+                     "missing_log_interval", "tick_interval", "checkpoint_max_bytes"):
             _check_positive(name, getattr(self, name))
+        if self.liveness_timeout is not None:
+            _check_positive("liveness_timeout", self.liveness_timeout)
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,11 @@ class LaunchConfig:
     connect_timeout: float = 30.0
     collective_timeout: Optional[float] = None
     slot_wait_timeout: float = 0.0
+    heartbeat_interval: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive("connect_timeout", self.connect_timeout)
+        _check_positive("heartbeat_interval", self.heartbeat_interval)
         if self.collective_timeout is not None:
             _check_positive("collective_timeout", self.collective_timeout)
         if self.slot_wait_timeout < 0:
@@ -124,7 +133,13 @@ class HydrogenConfig:
             coord_kwargs["port_max_retries"] = _parse_int(v, prefix + "coordinator.portMaxRetries")
         if (v := opt(prefix + "coordinator.maxPayload")) is not None:
             coord_kwargs["max_payload_bytes"] = parse_size(v, prefix + "coordinator.maxPayload")
+        if (v := opt(prefix + "heartbeat.timeout")) is not None:
+            coord_kwargs["liveness_timeout"] = parse_duration(v, prefix + "heartbeat.timeout")
+        if (v := opt(prefix + "checkpoint.maxSize")) is not None:
+            coord_kwargs["checkpoint_max_bytes"] = parse_size(v, prefix + "checkpoint.maxSize")
         launch_kwargs: dict[str, object] = {}
+        if (v := opt(prefix + "heartbeat.interval")) is not None:
+            launch_kwargs["heartbeat_interval"] = parse_duration(v, prefix + "heartbeat.interval")
         if (v := opt(prefix + "coordinator.connectTimeout")) is not None:
             launch_kwargs["connect_timeout"] = parse_duration(v, prefix + "coordinator.connectTimeout")
         if (v := opt(prefix + "collective.timeout")) is not None:

@@ -161,5 +161,28 @@ class BarrierTaskContext:
         parts = self._client.collective("broadcast", payload, root=root, timeout=self._timeout(timeout))
         return serde.loads(parts[0], "broadcast object")
 
+    # resumable state -----------------------------------------------------
+    def checkpoint(self, state: Any, timeout: Optional[float] = None) -> None:
+        """Commit ``state`` for this rank as part of a gang-wide checkpoint (a collective).
+
+        The checkpoint counts only once every rank has called ``checkpoint``: then the
+        coordinator keeps all ranks' states on the driver, and a later attempt of the
+        gang gets this rank's state back from :meth:`restore`.
+
+        Example:
+            >>> ctx = BarrierTaskContext.get()                       # doctest: +SKIP
+            >>> step = ctx.restore() or 0
+            >>> while step < 10:
+            ...     train_one_step(step); step += 1
+            ...     ctx.checkpoint(step)
+        """
+        payload = serde.dumps(state, "checkpoint state")
+        self._client.collective("checkpoint", payload, timeout=self._timeout(timeout))
+
+    def restore(self) -> Any:
+        """This rank's state from the gang's last committed checkpoint, or ``None``."""
+        data = self._client.restore()
+        return None if data is None else serde.loads(data, "checkpoint state")
+
     def __repr__(self) -> str:
         return f"BarrierTaskContext(rank={self._rank}, worldSize={self._world_size}, gangAttempt={self._gang_attempt})"

@@ -104,19 +104,22 @@ class GangFailedError(LaunchError):
     """A gang job failed; carries the rank that failed first and its original error.
 
     Attributes:
-        failed_rank: the rank whose failure ended the job, or ``None`` if unknown.
+        failed_rank: the rank whose failure ended the (last) attempt, or ``None`` if unknown.
         cause: the :class:`ErrorInfo` of that rank's failure, if known.
+        attempts: one line per failed attempt when the gang was retried.
     """
 
     def __init__(
-        self, message: str, failed_rank: Optional[int] = None, cause: Optional["ErrorInfo"] = None
+        self, message: str, failed_rank: Optional[int] = None, cause: Optional["ErrorInfo"] = None,
+        attempts: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
         self.failed_rank = failed_rank
         self.cause = cause
+        self.attempts = attempts
 
     def __reduce__(self) -> Any:
-        return (type(self), (str(self), self.failed_rank, self.cause))
+        return (type(self), (str(self), self.failed_rank, self.cause, self.attempts))
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,12 @@ class CoordinatorClient:
     def __init__(self, sock: socket.socket, address: tuple[str, int]) -> None:
         self._sock = sock
         self.address = address
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one request/reply exchange at a time
+        self._send_lock = threading.Lock()  # whole frames only, heartbeats included
         self._seq = 0
         self._closed = False
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: Optional[threading.Thread] = None
 
     @classmethod
     def connect(cls, address: tuple[str, int], gang_id: str, secret: bytes, timeout: float = 30.0) -> "CoordinatorClient":
@@ -127,6 +130,33 @@ class CoordinatorClient:
             reply = self._expect_reply(None)
         return int(reply.header["world_size"])
 
+    def start_heartbeat(self, interval: float) -> None:
+        """Send a small ping every ``interval`` seconds so the coordinator knows this rank is alive.
+
+        A frozen or unreachable rank stops pinging and the coordinator aborts the gang
+        after ``spark.hydrogen.heartbeat.timeout``, instead of everyone waiting forever.
+        """
+        if self._heartbeat is not None:
+            return
+        frame = encode_frame(Kind.REQUEST, {"op": "ping"})
+
+        def beat() -> None:
+            while not self._heartbeat_stop.wait(interval):
+                try:
+                    self._send(frame)
+                except CoordinatorConnectionError:
+                    return
+
+        self._heartbeat = threading.Thread(target=beat, name="sparkhydrogen-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def restore(self) -> Optional[bytes]:
+        """This rank's state in the gang's last committed checkpoint, or ``None``."""
+        with self._lock:
+            self._send(encode_frame(Kind.REQUEST, {"op": "restore"}))
+            reply = self._expect_reply(None)
+        return bytes(reply.payload) if reply.header.get("found") else None
+
     def collective(self, kind: str, payload: bytes = b"", root: Optional[int] = None,
                    timeout: Optional[float] = None) -> list[memoryview]:
         """Make the next collective call; returns the payloads of the reply, in rank order."""
@@ -162,6 +192,7 @@ class CoordinatorClient:
                 pass  # the coordinator already knows: a lost connection counts as this rank failing
 
     def close(self) -> None:
+        self._heartbeat_stop.set()
         if not self._closed:
             self._closed = True
             try:
@@ -193,7 +224,8 @@ class CoordinatorClient:
         if self._closed:
             raise CoordinatorConnectionError("the connection to the coordinator is closed")
         try:
-            self._sock.sendall(data)
+            with self._send_lock:
+                self._sock.sendall(data)
         except OSError as exc:
             raise CoordinatorConnectionError(
                 f"lost the connection to the coordinator at {self.address[0]}:{self.address[1]}: {exc}"

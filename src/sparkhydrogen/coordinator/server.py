@@ -115,6 +115,12 @@ class _Connection(asyncio.Protocol):
                 self._register(frame.header)
             elif self.attempt is None or self.rank is None:
                 raise RegistrationError(f"'{op}' before 'register'")
+            elif op == "ping":
+                self.attempt.heard(self.rank, self.server.now())
+            elif op == "restore":
+                state = self.gang.restore(self.rank)
+                header = {"op": "restore", "found": state is not None}
+                self.send(encode_frame(Kind.REPLY, header, state or b""))
             elif op == "call":
                 self.server._dispatch(self.attempt, self.attempt.call(self.rank, _parse_call(frame), self.server.now()))
             elif op == "fail":
@@ -166,8 +172,9 @@ class _Connection(asyncio.Protocol):
         info = MemberInfo(host=str(header.get("host", "?")), pid=int(header.get("pid", 0)),
                           task_attempt_id=int(header.get("task_attempt_id", -1)))
         now = self.server.now()
+        cfg = self.server.config
         attempt, superseded = self.gang.attempt_for(gang_attempt, stage_id, rank, info.task_attempt_id, now,
-                                                    self.server.config.missing_log_interval)
+                                                    cfg.missing_log_interval, cfg.liveness_timeout)
         for old, actions in superseded:
             self.server._dispatch(old, actions)
         actions = attempt.register(rank, info, now)
@@ -230,6 +237,8 @@ class CoordinatorServer:
         self._server: Optional[asyncio.base_events.Server] = None
         self._thread: Optional[threading.Thread] = None
         self._address: Optional[tuple[str, int]] = None
+        self._abort_hooks: dict[str, Callable[[AttemptKey, ErrorInfo], None]] = {}
+        self._reported: set[tuple[str, AttemptKey]] = set()
 
     # lifecycle ---------------------------------------------------------------
     @property
@@ -331,12 +340,19 @@ class CoordinatorServer:
         loop.call_soon_threadsafe(run)
         return future.result(timeout=30)
 
-    def add_gang(self, world_size: int, name: str = "") -> GangHandle:
-        """Declare a gang of ``world_size`` ranks; returns what its tasks need to join."""
+    def add_gang(self, world_size: int, name: str = "",
+                 on_abort: Optional[Callable[[AttemptKey, ErrorInfo], None]] = None) -> GangHandle:
+        """Declare a gang of ``world_size`` ranks; returns what its tasks need to join.
+
+        ``on_abort(key, cause)`` is called (on a short-lived thread, never on the
+        coordinator's loop) once for every attempt of the gang that aborts.
+        """
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
         gang = Gang(gang_id=uuid.uuid4().hex, secret=secrets.token_bytes(32), world_size=world_size, name=name)
         self._on_loop(lambda: self.registry.add(gang))
+        if on_abort is not None:
+            self._abort_hooks[gang.gang_id] = on_abort
         host, port = self.address
         return GangHandle(gang.gang_id, gang.secret, world_size, host, port)
 
@@ -345,6 +361,8 @@ class CoordinatorServer:
 
         def remove() -> None:
             gang = self.registry.remove(gang_id)
+            self._abort_hooks.pop(gang_id, None)
+            self._reported = {r for r in self._reported if r[0] != gang_id}
             if gang is not None:
                 for attempt in list(gang.attempts.values()):
                     self._dispatch(attempt, attempt.abort("the driver removed the gang"))
@@ -362,12 +380,12 @@ class CoordinatorServer:
 
         self._on_loop(abort)
 
-    def last_failure(self, gang_id: str) -> Optional[ErrorInfo]:
-        """The root cause of the most recent failed attempt of a gang, if any."""
+    def last_failure(self, gang_id: str, gang_attempt: Optional[int] = None) -> Optional[ErrorInfo]:
+        """The root cause of the most recent failed attempt of a gang (of ``gang_attempt``), if any."""
 
         def get() -> Optional[ErrorInfo]:
             gang = self.registry.get(gang_id)
-            found = gang.last_failure() if gang is not None else None
+            found = gang.last_failure(gang_attempt) if gang is not None else None
             return found[1] if found else None
 
         return self._on_loop(get)
@@ -403,7 +421,9 @@ class CoordinatorServer:
     def _dispatch(self, attempt: Attempt, actions: list[Action]) -> None:
         members = self._members.get((attempt.gang_id, attempt.key), {})
         for action in actions:
-            if isinstance(action, Complete):
+            if isinstance(action, Complete) and action.op is Op.CHECKPOINT:
+                self._commit(attempt, action, members)
+            elif isinstance(action, Complete):
                 sizes = [len(p) for p in action.payloads]
                 frame = encode_frame(Kind.REPLY, {"op": action.op.value, "seq": action.seq, "sizes": sizes},
                                      b"".join(action.payloads))
@@ -419,6 +439,30 @@ class CoordinatorServer:
                         conn.send(frame)
             elif isinstance(action, Log):
                 log.log(logging.ERROR if action.level == "error" else logging.WARNING, action.message)
+        if attempt.state is AttemptState.ABORTED:
+            self._report_abort(attempt)
+
+    def _report_abort(self, attempt: Attempt) -> None:
+        ident = (attempt.gang_id, attempt.key)
+        hook = self._abort_hooks.get(attempt.gang_id)
+        if hook is None or ident in self._reported or attempt.failure is None:
+            return
+        self._reported.add(ident)
+        threading.Thread(target=hook, args=(attempt.key, attempt.failure), daemon=True,
+                         name="sparkhydrogen-on-abort").start()
+
+    def _commit(self, attempt: Attempt, action: Complete, members: dict[int, _Connection]) -> None:
+        gang = self.registry.get(attempt.gang_id)
+        error = (gang.commit(attempt.key, action.seq, action.payloads, self.config.checkpoint_max_bytes)
+                 if gang is not None else ErrorInfo("RegistrationError", "the gang was removed"))
+        if error is None:
+            frame = encode_frame(Kind.REPLY, {"op": action.op.value, "seq": action.seq, "sizes": []})
+        else:
+            frame = encode_frame(Kind.ERROR, {"error": error.to_json()})
+        for rank in action.ranks:
+            conn = members.get(rank)
+            if conn is not None:
+                conn.send(frame)
 
     def _tick(self) -> None:
         loop = self._loop

@@ -34,6 +34,7 @@ __all__ = [
     "AttemptState",
     "Attempt",
     "Gang",
+    "Checkpoint",
     "Registry",
 ]
 
@@ -44,6 +45,7 @@ class Op(str, enum.Enum):
     BARRIER = "barrier"
     ALLGATHER = "allGather"
     BROADCAST = "broadcast"
+    CHECKPOINT = "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class Attempt:
     """One launch of a gang: membership, sequenced rounds, abort and timeout rules."""
 
     def __init__(self, gang_id: str, key: AttemptKey, world_size: int, now: float,
-                 missing_log_interval: float = 30.0) -> None:
+                 missing_log_interval: float = 30.0, liveness_timeout: Optional[float] = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.gang_id = gang_id
@@ -146,6 +148,7 @@ class Attempt:
         self.world_size = world_size
         self.created = now
         self.missing_log_interval = missing_log_interval
+        self.liveness_timeout = liveness_timeout
         self.state = AttemptState.RUNNING
         self.members: dict[int, _Member] = {}
         self.rounds: dict[int, _Round] = {}
@@ -193,6 +196,10 @@ class Attempt:
         if self.state is not AttemptState.RUNNING:
             return [Reject((rank,), self._closed_error())]
         return []
+
+    def heard(self, rank: int, now: float) -> None:
+        """A heartbeat (or any frame) arrived from ``rank``."""
+        self._member(rank).last_heard = now
 
     def finish(self, rank: int, now: float) -> list[Action]:
         """``rank``'s task ended normally after ``next_seq`` collectives."""
@@ -294,6 +301,8 @@ class Attempt:
         ranks = tuple(range(self.world_size))
         if call.op is Op.BARRIER:
             payloads: tuple[bytes, ...] = ()
+        elif call.op is Op.CHECKPOINT:
+            payloads = tuple(rnd.arrivals[r].call.payload for r in ranks)
         elif call.op is Op.BROADCAST:
             payloads = (rnd.arrivals[call.root or 0].call.payload,)
         else:
@@ -320,6 +329,9 @@ class Attempt:
         """Expire timed-out calls and log rounds that wait long for missing ranks."""
         if self.state is not AttemptState.RUNNING:
             return []
+        silent = self._silent_rank(now)
+        if silent is not None:
+            return silent
         actions: list[Action] = []
         for rnd in list(self.rounds.values()):
             expired = [
@@ -344,6 +356,24 @@ class Attempt:
                 f"{now - self.created:.0f} s after the first rank did"
             )))
         return actions
+
+    def _silent_rank(self, now: float) -> Optional[list[Action]]:
+        """Abort for the first live, unfinished rank not heard from within the liveness timeout."""
+        if self.liveness_timeout is None:
+            return None
+        for rank, member in sorted(self.members.items()):
+            quiet = now - member.last_heard
+            if member.connected and not member.finished and quiet > self.liveness_timeout:
+                return self._abort_for(rank, ErrorInfo(
+                    type="RankUnresponsive",
+                    message=(
+                        f"rank {rank} (host {member.info.host}, pid {member.info.pid}) stopped answering: no "
+                        f"message or heartbeat for {quiet:.1f} s (limit {self.liveness_timeout:g} s, "
+                        "spark.hydrogen.heartbeat.timeout); its process is frozen or its host unreachable"
+                    ),
+                    rank=rank,
+                ))
+        return None
 
     def _timeout(self, rnd: _Round, expired: list[tuple[int, _Arrival]], now: float) -> list[Action]:
         rank, arrival = min(expired, key=lambda item: item[1].at + (item[1].call.timeout or 0.0))
@@ -398,6 +428,16 @@ class Attempt:
         return member
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint: every rank's state from one completed checkpoint round."""
+
+    key: AttemptKey
+    seq: int
+    step: int
+    payloads: tuple[bytes, ...]
+
+
 @dataclass
 class Gang:
     """A gang as declared by the driver; owns its attempts."""
@@ -408,9 +448,33 @@ class Gang:
     name: str = ""
     attempts: dict[AttemptKey, Attempt] = field(default_factory=dict)
     failures: list[tuple[AttemptKey, ErrorInfo]] = field(default_factory=list)
+    checkpoint: Optional["Checkpoint"] = None
+
+    def commit(self, key: AttemptKey, seq: int, payloads: Sequence[bytes], max_bytes: int) -> Optional[ErrorInfo]:
+        """Keep every rank's state of a completed checkpoint round; an error if it is too large."""
+        size = sum(len(p) for p in payloads)
+        if size > max_bytes:
+            return ErrorInfo(
+                type="PayloadError",
+                message=(
+                    f"checkpoint of {size} bytes (all ranks together) exceeds the driver-side limit of "
+                    f"{max_bytes} bytes (spark.hydrogen.checkpoint.maxSize): checkpoint less state, raise the "
+                    "limit, or save large state to shared storage and checkpoint its path"
+                ),
+            )
+        step = 0 if self.checkpoint is None else self.checkpoint.step + 1
+        self.checkpoint = Checkpoint(key, seq, step, tuple(payloads))
+        return None
+
+    def restore(self, rank: int) -> Optional[bytes]:
+        """``rank``'s state in the last committed checkpoint, if any."""
+        if self.checkpoint is None or not 0 <= rank < len(self.checkpoint.payloads):
+            return None
+        return self.checkpoint.payloads[rank]
 
     def attempt_for(self, gang_attempt: int, stage_id: int, rank: int, task_attempt_id: int, now: float,
-                    missing_log_interval: float = 30.0) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
+                    missing_log_interval: float = 30.0, liveness_timeout: Optional[float] = None,
+                    ) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
         """The attempt a registering task belongs to, created on first use.
 
         Python tasks cannot see Spark's stage attempt number, so the *generation*
@@ -442,7 +506,7 @@ class Gang:
                 superseded.append((other, other.abort(
                     f"superseded by a newer launch of the gang (attempt {gang_attempt}.{generation})")))
         key: AttemptKey = (gang_attempt, stage_id, generation)
-        attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval)
+        attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval, liveness_timeout)
         self.attempts[key] = attempt
         return attempt, superseded
 
@@ -474,10 +538,10 @@ class Gang:
                 del self.failures[:-16]
             del self.attempts[attempt.key]
 
-    def last_failure(self) -> Optional[tuple[AttemptKey, ErrorInfo]]:
-        """Most recent root-cause failure across live and collected attempts."""
+    def last_failure(self, gang_attempt: Optional[int] = None) -> Optional[tuple[AttemptKey, ErrorInfo]]:
+        """Most recent root-cause failure (of ``gang_attempt``, if given) across kept and pruned attempts."""
         live = [(a.key, a.failure) for a in self.attempts.values() if a.failure is not None]
-        candidates = self.failures + live  # type: ignore[operator]
+        candidates = [(k, f) for k, f in self.failures + live if gang_attempt is None or k[0] == gang_attempt]
         return max(candidates, key=lambda kv: kv[0]) if candidates else None
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..coordinator.server import GangHandle
+from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
-from .preflight import ensure_slots
+from .preflight import STARTUP_WAIT, ensure_slots
+from .retry import RetryScope, current_scope
 from .service import DriverService, service_for
 from .task import TaskSpec
 
@@ -34,29 +36,65 @@ class DeclaredGang:
             gang_attempt=gang_attempt,
             connect_timeout=launch.connect_timeout,
             collective_timeout=launch.collective_timeout,
+            heartbeat_interval=launch.heartbeat_interval,
         )
 
-    def last_failure(self) -> Optional[ErrorInfo]:
-        return self.service.server.last_failure(self.handle.gang_id)
+    def last_failure(self, gang_attempt: Optional[int] = None) -> Optional[ErrorInfo]:
+        return self.service.server.last_failure(self.handle.gang_id, gang_attempt)
 
     def release(self) -> None:
         if self.service.server.running:
             self.service.server.remove_gang(self.handle.gang_id)
 
 
-def declare_gang(sc: Any, world_size: int, name: str) -> DeclaredGang:
-    """Check slots, make sure the coordinator runs, and register a gang of ``world_size`` ranks."""
+def declare_gang(sc: Any, world_size: int, name: str) -> tuple[DeclaredGang, int]:
+    """Check slots, make sure the coordinator runs, and register a gang of ``world_size`` ranks.
+
+    Inside :func:`~sparkhydrogen.retry`, the n-th gang an attempt declares is the
+    n-th gang of the first attempt again (same id and checkpoints), so tasks learn
+    which attempt they are in and stale tasks are refused. Returns the gang and
+    the attempt number its tasks must use.
+    """
+    scope = current_scope()
     service = service_for(sc)
-    report = ensure_slots(sc, world_size, service.config.launch.slot_wait_timeout)
-    handle = service.server.add_gang(world_size, name)
+    wait = service.config.launch.slot_wait_timeout
+    if scope is not None and scope.attempt > 0:
+        wait = max(wait, STARTUP_WAIT)  # lost executors are usually being replaced
+    if scope is not None and scope.next_index < len(scope.gangs):
+        gang = scope.gangs[scope.next_index]
+        if gang.handle.world_size == world_size:
+            scope.next_index += 1
+            ensure_slots(sc, world_size, wait)
+            return gang, scope.attempt
+    report = ensure_slots(sc, world_size, wait)
+    on_abort = _canceller(sc, scope) if scope is not None else None
+    handle = service.server.add_gang(world_size, name, on_abort=on_abort)
     log.info("gang %s (%s): %d ranks, %d slots free, coordinator %s:%d",
              handle.gang_id[:8], name, world_size, report.slots, handle.host, handle.port)
-    return DeclaredGang(service, handle, name)
+    gang = DeclaredGang(service, handle, name)
+    if scope is not None:
+        scope.gangs.append(gang)
+        scope.next_index = len(scope.gangs)
+    return gang, scope.attempt if scope is not None else 0
 
 
-def job_error(gang: DeclaredGang, exc: BaseException) -> LaunchError:
+def _canceller(sc: Any, scope: RetryScope) -> Callable[[AttemptKey, ErrorInfo], None]:
+    """Cancel the Spark job of an aborted attempt so ranks busy outside collectives stop too."""
+
+    def cancel(key: AttemptKey, cause: ErrorInfo) -> None:
+        group = f"sparkhydrogen-{scope.scope_id}-{key[0]}"
+        try:
+            sc.cancelJobGroup(group)
+            log.info("cancelled Spark job group %s after: %s", group, cause.describe())
+        except Exception as exc:  # the context may be stopping; nothing else to cancel then
+            log.debug("could not cancel job group %s: %s", group, exc)
+
+    return cancel
+
+
+def job_error(gang: DeclaredGang, exc: BaseException, gang_attempt: Optional[int] = None) -> LaunchError:
     """Translate a failed Spark job into our error, naming the rank that failed first."""
-    failure = gang.last_failure()
+    failure = gang.last_failure(gang_attempt)
     if failure is not None:
         text = f"gang {gang.name!r} failed: {failure.describe()}"
         if failure.traceback:

@@ -42,8 +42,8 @@ class RDDBarrier(Generic[T]):
         return self._launch(f, preservesPartitioning, _name(f))
 
     def _launch(self, f: Callable[[int, Iterable[Any]], Iterable[Any]], preserves: bool, name: str) -> Any:
-        gang = declare_gang(self.rdd.context, self.rdd.getNumPartitions(), name)
-        body = functools.partial(run_rank, gang.spec(), f)
+        gang, attempt = declare_gang(self.rdd.context, self.rdd.getNumPartitions(), name)
+        body = functools.partial(run_rank, gang.spec(attempt), f)
         return self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 from .. import serde
 from .gang import declare_gang, job_error
+from .retry import retry
 from .task import run_rank
 
 __all__ = ["run"]
@@ -22,13 +23,17 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
 
 
 def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
-        kwargs: Optional[Mapping[str, Any]] = None, spark: Any = None) -> list[Any]:
+        kwargs: Optional[Mapping[str, Any]] = None, max_retries: int = 0, retry_backoff: float = 0.5,
+        spark: Any = None) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled tasks; return the results by rank.
 
     Inside ``fn``, :meth:`BarrierTaskContext.get` gives the rank, world size and
-    collectives. If any rank raises, every other rank's collectives raise
-    :class:`GangAbortedError` at once and this call raises :class:`GangFailedError`
-    naming the rank, its exception and its traceback.
+    collectives. If any rank raises (or its process dies, or it stops answering),
+    every other rank's collectives raise :class:`GangAbortedError` at once. With
+    ``max_retries`` the whole gang is then launched again (after ``retry_backoff``
+    seconds, doubling), up to that many times; ``ctx.restore()`` gives each rank
+    its last checkpointed state. Finally this raises :class:`GangFailedError`
+    naming each attempt's failing rank, its exception and traceback.
 
     Example:
         >>> def hello():                                              # doctest: +SKIP
@@ -47,7 +52,10 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
         raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
-    return _run(fn, num_tasks, args=tuple(args), kwargs=dict(kwargs or {}), sc=_spark_context(spark))
+    sc = _spark_context(spark)
+    frozen_args, frozen_kwargs = tuple(args), dict(kwargs or {})
+    return retry(lambda: _run_once(fn, num_tasks, args=frozen_args, kwargs=frozen_kwargs, sc=sc),
+                 max_retries=max_retries, retry_backoff=retry_backoff)
 
 
 def _spark_context(spark: Any) -> Any:
@@ -61,16 +69,14 @@ def _spark_context(spark: Any) -> Any:
     return sc
 
 
-def _run(fn: Callable[..., Any], num_tasks: int, *, args: tuple[Any, ...], kwargs: dict[str, Any], sc: Any) -> list[Any]:
+def _run_once(fn: Callable[..., Any], num_tasks: int, *, args: tuple[Any, ...], kwargs: dict[str, Any],
+              sc: Any) -> list[Any]:
     name = getattr(fn, "__qualname__", type(fn).__name__)
-    gang = declare_gang(sc, num_tasks, name)
+    gang, attempt = declare_gang(sc, num_tasks, name)
+    body = functools.partial(run_rank, gang.spec(attempt), functools.partial(_call, fn, args, kwargs))
+    rdd = sc.parallelize(range(num_tasks), num_tasks).barrier().mapPartitionsWithIndex(body)
     try:
-        body = functools.partial(run_rank, gang.spec(), functools.partial(_call, fn, args, kwargs))
-        rdd = sc.parallelize(range(num_tasks), num_tasks).barrier().mapPartitionsWithIndex(body)
-        try:
-            pairs = rdd.collect()
-        except Exception as exc:
-            raise job_error(gang, exc) from exc
-    finally:
-        gang.release()
+        pairs = rdd.collect()
+    except Exception as exc:
+        raise job_error(gang, exc, attempt) from exc
     return [serde.loads(payload, "return value") for _, payload in sorted(pairs, key=lambda kv: kv[0])]

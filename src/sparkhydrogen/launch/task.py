@@ -33,6 +33,7 @@ class TaskSpec:
     gang_attempt: int = 0
     connect_timeout: float = 30.0
     collective_timeout: Optional[float] = None
+    heartbeat_interval: Optional[float] = 1.0
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
@@ -69,6 +70,8 @@ def run_rank(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], 
     try:
         world = client.register(index, gang_attempt=spec.gang_attempt, stage_id=native.stageId(),
                                 host=socket.gethostname(), task_attempt_id=native.taskAttemptId())
+        if spec.heartbeat_interval is not None:
+            client.start_heartbeat(spec.heartbeat_interval)
         ctx = BarrierTaskContext(client, index, world, native, spec.gang_attempt, spec.collective_timeout)
         BarrierTaskContext._set(ctx)
         try:
