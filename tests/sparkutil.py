@@ -36,3 +36,15 @@ def spark_session(master: str, **conf: str) -> Iterator[SparkSession]:
 
             work = os.path.join(os.path.dirname(pyspark.__file__), "work", app_id)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_for_executors(sc: object, count: int, timeout: float = 90.0) -> None:
+    """Block until ``count`` executors have registered (the cluster's own readiness signal)."""
+    import time
+
+    jsc = sc._jsc.sc()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while len(jsc.statusTracker().getExecutorInfos()) - 1 < count:  # the driver is listed too
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} executors did not register within {timeout} s")
+        time.sleep(0.2)

@@ -126,27 +126,38 @@ class HydrogenConfig:
             return None if value is None or str(value).strip() == "" else str(value)
 
         prefix = "spark.hydrogen."
-        coord_kwargs: dict[str, object] = {"host": opt(prefix + "coordinator.host") or driver_host}
-        if (v := opt(prefix + "coordinator.port")) is not None:
-            coord_kwargs["port"] = _parse_int(v, prefix + "coordinator.port")
-        if (v := opt(prefix + "coordinator.portMaxRetries")) is not None:
-            coord_kwargs["port_max_retries"] = _parse_int(v, prefix + "coordinator.portMaxRetries")
-        if (v := opt(prefix + "coordinator.maxPayload")) is not None:
-            coord_kwargs["max_payload_bytes"] = parse_size(v, prefix + "coordinator.maxPayload")
-        if (v := opt(prefix + "heartbeat.timeout")) is not None:
-            coord_kwargs["liveness_timeout"] = parse_duration(v, prefix + "heartbeat.timeout")
-        if (v := opt(prefix + "checkpoint.maxSize")) is not None:
-            coord_kwargs["checkpoint_max_bytes"] = parse_size(v, prefix + "checkpoint.maxSize")
-        launch_kwargs: dict[str, object] = {}
-        if (v := opt(prefix + "heartbeat.interval")) is not None:
-            launch_kwargs["heartbeat_interval"] = parse_duration(v, prefix + "heartbeat.interval")
-        if (v := opt(prefix + "coordinator.connectTimeout")) is not None:
-            launch_kwargs["connect_timeout"] = parse_duration(v, prefix + "coordinator.connectTimeout")
-        if (v := opt(prefix + "collective.timeout")) is not None:
-            launch_kwargs["collective_timeout"] = parse_duration(v, prefix + "collective.timeout")
-        if (v := opt(prefix + "launch.slotWaitTimeout")) is not None:
-            launch_kwargs["slot_wait_timeout"] = parse_duration(v, prefix + "launch.slotWaitTimeout")
-        return cls(CoordinatorConfig(**coord_kwargs), LaunchConfig(**launch_kwargs))  # type: ignore[arg-type]
+        coordinator: dict[str, tuple[str, Callable[[str, str], object]]] = {
+            "host": ("coordinator.host", lambda v, k: v),
+            "port": ("coordinator.port", _parse_int),
+            "port_max_retries": ("coordinator.portMaxRetries", _parse_int),
+            "max_payload_bytes": ("coordinator.maxPayload", parse_size),
+            "liveness_timeout": ("heartbeat.timeout", parse_duration),
+            "checkpoint_max_bytes": ("checkpoint.maxSize", parse_size),
+        }
+        launch: dict[str, tuple[str, Callable[[str, str], object]]] = {
+            "connect_timeout": ("coordinator.connectTimeout", parse_duration),
+            "collective_timeout": ("collective.timeout", parse_duration),
+            "slot_wait_timeout": ("launch.slotWaitTimeout", parse_duration),
+            "heartbeat_interval": ("heartbeat.interval", parse_duration),
+        }
+
+        def build(cls: type, fields: dict[str, tuple[str, Callable[[str, str], object]]],
+                  extra: dict[str, object]) -> object:
+            kwargs, keys = dict(extra), {}
+            for name, (suffix, parse) in fields.items():
+                key = prefix + suffix
+                if (raw := opt(key)) is not None:
+                    kwargs[name], keys[name] = parse(raw, key), (key, raw)
+            try:
+                return cls(**kwargs)
+            except ValueError as exc:
+                for name, (key, raw) in keys.items():
+                    if str(exc).startswith(name) or f" {name} " in str(exc):
+                        raise ValueError(f"{key}={raw!r}: {exc}") from exc
+                raise
+
+        coord = build(CoordinatorConfig, coordinator, {"host": driver_host})
+        return cls(coord, build(LaunchConfig, launch, {}))  # type: ignore[arg-type]
 
 
 def _parse_int(value: str, key: str) -> int:

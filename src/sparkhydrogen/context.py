@@ -11,6 +11,7 @@ Inside a function launched by :func:`sparkhydrogen.barrier` or :func:`sparkhydro
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, ClassVar, Optional
 
@@ -38,8 +39,8 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     return float(timeout)
 
 

@@ -160,6 +160,8 @@ class CoordinatorClient:
     def collective(self, kind: str, payload: bytes = b"", root: Optional[int] = None,
                    timeout: Optional[float] = None) -> list[memoryview]:
         """Make the next collective call; returns the payloads of the reply, in rank order."""
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < 1e9):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         with self._lock:
             seq = self._seq
             self._seq += 1

@@ -169,6 +169,8 @@ class _Connection(asyncio.Protocol):
         for name, value in (("gang_attempt", gang_attempt), ("stage_id", stage_id), ("rank", rank)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ProtocolError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= rank < self.gang.world_size:
+            raise RegistrationError(f"rank {rank} is outside 0..{self.gang.world_size - 1} for this gang")
         info = MemberInfo(host=str(header.get("host", "?")), pid=int(header.get("pid", 0)),
                           task_attempt_id=int(header.get("task_attempt_id", -1)))
         now = self.server.now()
@@ -214,7 +216,7 @@ def _parse_call(frame: Frame) -> Call:
         raise ValueError(f"seq must be a non-negative integer, got {seq!r}")
     if root is not None and not isinstance(root, int):
         raise ValueError(f"root must be an integer, got {root!r}")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout must be a positive number, got {timeout!r}")
     return Call(op=Op(h["kind"]), seq=seq, payload=frame.payload, root=root,
                 timeout=None if timeout is None else float(timeout))
@@ -347,7 +349,7 @@ class CoordinatorServer:
         ``on_abort(key, cause)`` is called (on a short-lived thread, never on the
         coordinator's loop) once for every attempt of the gang that aborts.
         """
-        if not isinstance(world_size, int) or world_size < 1:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
         gang = Gang(gang_id=uuid.uuid4().hex, secret=secrets.token_bytes(32), world_size=world_size, name=name)
         self._on_loop(lambda: self.registry.add(gang))

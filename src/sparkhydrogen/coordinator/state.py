@@ -268,6 +268,10 @@ class Attempt:
         member.last_heard = now
         if member.finished:
             raise RegistrationError(f"rank {rank} made a collective call after finishing its task")
+        if call.op is Op.BROADCAST and (
+            isinstance(call.root, bool) or not isinstance(call.root, int) or not 0 <= call.root < self.world_size
+        ):
+            raise ValueError(f"broadcast root {call.root!r} is not a rank of {self.label} (0..{self.world_size - 1})")
         if call.seq != member.next_seq:
             raise RegistrationError(
                 f"rank {rank} sent collective call #{call.seq + 1} but #{member.next_seq + 1} was expected"
@@ -304,7 +308,7 @@ class Attempt:
         elif call.op is Op.CHECKPOINT:
             payloads = tuple(rnd.arrivals[r].call.payload for r in ranks)
         elif call.op is Op.BROADCAST:
-            payloads = (rnd.arrivals[call.root or 0].call.payload,)
+            payloads = (rnd.arrivals[rnd.root].call.payload,)  # type: ignore[index]
         else:
             payloads = tuple(rnd.arrivals[r].call.payload for r in ranks)
         return [Complete(ranks, call.seq, call.op, payloads)]
@@ -498,6 +502,9 @@ class Gang:
         superseded: list[tuple[Attempt, list[Action]]] = []
         same = [a for a in self.attempts.values() if a.key[:2] == (gang_attempt, stage_id)]
         current = max(same, key=lambda a: a.key[2], default=None)
+        for older in sorted(same, key=lambda a: a.key[2], reverse=True)[1:]:
+            if older.state is not AttemptState.RUNNING and _in_window(older, task_attempt_id):
+                return older, superseded  # a straggler of an earlier launch: it is refused there
         if current is not None and not self._starts_new_generation(current, rank, task_attempt_id):
             return current, superseded
         generation = 0 if current is None else current.key[2] + 1
@@ -521,8 +528,13 @@ class Gang:
                 )
             return True
         if current.members:
-            lowest = min(m.info.task_attempt_id for m in current.members.values())
-            return task_attempt_id >= lowest + current.world_size
+            ids = [m.info.task_attempt_id for m in current.members.values()]
+            if task_attempt_id <= max(ids) - current.world_size:
+                raise RegistrationError(
+                    f"task {task_attempt_id} (rank {rank}) belongs to an earlier launch than {current.label}, "
+                    "whose tasks have ids from a later window; refusing the stale task"
+                )
+            return task_attempt_id >= min(ids) + current.world_size
         return False
 
     def prune(self, keep_done: int = 8) -> None:
@@ -543,6 +555,12 @@ class Gang:
         live = [(a.key, a.failure) for a in self.attempts.values() if a.failure is not None]
         candidates = [(k, f) for k, f in self.failures + live if gang_attempt is None or k[0] == gang_attempt]
         return max(candidates, key=lambda kv: kv[0]) if candidates else None
+
+
+def _in_window(attempt: Attempt, task_attempt_id: int) -> bool:
+    """Whether a task id can belong to the same launch as ``attempt``'s members (one window of ids)."""
+    ids = [m.info.task_attempt_id for m in attempt.members.values()]
+    return bool(ids) and max(ids) - attempt.world_size < task_attempt_id < min(ids) + attempt.world_size
 
 
 class Registry:

@@ -1,0 +1,100 @@
+"""A real Spark standalone cluster (master + workers) on loopback, started and stopped by pid.
+
+pip's pyspark has no ``start-master.sh``, but ``sbin/spark-daemon.sh`` starts the
+master and worker classes. Readiness is read from the daemons' own log lines, not
+guessed with sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyspark
+
+SPARK_HOME = os.path.dirname(pyspark.__file__)
+DAEMON = os.path.join(SPARK_HOME, "sbin", "spark-daemon.sh")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_log(log_dir: Path, pattern: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    regex = re.compile(pattern)
+    while time.monotonic() < deadline:
+        found = 0
+        for path in log_dir.glob("*.out"):
+            found += len(regex.findall(path.read_text(errors="replace")))
+        if found >= count:
+            return
+        time.sleep(0.2)  # polling the daemons' logs: the only readiness signal they give
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in log_dir.glob("*.out"))
+    raise TimeoutError(f"standalone cluster: {pattern!r} seen fewer than {count} times in {timeout} s\n{logs}")
+
+
+def _pids(pid_dir: Path) -> list[int]:
+    return [int(p.read_text().strip()) for p in pid_dir.glob("*.pid") if p.read_text().strip()]
+
+
+@contextmanager
+def standalone_cluster(workers: int = 2, cores: int = 1, memory: str = "1g") -> Iterator[str]:
+    """Start a master and ``workers`` workers on 127.0.0.1; yield the master URL; stop all by pid."""
+    root = Path(tempfile.mkdtemp(prefix="sparkhydrogen-standalone-"))
+    env = dict(os.environ, SPARK_HOME=SPARK_HOME, SPARK_LOG_DIR=str(root / "logs"), SPARK_PID_DIR=str(root / "pids"),
+               SPARK_IDENT_STRING="sparkhydrogen-test", SPARK_LOCAL_IP="127.0.0.1",
+               SPARK_WORKER_DIR=str(root / "work"))
+    (root / "logs").mkdir()
+    (root / "pids").mkdir()
+    port = _free_port()
+    master = f"spark://127.0.0.1:{port}"
+    try:
+        subprocess.run([DAEMON, "start", "org.apache.spark.deploy.master.Master", "1", "--host", "127.0.0.1",
+                        "--port", str(port), "--webui-port", str(_free_port())], env=env, check=True,
+                       capture_output=True, timeout=60)
+        _wait_for_log(root / "logs", r"I have been elected leader", 1, 60)
+        for number in range(1, workers + 1):
+            subprocess.run([DAEMON, "start", "org.apache.spark.deploy.worker.Worker", str(number), master,
+                            "--host", "127.0.0.1", "--cores", str(cores), "--memory", memory,
+                            "--webui-port", str(_free_port()), "--work-dir", str(root / "work")],
+                           env=env, check=True, capture_output=True, timeout=60)
+        _wait_for_log(root / "logs", r"Successfully registered with master", workers, 90)
+        yield master
+    finally:
+        for pid in _pids(root / "pids"):
+            _kill_tree(pid)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGTERM a daemon and its executor children, then SIGKILL whatever is left."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for target in [pid, *map(int, children)]:
+        try:
+            os.kill(target, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 15
+    for target in [pid, *map(int, children)]:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(target, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,202 @@
+"""Settings: size/duration parsing, checked dataclasses and reading spark.hydrogen.* conf."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import pytest
+
+from sparkhydrogen.config import (
+    CoordinatorConfig,
+    HydrogenConfig,
+    LaunchConfig,
+    parse_duration,
+    parse_size,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("512", 512), ("0", 0), ("10b", 10), ("64k", 64 * KiB), ("64K", 64 * KiB), ("64kb", 64 * KiB),
+        ("256m", 256 * MiB), ("256MB", 256 * MiB), ("1g", GiB), ("2gb", 2 * GiB), (" 3 m ", 3 * MiB),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(value: str | int, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "abc", "1.5g", "-1", "10x", "1t", "m", "1 0k", "64 mib"])
+def test_parse_size_rejects_bad_values_naming_the_key(value: str) -> None:
+    with pytest.raises(ValueError, match=rf"spark\.hydrogen\.coordinator\.maxPayload={value!r} is not a size; "
+                                         r"use bytes or a suffix k, m, g"):
+        parse_size(value, "spark.hydrogen.coordinator.maxPayload")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2", 2.0), ("2.5", 2.5), ("500ms", 0.5), ("30s", 30.0), ("5min", 300.0), ("2m", 120.0),
+        ("1h", 3600.0), ("1.5h", 5400.0), (" 10 S ", 10.0), (7, 7.0), (0.25, 0.25),
+    ],
+)
+def test_parse_duration(value: str | float, expected: float) -> None:
+    assert parse_duration(value) == pytest.approx(expected)
+    assert isinstance(parse_duration(value), float)
+
+
+@pytest.mark.parametrize("value", ["", "fast", "-3s", "10 years", "1d", "s", ".5s", "1e3"])
+def test_parse_duration_rejects_bad_values_naming_the_key(value: str) -> None:
+    with pytest.raises(ValueError, match=rf"spark\.hydrogen\.collective\.timeout={value!r} is not a duration"):
+        parse_duration(value, "spark.hydrogen.collective.timeout")
+
+
+def test_default_key_names_appear_when_none_is_given() -> None:
+    with pytest.raises(ValueError, match="size='x' is not a size"):
+        parse_size("x")
+    with pytest.raises(ValueError, match="duration='x' is not a duration"):
+        parse_duration("x")
+
+
+# ----------------------------------------------------------- dataclasses
+
+
+def test_defaults() -> None:
+    cfg = HydrogenConfig()
+    assert cfg.coordinator == CoordinatorConfig()
+    assert (cfg.coordinator.host, cfg.coordinator.port, cfg.coordinator.port_max_retries) == ("127.0.0.1", 0, 16)
+    assert cfg.coordinator.max_payload_bytes == 256 * MiB
+    assert cfg.coordinator.max_header_bytes == 64 * KiB
+    assert cfg.launch == LaunchConfig(connect_timeout=30.0, collective_timeout=None, slot_wait_timeout=0.0)
+
+
+def test_configs_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CoordinatorConfig().port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LaunchConfig().connect_timeout = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"host": ""}, "coordinator host must be a non-empty string, got ''"),
+        ({"host": None}, "coordinator host must be a non-empty string, got None"),
+        ({"port": -1}, r"coordinator port must be in 0\.\.65535, got -1"),
+        ({"port": 65536}, r"coordinator port must be in 0\.\.65535, got 65536"),
+        ({"port_max_retries": -1}, "port_max_retries must be >= 0, got -1"),
+        ({"max_header_bytes": 0}, "max_header_bytes must be > 0, got 0"),
+        ({"max_payload_bytes": -5}, "max_payload_bytes must be > 0, got -5"),
+        ({"handshake_timeout": 0.0}, "handshake_timeout must be > 0"),
+        ({"missing_log_interval": -1.0}, "missing_log_interval must be > 0"),
+        ({"tick_interval": 0}, "tick_interval must be > 0"),
+    ],
+)
+def test_coordinator_config_validates(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CoordinatorConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"connect_timeout": 0}, "connect_timeout must be > 0, got 0"),
+        ({"collective_timeout": -1.0}, r"collective_timeout must be > 0, got -1\.0"),
+        ({"slot_wait_timeout": -0.5}, r"slot_wait_timeout must be >= 0, got -0\.5"),
+    ],
+)
+def test_launch_config_validates(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LaunchConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------- from_conf
+
+
+def from_conf(conf: dict[str, str], driver_host: str = "10.0.0.5") -> HydrogenConfig:
+    return HydrogenConfig.from_conf(conf.get, driver_host)
+
+
+def test_from_conf_without_keys_uses_defaults_and_the_driver_host() -> None:
+    cfg = from_conf({"spark.app.name": "x"})
+    assert cfg.coordinator == CoordinatorConfig(host="10.0.0.5")
+    assert cfg.launch == LaunchConfig()
+
+
+def test_from_conf_reads_every_key() -> None:
+    cfg = from_conf({
+        "spark.hydrogen.coordinator.host": "0.0.0.0",
+        "spark.hydrogen.coordinator.port": "7100",
+        "spark.hydrogen.coordinator.portMaxRetries": "4",
+        "spark.hydrogen.coordinator.maxPayload": "64m",
+        "spark.hydrogen.coordinator.connectTimeout": "500ms",
+        "spark.hydrogen.collective.timeout": "5min",
+        "spark.hydrogen.launch.slotWaitTimeout": "45s",
+        "spark.hydrogen.heartbeat.interval": "250ms",
+        "spark.hydrogen.heartbeat.timeout": "20s",
+        "spark.hydrogen.checkpoint.maxSize": "1g",
+    })
+    assert cfg.coordinator == CoordinatorConfig(host="0.0.0.0", port=7100, port_max_retries=4,
+                                                max_payload_bytes=64 * MiB, liveness_timeout=20.0,
+                                                checkpoint_max_bytes=GiB)
+    assert cfg.launch == LaunchConfig(connect_timeout=0.5, collective_timeout=300.0, slot_wait_timeout=45.0,
+                                      heartbeat_interval=0.25)
+
+
+def test_from_conf_treats_blank_values_as_unset() -> None:
+    cfg = from_conf({"spark.hydrogen.coordinator.host": "  ", "spark.hydrogen.collective.timeout": ""})
+    assert cfg.coordinator.host == "10.0.0.5"
+    assert cfg.launch.collective_timeout is None
+
+
+def test_from_conf_reads_through_the_getter_only() -> None:
+    asked: list[str] = []
+
+    def get(key: str) -> Optional[str]:
+        asked.append(key)
+        return None
+
+    HydrogenConfig.from_conf(get, "h")
+    assert asked and all(key.startswith("spark.hydrogen.") for key in asked)
+    assert "spark.hydrogen.coordinator.maxPayload" in asked and "spark.hydrogen.collective.timeout" in asked
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("spark.hydrogen.coordinator.port", "abc", r"spark\.hydrogen\.coordinator\.port='abc' is not an integer"),
+        ("spark.hydrogen.coordinator.port", "71.5", r"spark\.hydrogen\.coordinator\.port='71\.5' is not an integer"),
+        ("spark.hydrogen.coordinator.portMaxRetries", "many",
+         r"spark\.hydrogen\.coordinator\.portMaxRetries='many' is not an integer"),
+        ("spark.hydrogen.coordinator.maxPayload", "huge", r"spark\.hydrogen\.coordinator\.maxPayload='huge' is not a size"),
+        ("spark.hydrogen.coordinator.connectTimeout", "soon",
+         r"spark\.hydrogen\.coordinator\.connectTimeout='soon' is not a duration"),
+        ("spark.hydrogen.collective.timeout", "forever", r"spark\.hydrogen\.collective\.timeout='forever' is not a duration"),
+        ("spark.hydrogen.launch.slotWaitTimeout", "-1s",
+         r"spark\.hydrogen\.launch\.slotWaitTimeout='-1s' is not a duration"),
+    ],
+)
+def test_from_conf_malformed_values_name_the_key(key: str, value: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        from_conf({key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("spark.hydrogen.coordinator.port", "70000"),
+        ("spark.hydrogen.coordinator.portMaxRetries", "-1"),
+        ("spark.hydrogen.coordinator.maxPayload", "0"),
+        ("spark.hydrogen.coordinator.connectTimeout", "0s"),
+        ("spark.hydrogen.collective.timeout", "0"),
+    ],
+)
+def test_from_conf_out_of_range_values_name_the_key(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        from_conf({key: value})

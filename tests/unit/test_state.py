@@ -1,0 +1,647 @@
+"""The coordinator's pure state machine, driven with a fake clock (plain floats)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import pytest
+
+from sparkhydrogen.coordinator.state import (
+    Action,
+    Attempt,
+    AttemptState,
+    Call,
+    Complete,
+    Gang,
+    Log,
+    MemberInfo,
+    Op,
+    Registry,
+    Reject,
+)
+from sparkhydrogen.errors import (
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    ErrorInfo,
+    GangAbortedError,
+    RegistrationError,
+    from_info,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+GANG_ID = "0123456789abcdef0123456789abcdef"
+
+
+def make_attempt(world_size: int = 4, registered: Iterable[int] | None = None, now: float = 0.0,
+                 missing_log_interval: float = 30.0) -> Attempt:
+    attempt = Attempt(GANG_ID, (0, 3, 0), world_size, now, missing_log_interval)
+    for rank in range(world_size) if registered is None else registered:
+        assert attempt.register(rank, MemberInfo(host=f"host{rank}", pid=1000 + rank, task_attempt_id=rank), now) == []
+    return attempt
+
+
+def call(op: Op, seq: int, payload: bytes = b"", root: Optional[int] = None,
+         timeout: Optional[float] = None) -> Call:
+    return Call(op=op, seq=seq, payload=payload, root=root, timeout=timeout)
+
+
+def completes(actions: Sequence[Action]) -> list[Complete]:
+    return [a for a in actions if isinstance(a, Complete)]
+
+
+def rejects(actions: Sequence[Action]) -> list[Reject]:
+    return [a for a in actions if isinstance(a, Reject)]
+
+
+def logs(actions: Sequence[Action]) -> list[Log]:
+    return [a for a in actions if isinstance(a, Log)]
+
+
+def rejected_ranks(actions: Sequence[Action]) -> set[int]:
+    return {r for a in rejects(actions) for r in a.ranks}
+
+
+def only_reject(actions: Sequence[Action]) -> Reject:
+    found = rejects(actions)
+    assert len(found) == 1, actions
+    return found[0]
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def test_barrier_completes_only_when_every_rank_arrives() -> None:
+    attempt = make_attempt(4)
+    for rank in (2, 0, 3):
+        assert attempt.call(rank, call(Op.BARRIER, 0), now=1.0 + rank) == []
+    actions = attempt.call(1, call(Op.BARRIER, 0), now=5.0)
+    assert actions == [Complete(ranks=(0, 1, 2, 3), seq=0, op=Op.BARRIER, payloads=())]
+    assert attempt.rounds == {}
+    assert attempt.state is AttemptState.RUNNING
+
+
+def test_allgather_payloads_come_back_in_rank_order_whatever_the_arrival_order() -> None:
+    attempt = make_attempt(4)
+    for rank in (3, 1, 0):
+        assert attempt.call(rank, call(Op.ALLGATHER, 0, f"p{rank}".encode()), now=1.0) == []
+    [done] = completes(attempt.call(2, call(Op.ALLGATHER, 0, b"p2"), now=2.0))
+    assert done.ranks == (0, 1, 2, 3) and done.seq == 0 and done.op is Op.ALLGATHER
+    assert done.payloads == (b"p0", b"p1", b"p2", b"p3")
+
+
+def test_broadcast_returns_the_roots_payload_only() -> None:
+    attempt = make_attempt(3)
+    attempt.call(0, call(Op.BROADCAST, 0, b"", root=2), now=1.0)
+    attempt.call(2, call(Op.BROADCAST, 0, b"from-root", root=2), now=1.0)
+    [done] = completes(attempt.call(1, call(Op.BROADCAST, 0, b"ignored", root=2), now=1.0))
+    assert done.payloads == (b"from-root",)
+    assert done.ranks == (0, 1, 2)
+
+
+def test_broadcast_root_outside_the_gang_rejects_every_caller() -> None:
+    attempt = make_attempt(2)
+    rejected: set[int] = set()
+    for rank in (0, 1):
+        try:
+            actions = attempt.call(rank, call(Op.BROADCAST, 0, b"x", root=5), 1.0)
+        except (ValueError, RegistrationError):
+            rejected.add(rank)
+            continue
+        assert not completes(actions)
+        rejected |= rejected_ranks(actions)
+    assert rejected == {0, 1}
+
+
+def test_successive_rounds_are_sequenced_per_rank() -> None:
+    attempt = make_attempt(2)
+    assert attempt.call(0, call(Op.BARRIER, 0), 1.0) == []
+    assert completes(attempt.call(1, call(Op.BARRIER, 0), 1.0))
+    # rank 0 runs ahead into round 1 while rank 1 is still on its way
+    assert attempt.call(0, call(Op.ALLGATHER, 1, b"a"), 2.0) == []
+    [done] = completes(attempt.call(1, call(Op.ALLGATHER, 1, b"b"), 3.0))
+    assert (done.seq, done.payloads) == (1, (b"a", b"b"))
+
+
+def test_world_of_one_completes_immediately() -> None:
+    attempt = make_attempt(1)
+    assert completes(attempt.call(0, call(Op.ALLGATHER, 0, b"solo"), 0.0))[0].payloads == (b"solo",)
+
+
+def test_out_of_sequence_call_is_refused() -> None:
+    attempt = make_attempt(2)
+    with pytest.raises(RegistrationError, match=r"rank 1 sent collective call #3 but #1 was expected"):
+        attempt.call(1, call(Op.BARRIER, 2), 0.0)
+
+
+def test_call_from_an_unregistered_rank_is_refused() -> None:
+    attempt = make_attempt(3, registered=[0])
+    with pytest.raises(RegistrationError, match=r"rank 2 is not registered in gang 01234567 attempt 0 \(stage 3.0\)"):
+        attempt.call(2, call(Op.BARRIER, 0), 0.0)
+
+
+# -------------------------------------------------------------- mismatch
+
+
+def test_different_ops_at_the_same_seq_abort_naming_both_ranks_and_ops() -> None:
+    attempt = make_attempt(3)
+    assert attempt.call(0, call(Op.BARRIER, 0), 1.0) == []
+    assert attempt.call(1, call(Op.BARRIER, 0), 1.0) == []
+    actions = attempt.call(2, call(Op.ALLGATHER, 0, b"x"), 2.0)
+    reject = only_reject(actions)
+    assert reject.ranks == (0, 1, 2)  # every pending rank, and the one that just called
+    assert reject.error.type == "CollectiveMismatchError"
+    with pytest.raises(CollectiveMismatchError,
+                       match=r"mismatched collective call #1: rank\(s\) 0, 1 called barrier; rank\(s\) 2 called allGather"):
+        raise from_info(reject.error)
+    assert attempt.state is AttemptState.ABORTED
+    assert attempt.failure == reject.error
+    assert [log.level for log in logs(actions)] == ["error"]
+
+
+def test_different_broadcast_roots_are_a_mismatch() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BROADCAST, 0, b"a", root=0), 1.0)
+    reject = only_reject(attempt.call(1, call(Op.BROADCAST, 0, b"b", root=1), 1.0))
+    assert reject.ranks == (0, 1)
+    with pytest.raises(CollectiveMismatchError,
+                       match=r"rank\(s\) 0 called broadcast\(root=0\); rank\(s\) 1 called broadcast\(root=1\)"):
+        raise from_info(reject.error)
+
+
+def test_rank_finishing_while_a_peer_waits_in_a_later_call_is_a_mismatch() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0), 1.0)
+    attempt.call(1, call(Op.BARRIER, 0), 1.0)
+    assert attempt.call(0, call(Op.ALLGATHER, 1, b"x"), 2.0) == []
+    actions = attempt.finish(1, 3.0)
+    reject = only_reject(actions)
+    assert reject.ranks == (0,)
+    with pytest.raises(
+        CollectiveMismatchError,
+        match=r"rank 1 finished its task after 1 collective call\(s\), but rank\(s\) 0 called allGather "
+              r"\(collective call #2\)",
+    ):
+        raise from_info(reject.error)
+    assert attempt.state is AttemptState.ABORTED
+
+
+def test_call_after_a_peer_finished_with_fewer_calls_is_a_mismatch() -> None:
+    attempt = make_attempt(3)
+    assert attempt.finish(2, 1.0) == []
+    actions = attempt.call(0, call(Op.BARRIER, 0), 2.0)
+    reject = only_reject(actions)
+    assert reject.ranks == (0,)
+    with pytest.raises(
+        CollectiveMismatchError,
+        match=r"rank 0 called barrier \(collective call #1\), but rank\(s\) 2 already finished their task "
+              r"after 0 collective call\(s\)",
+    ):
+        raise from_info(reject.error)
+    # rank 1 arrives later: the attempt is closed, it is rejected at once with the same verdict
+    assert only_reject(attempt.call(1, call(Op.BARRIER, 0), 3.0)) == Reject((1,), reject.error)
+
+
+def test_every_rank_finishing_after_the_same_calls_finishes_the_attempt() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0), 1.0)
+    attempt.call(1, call(Op.BARRIER, 0), 1.0)
+    assert attempt.finish(0, 2.0) == []
+    assert attempt.state is AttemptState.RUNNING and not attempt.done
+    assert attempt.finish(1, 2.0) == []
+    assert attempt.state is AttemptState.FINISHED and attempt.done
+    assert attempt.failure is None
+
+
+def test_finish_before_every_rank_registered_does_not_finish_the_attempt() -> None:
+    attempt = make_attempt(2, registered=[0])
+    attempt.finish(0, 1.0)
+    assert attempt.state is AttemptState.RUNNING
+
+
+def test_call_after_finishing_is_refused() -> None:
+    attempt = make_attempt(1)
+    attempt.finish(0, 1.0)
+    with pytest.raises(RegistrationError, match="rank 0 made a collective call after finishing its task"):
+        attempt.call(0, call(Op.BARRIER, 0), 2.0)
+
+
+def test_call_after_finished_attempt_is_rejected_by_a_late_registration() -> None:
+    attempt = make_attempt(2)
+    attempt.finish(0, 1.0)
+    attempt.finish(1, 1.0)
+    with pytest.raises(RegistrationError, match=r"rank 1 is already registered"):
+        attempt.register(1, MemberInfo(), 2.0)
+
+
+# --------------------------------------------------------------- timeouts
+
+
+def test_timeout_names_missing_ranks_with_their_whereabouts() -> None:
+    attempt = make_attempt(4, registered=[0, 1, 2])
+    attempt.call(2, call(Op.ALLGATHER, 0, b"", timeout=10.0), now=0.0)  # rank 2 is the only caller so far
+    assert attempt.call(0, call(Op.ALLGATHER, 0, b"", timeout=10.0), now=1.0) == []
+    # rank 1 registered at 0.0 and is silent; rank 3 never registered
+    assert attempt.tick(9.99) == []
+    actions = attempt.tick(10.0)
+    reject = only_reject(actions)
+    assert reject.ranks == (0, 2)
+    assert reject.error.type == "CollectiveTimeoutError"
+    assert reject.error.rank == 2  # the rank whose deadline came first
+    with pytest.raises(
+        CollectiveTimeoutError,
+        match=r"allGather \(collective call #1\) timed out after 10 s on rank 2; rank\(s\) 1, 3 never arrived: "
+              r"rank 1 \(host host1, pid 1001\) last heard 10\.0 s ago; rank 3 never connected",
+    ):
+        raise from_info(reject.error)
+    assert attempt.state is AttemptState.ABORTED
+    assert attempt.tick(100.0) == []
+
+
+def test_timeout_mentions_the_last_call_of_a_missing_rank() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0), 0.0)
+    attempt.call(1, call(Op.BARRIER, 0), 2.0)
+    attempt.call(0, call(Op.BARRIER, 1, timeout=1.0), 3.0)
+    reject = only_reject(attempt.tick(4.5))
+    assert "rank 1 (host host1, pid 1001) last heard 2.5 s ago in barrier (collective call #1)" in reject.error.message
+
+
+def test_tick_before_any_deadline_does_nothing() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0, timeout=5.0), now=1.0)
+    for now in (1.0, 3.0, 5.999):
+        assert attempt.tick(now) == []
+    assert attempt.state is AttemptState.RUNNING
+    assert 0 in attempt.rounds
+
+
+def test_call_without_timeout_never_expires() -> None:
+    attempt = make_attempt(2, missing_log_interval=1e9)
+    attempt.call(0, call(Op.BARRIER, 0), now=0.0)
+    assert attempt.tick(1e6) == []
+    assert attempt.state is AttemptState.RUNNING
+
+
+def test_a_completed_round_cannot_time_out() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0, timeout=1.0), 0.0)
+    attempt.call(1, call(Op.BARRIER, 0, timeout=1.0), 0.5)
+    assert attempt.tick(10.0) == []
+    assert attempt.state is AttemptState.RUNNING
+
+
+# ------------------------------------------------------------ failures
+
+
+def test_fail_aborts_the_gang_for_the_others_with_failed_rank_and_cause() -> None:
+    attempt = make_attempt(4)
+    for rank in (0, 1, 3):
+        attempt.call(rank, call(Op.BARRIER, 0), 1.0)
+    cause = ErrorInfo(type="ValueError", message="bad input", rank=2, traceback="Traceback ...\nValueError: bad input")
+    actions = attempt.fail(2, cause, 2.0)
+    reject = only_reject(actions)
+    assert reject.ranks == (0, 1, 3)
+    assert reject.error.type == "GangAbortedError"
+    assert reject.error.extra["failed_rank"] == 2
+    assert reject.error.extra["cause"] == cause.to_json()
+    with pytest.raises(GangAbortedError, match=r"aborted: rank 2 raised ValueError: bad input\n--- traceback of rank 2 ---") as info:
+        raise from_info(reject.error)
+    assert info.value.failed_rank == 2
+    assert info.value.cause == cause
+    assert attempt.failure == cause
+    assert attempt.state is AttemptState.ABORTED
+    assert any(log.level == "error" and "rank 2 raised ValueError: bad input" in log.message for log in logs(actions))
+
+
+def test_calls_after_an_abort_are_rejected_immediately_with_the_abort_error() -> None:
+    attempt = make_attempt(3)
+    attempt.fail(0, ErrorInfo("RuntimeError", "boom", rank=0), 1.0)
+    first = only_reject(attempt.call(1, call(Op.BARRIER, 0), 2.0))
+    second = only_reject(attempt.call(2, call(Op.ALLGATHER, 0, b"x"), 3.0))
+    assert first.ranks == (1,) and second.ranks == (2,)
+    assert first.error == second.error == attempt.abort_error
+    assert first.error.extra["failed_rank"] == 0
+    assert attempt.rounds == {}
+
+
+def test_second_failure_does_not_replace_the_first() -> None:
+    attempt = make_attempt(3)
+    attempt.fail(0, ErrorInfo("RuntimeError", "first", rank=0), 1.0)
+    assert attempt.fail(1, ErrorInfo("RuntimeError", "second", rank=1), 2.0) == []
+    assert attempt.failure is not None and attempt.failure.message == "first"
+
+
+def test_registration_into_an_aborted_attempt_is_rejected() -> None:
+    attempt = make_attempt(3, registered=[0, 1])
+    attempt.fail(0, ErrorInfo("RuntimeError", "boom", rank=0), 1.0)
+    reject = only_reject(attempt.register(2, MemberInfo(), 2.0))
+    assert reject.ranks == (2,) and reject.error.type == "GangAbortedError"
+
+
+def test_disconnect_before_finish_aborts_the_attempt() -> None:
+    attempt = make_attempt(3)
+    attempt.call(0, call(Op.BARRIER, 0), 1.0)
+    attempt.call(1, call(Op.BARRIER, 0), 1.0)
+    reject = only_reject(attempt.disconnect(2, 4.0))
+    assert reject.ranks == (0, 1)
+    with pytest.raises(GangAbortedError,
+                       match=r"rank 2 raised ConnectionLost: rank 2 \(host host2, pid 1002\) lost its connection to "
+                             r"the coordinator before finishing \(last heard 4\.0 s ago\)") as info:
+        raise from_info(reject.error)
+    assert info.value.failed_rank == 2
+    assert info.value.cause is not None and info.value.cause.type == "ConnectionLost"
+    assert not attempt.done  # ranks 0 and 1 are still connected
+    attempt.disconnect(0, 5.0)
+    attempt.disconnect(1, 5.0)
+    assert attempt.done
+
+
+def test_disconnect_after_finish_does_not_abort() -> None:
+    attempt = make_attempt(2)
+    attempt.finish(1, 1.0)
+    assert attempt.disconnect(1, 2.0) == []
+    assert attempt.state is AttemptState.RUNNING
+    assert attempt.finish(0, 3.0) == []
+    assert attempt.state is AttemptState.FINISHED
+
+
+def test_disconnect_of_an_unknown_rank_is_ignored() -> None:
+    attempt = make_attempt(2, registered=[0])
+    assert attempt.disconnect(1, 1.0) == []
+    assert attempt.state is AttemptState.RUNNING
+
+
+def test_external_abort_rejects_pending_and_is_idempotent() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0), 1.0)
+    reject = only_reject(attempt.abort("the driver cancelled the job"))
+    assert reject.ranks == (0,)
+    with pytest.raises(GangAbortedError, match=r"attempt 0 \(stage 3.0\) was aborted: the driver cancelled the job"):
+        raise from_info(reject.error)
+    assert attempt.abort("again") == []
+
+
+# --------------------------------------------------------- registration
+
+
+def test_duplicate_rank_registration_is_refused() -> None:
+    attempt = make_attempt(2, registered=[0])
+    with pytest.raises(RegistrationError,
+                       match=r"rank 0 is already registered in gang 01234567 attempt 0 \(stage 3.0\) \(host host0, "
+                             r"pid 1000\); refusing a second registration from host other, pid 7"):
+        attempt.register(0, MemberInfo(host="other", pid=7), 1.0)
+
+
+@pytest.mark.parametrize("rank", [-1, 2, 100, "0", 1.0, None])
+def test_rank_outside_the_gang_is_refused(rank: object) -> None:
+    attempt = make_attempt(2, registered=[])
+    with pytest.raises(RegistrationError, match=r"is outside 0\.\.1 for gang 01234567"):
+        attempt.register(rank, MemberInfo(), 0.0)  # type: ignore[arg-type]
+    assert attempt.members == {}
+
+
+@pytest.mark.parametrize("world_size", [0, -3])
+def test_world_size_must_be_positive(world_size: int) -> None:
+    with pytest.raises(ValueError, match=f"world_size must be >= 1, got {world_size}"):
+        Attempt(GANG_ID, (0, 0, 0), world_size, 0.0)
+
+
+# ------------------------------------------------------------------ logs
+
+
+def test_long_wait_is_logged_naming_the_missing_ranks_every_interval() -> None:
+    attempt = make_attempt(3, missing_log_interval=10.0)
+    attempt.call(0, call(Op.BARRIER, 0), 0.0)
+    attempt.call(1, call(Op.BARRIER, 0), 0.0)
+    assert attempt.tick(9.9) == []
+    [log] = attempt.tick(10.0)
+    assert log.level == "warning"
+    assert "barrier (collective call #1) has waited 10 s for rank(s) 2" in log.message
+    assert "rank 2 (host host2, pid 1002) last heard 10.0 s ago" in log.message
+    assert attempt.tick(15.0) == []  # not again before the next interval
+    assert len(logs(attempt.tick(20.0))) == 1
+
+
+def test_ranks_that_never_register_are_logged() -> None:
+    attempt = make_attempt(3, registered=[1], now=0.0, missing_log_interval=5.0)
+    assert attempt.tick(4.0) == []
+    [log] = attempt.tick(5.0)
+    assert log.level == "warning"
+    assert "rank(s) 0, 2 have not connected 5 s after the first rank did" in log.message
+
+
+# -------------------------------------------------------------------- Gang
+
+
+def make_gang(world_size: int = 2) -> Gang:
+    return Gang(gang_id=GANG_ID, secret=b"k" * 32, world_size=world_size)
+
+
+def join(gang: Gang, rank: int, task_attempt_id: int, gang_attempt: int = 0, stage_id: int = 5,
+         now: float = 0.0) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
+    attempt, superseded = gang.attempt_for(gang_attempt, stage_id, rank, task_attempt_id, now)
+    attempt.register(rank, MemberInfo(host=f"h{rank}", pid=rank, task_attempt_id=task_attempt_id), now)
+    return attempt, superseded
+
+
+def test_ranks_of_one_launch_share_an_attempt() -> None:
+    gang = make_gang(3)
+    first, sup0 = join(gang, 0, task_attempt_id=10)
+    second, sup1 = join(gang, 2, task_attempt_id=12)
+    third, sup2 = join(gang, 1, task_attempt_id=11)
+    assert first is second is third
+    assert first.key == (0, 5, 0)
+    assert sup0 == sup1 == sup2 == []
+    assert list(gang.attempts) == [(0, 5, 0)]
+
+
+def test_newer_gang_attempt_supersedes_and_aborts_the_older_one() -> None:
+    gang = make_gang(2)
+    old, _ = join(gang, 0, task_attempt_id=1)
+    old.call(0, call(Op.BARRIER, 0), 1.0)
+    new, superseded = gang.attempt_for(1, 9, 0, 50, 2.0)
+    assert new.key == (1, 9, 0) and new is not old
+    assert [a for a, _ in superseded] == [old]
+    assert old.state is AttemptState.ABORTED
+    reject = only_reject(superseded[0][1])
+    assert reject.ranks == (0,)
+    assert "superseded by a newer launch of the gang (attempt 1.0)" in reject.error.message
+
+
+def test_stale_gang_attempt_is_refused() -> None:
+    gang = make_gang(2)
+    join(gang, 0, task_attempt_id=1, gang_attempt=2)
+    with pytest.raises(RegistrationError,
+                       match=r"this task belongs to gang attempt 1, but attempt 2 has already started"):
+        gang.attempt_for(1, 5, 1, 2, 1.0)
+
+
+def test_same_rank_with_a_higher_task_attempt_id_starts_a_new_generation() -> None:
+    gang = make_gang(2)
+    first, _ = join(gang, 0, task_attempt_id=4)
+    join(gang, 1, task_attempt_id=5)
+    second, superseded = join(gang, 0, task_attempt_id=6, now=1.0)
+    assert second.key == (0, 5, 1)
+    assert [a for a, _ in superseded] == [first]
+    assert first.state is AttemptState.ABORTED
+    # the other rank of the relaunch joins the new generation, not the old one
+    third, _ = join(gang, 1, task_attempt_id=7, now=1.0)
+    assert third is second
+
+
+@pytest.mark.parametrize("task_attempt_id", [3, 4])
+def test_same_rank_with_an_equal_or_lower_task_attempt_id_is_refused(task_attempt_id: int) -> None:
+    gang = make_gang(2)
+    join(gang, 0, task_attempt_id=4)
+    with pytest.raises(RegistrationError,
+                       match=rf"rank 0 is already registered in .* by task 4 .*refusing task {task_attempt_id}"):
+        gang.attempt_for(0, 5, 0, task_attempt_id, 1.0)
+
+
+def test_new_task_above_every_member_of_an_aborted_attempt_starts_a_new_generation() -> None:
+    gang = make_gang(4)
+    first, _ = join(gang, 0, task_attempt_id=20)
+    join(gang, 1, task_attempt_id=21)
+    first.fail(1, ErrorInfo("ValueError", "x", rank=1), 1.0)
+    # Spark relaunched the stage: new tasks get ids above the whole first launch
+    second, superseded = join(gang, 2, task_attempt_id=40, now=2.0)
+    assert second is not first and second.key == (0, 5, 1)
+    assert [a for a, _ in superseded] == [first]
+
+
+def test_late_task_of_an_aborted_launch_joins_it_and_is_rejected() -> None:
+    gang = make_gang(4)
+    first, _ = join(gang, 0, task_attempt_id=20)
+    join(gang, 1, task_attempt_id=22)
+    first.fail(1, ErrorInfo("ValueError", "x", rank=1), 1.0)
+    attempt, superseded = gang.attempt_for(0, 5, 2, 21, 2.0)  # id inside the first launch's window
+    assert attempt is first and superseded == []
+    reject = only_reject(attempt.register(2, MemberInfo(task_attempt_id=21), 2.0))
+    assert reject.ranks == (2,) and reject.error.extra["failed_rank"] == 1
+
+
+def test_late_task_of_an_aborted_done_launch_is_still_refused() -> None:
+    gang = make_gang(2)
+    first, _ = join(gang, 0, task_attempt_id=10)
+    first.fail(0, ErrorInfo("ValueError", "boom", rank=0), 1.0)
+    first.disconnect(0, 1.5)
+    assert first.done
+    gang.prune()  # what the server does when an attempt is done: it is kept a while
+    # rank 1 of the *same* launch (task id 11, next to rank 0's 10) was slow to start
+    late, superseded = gang.attempt_for(0, 5, 1, 11, 2.0)
+    assert late is first and superseded == []
+    reject = only_reject(late.register(1, MemberInfo(task_attempt_id=11), 2.0))
+    assert reject.ranks == (1,) and reject.error.extra["failed_rank"] == 0
+
+
+def test_late_task_of_an_older_generation_does_not_join_the_newer_one() -> None:
+    gang = make_gang(4)
+    # launch 0: tasks 100..103; rank 0 registers and fails, Spark relaunches the stage
+    gen0, _ = join(gang, 0, task_attempt_id=100)
+    gen0.fail(0, ErrorInfo("ValueError", "boom", rank=0), 1.0)
+    # launch 1: tasks 104..107; its rank 0 starts generation 1
+    gen1, _ = join(gang, 0, task_attempt_id=104, now=2.0)
+    assert gen1.key == (0, 5, 1)
+    # now a straggler of launch 0 (rank 2, task 102) registers
+    try:
+        late, _ = gang.attempt_for(0, 5, 2, 102, 3.0)
+    except RegistrationError:
+        return
+    assert late is not gen1, "a task of launch 0 took rank 2 of launch 1; launch 1's own rank 2 will supersede it"
+    assert only_reject(late.register(2, MemberInfo(task_attempt_id=102), 3.0)).ranks == (2,)
+
+
+def test_different_stages_of_one_gang_attempt_get_their_own_attempts() -> None:
+    gang = make_gang(2)
+    a, _ = join(gang, 0, task_attempt_id=1, stage_id=5)
+    b, superseded = join(gang, 0, task_attempt_id=9, stage_id=6)
+    assert a is not b and a.key == (0, 5, 0) and b.key == (0, 6, 0)
+    assert superseded == [] and a.state is AttemptState.RUNNING
+
+
+def finish_all(attempt: Attempt, now: float) -> None:
+    for rank in range(attempt.world_size):
+        attempt.finish(rank, now)
+    for rank in range(attempt.world_size):
+        attempt.disconnect(rank, now)
+
+
+def test_prune_keeps_the_newest_done_attempts_and_remembers_failures() -> None:
+    gang = make_gang(1)
+    keys = []
+    for n in range(5):
+        attempt, _ = join(gang, 0, task_attempt_id=n, gang_attempt=n)
+        attempt.fail(0, ErrorInfo("ValueError", f"failure {n}", rank=0), float(n))
+        attempt.disconnect(0, float(n))
+        keys.append(attempt.key)
+    running, _ = join(gang, 0, task_attempt_id=10, gang_attempt=9)  # never done: never pruned
+    gang.prune(keep_done=2)
+    assert sorted(gang.attempts) == [keys[3], keys[4], running.key]
+    assert [info.message for _, info in gang.failures] == ["failure 0", "failure 1", "failure 2"]
+    assert gang.last_failure() == (keys[4], ErrorInfo("ValueError", "failure 4", rank=0))
+    gang.prune(keep_done=0)
+    assert list(gang.attempts) == [running.key]
+    assert gang.last_failure() == (keys[4], ErrorInfo("ValueError", "failure 4", rank=0))
+
+
+def test_prune_leaves_running_and_aborted_but_connected_attempts_alone() -> None:
+    gang = make_gang(2)
+    attempt, _ = join(gang, 0, task_attempt_id=1)
+    join(gang, 1, task_attempt_id=2)
+    attempt.fail(1, ErrorInfo("ValueError", "x", rank=1), 1.0)
+    attempt.disconnect(1, 1.0)
+    assert not attempt.done  # rank 0 is still connected
+    gang.prune(keep_done=0)
+    assert list(gang.attempts) == [attempt.key]
+
+
+def test_last_failure_is_the_most_recent_root_cause() -> None:
+    gang = make_gang(2)
+    assert gang.last_failure() is None
+    first, _ = join(gang, 0, task_attempt_id=1)
+    join(gang, 1, task_attempt_id=2)
+    cause = ErrorInfo("ValueError", "first failure", rank=1)
+    first.fail(1, cause, 1.0)
+    assert gang.last_failure() == ((0, 5, 0), cause)  # live attempts count
+
+    second, superseded = join(gang, 0, task_attempt_id=3, gang_attempt=1)
+    assert [a for a, _ in superseded] == [first]
+    later = ErrorInfo("KeyError", "second failure", rank=0)
+    second.fail(0, later, 2.0)
+    assert gang.last_failure() == ((1, 5, 0), later)  # the newest attempt wins
+
+    # a finished attempt leaves no failure behind, even once pruned
+    third, _ = join(gang, 0, task_attempt_id=5, gang_attempt=2)
+    join(gang, 1, task_attempt_id=6, gang_attempt=2)
+    finish_all(third, 3.0)
+    assert third.state is AttemptState.FINISHED and third.done
+    gang.prune(keep_done=0)
+    assert gang.last_failure() == ((1, 5, 0), later)
+
+
+def test_failures_list_is_bounded() -> None:
+    gang = make_gang(1)
+    for n in range(20):
+        attempt, _ = join(gang, 0, task_attempt_id=n, gang_attempt=n)
+        attempt.fail(0, ErrorInfo("ValueError", f"failure {n}", rank=0), float(n))
+        attempt.disconnect(0, float(n))
+        gang.prune(keep_done=0)
+    assert gang.attempts == {}
+    assert [info.message for _, info in gang.failures] == [f"failure {n}" for n in range(4, 20)]
+
+
+# ---------------------------------------------------------------- Registry
+
+
+def test_registry_add_get_remove_and_secrets() -> None:
+    registry = Registry()
+    gang = make_gang(2)
+    registry.add(gang)
+    assert registry.get(GANG_ID) is gang
+    assert registry.secrets() == {GANG_ID: b"k" * 32}
+    with pytest.raises(ValueError, match=f"gang {GANG_ID} is already registered"):
+        registry.add(make_gang(3))
+    assert registry.remove(GANG_ID) is gang
+    assert registry.get(GANG_ID) is None
+    assert registry.remove(GANG_ID) is None
