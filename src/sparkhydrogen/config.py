@@ -12,6 +12,7 @@ Spark conf keys (all optional)::
     spark.hydrogen.heartbeat.interval          how often a task says it is alive (default 1s)
     spark.hydrogen.heartbeat.timeout           silence after which a rank counts as failed (default 8s)
     spark.hydrogen.checkpoint.maxSize          driver memory for one gang's checkpoint (default 512m)
+    spark.hydrogen.checkpoint.dir              ranks write checkpoint state here, commit only paths
 
 Sizes accept Spark's suffixes (``64k``, ``256m``, ``1g``); durations accept
 seconds or Spark's ``500ms``/``30s``/``5min`` forms.
@@ -100,6 +101,7 @@ class LaunchConfig:
     collective_timeout: Optional[float] = None
     slot_wait_timeout: float = 0.0
     heartbeat_interval: float = 1.0
+    checkpoint_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_positive("connect_timeout", self.connect_timeout)
@@ -139,6 +141,7 @@ class HydrogenConfig:
             "collective_timeout": ("collective.timeout", parse_duration),
             "slot_wait_timeout": ("launch.slotWaitTimeout", parse_duration),
             "heartbeat_interval": ("heartbeat.interval", parse_duration),
+            "checkpoint_dir": ("checkpoint.dir", _parse_dir),
         }
 
         def build(cls: type, fields: dict[str, tuple[str, Callable[[str, str], object]]],
@@ -158,6 +161,15 @@ class HydrogenConfig:
 
         coord = build(CoordinatorConfig, coordinator, {"host": driver_host})
         return cls(coord, build(LaunchConfig, launch, {}))  # type: ignore[arg-type]
+
+
+def _parse_dir(value: str, key: str) -> str:
+    if "://" in value and not value.startswith("file://"):
+        raise ValueError(
+            f"{key}={value!r}: only local or shared-mount paths (or file://) are supported; mount the "
+            "distributed file system on every executor and give its path"
+        )
+    return value
 
 
 def _parse_int(value: str, key: str) -> int:

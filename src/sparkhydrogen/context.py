@@ -13,13 +13,59 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import tempfile
 from typing import Any, ClassVar, Optional
 
 from . import serde
 from .coordinator.client import CoordinatorClient
-from .errors import NotInGangError
+from .errors import NotInGangError, PayloadError
 
 __all__ = ["BarrierTaskContext", "BarrierTaskInfo"]
+
+
+class _StateFile:
+    """What a checkpoint commits when the state itself went to ``spark.hydrogen.checkpoint.dir``."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (_StateFile, (self.path,))
+
+    def load(self) -> Any:
+        try:
+            with open(self.path, "rb") as fh:
+                return serde.loads(fh.read(), f"checkpoint file {self.path}")
+        except OSError as exc:
+            raise PayloadError(
+                f"cannot read checkpoint file {self.path}: {exc}; spark.hydrogen.checkpoint.dir must be "
+                "storage every executor can read (a shared or distributed file system)"
+            ) from exc
+
+
+def _write_state_file(directory: str, gang_id: str, rank: int, state: Any) -> str:
+    folder = os.path.join(directory.removeprefix("file://"), f"gang-{gang_id}")
+    data = serde.dumps(state, "checkpoint state")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"rank{rank}-", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        path = tmp[: -len(".tmp")] + ".pkl"
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PayloadError(f"cannot write checkpoint state to {folder}: {exc}") from exc
+    return path
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 class BarrierTaskInfo:
@@ -62,13 +108,16 @@ class BarrierTaskContext:
     _current: ClassVar[Optional["BarrierTaskContext"]] = None
 
     def __init__(self, client: CoordinatorClient, rank: int, world_size: int, native: Any = None,
-                 gang_attempt: int = 0, default_timeout: Optional[float] = None) -> None:
+                 gang_attempt: int = 0, default_timeout: Optional[float] = None,
+                 checkpoint_dir: Optional[str] = None) -> None:
         self._client = client
         self._rank = rank
         self._world_size = world_size
         self._native = native
         self._gang_attempt = gang_attempt
         self._default_timeout = default_timeout
+        self._checkpoint_dir = checkpoint_dir
+        self._committed_file: Optional[str] = None
 
     # lookup --------------------------------------------------------------
     @classmethod
@@ -177,13 +226,30 @@ class BarrierTaskContext:
             ...     train_one_step(step); step += 1
             ...     ctx.checkpoint(step)
         """
-        payload = serde.dumps(state, "checkpoint state")
-        self._client.collective("checkpoint", payload, timeout=self._timeout(timeout))
+        if self._checkpoint_dir is None:
+            self._client.collective("checkpoint", serde.dumps(state, "checkpoint state"),
+                                    timeout=self._timeout(timeout))
+            return
+        path = _write_state_file(self._checkpoint_dir, self._client.gang_id, self._rank, state)
+        try:
+            self._client.collective("checkpoint", serde.dumps(_StateFile(path)), timeout=self._timeout(timeout))
+        except BaseException:
+            _remove(path)  # never committed
+            raise
+        if self._committed_file is not None and self._committed_file != path:
+            _remove(self._committed_file)  # superseded by the commit that just completed
+        self._committed_file = path
 
     def restore(self) -> Any:
         """This rank's state from the gang's last committed checkpoint, or ``None``."""
         data = self._client.restore()
-        return None if data is None else serde.loads(data, "checkpoint state")
+        if data is None:
+            return None
+        state = serde.loads(data, "checkpoint state")
+        if isinstance(state, _StateFile):
+            self._committed_file = state.path
+            return state.load()
+        return state
 
     def __repr__(self) -> str:
         return f"BarrierTaskContext(rank={self._rank}, worldSize={self._world_size}, gangAttempt={self._gang_attempt})"

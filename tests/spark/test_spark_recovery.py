@@ -154,3 +154,4 @@ def test_retry_argument_checks(sc: Any) -> None:
         h2.run(lambda: None, 2, retry_backoff=-2)
     with pytest.raises(TypeError, match="action must be callable"):
         h2.retry(42)  # type: ignore[arg-type]
+

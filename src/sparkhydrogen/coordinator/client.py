@@ -48,9 +48,10 @@ _CLIENT_LIMITS = Limits(max_header_bytes=1 << 20, max_payload_bytes=1 << 40)
 class CoordinatorClient:
     """A task's authenticated connection to its gang's coordinator (thread-safe)."""
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, address: tuple[str, int], gang_id: str = "") -> None:
         self._sock = sock
         self.address = address
+        self.gang_id = gang_id
         self._lock = threading.Lock()  # one request/reply exchange at a time
         self._send_lock = threading.Lock()  # whole frames only, heartbeats included
         self._seq = 0
@@ -70,7 +71,7 @@ class CoordinatorClient:
                 "Executors must be able to connect to the driver; set spark.hydrogen.coordinator.host/port "
                 "to an address and port they can reach"
             ) from exc
-        client = cls(sock, (host, port))
+        client = cls(sock, (host, port), gang_id)
         try:
             _tune(sock)
             client._handshake(gang_id, secret)

@@ -37,6 +37,7 @@ class DeclaredGang:
             connect_timeout=launch.connect_timeout,
             collective_timeout=launch.collective_timeout,
             heartbeat_interval=launch.heartbeat_interval,
+            checkpoint_dir=launch.checkpoint_dir,
         )
 
     def last_failure(self, gang_attempt: Optional[int] = None) -> Optional[ErrorInfo]:

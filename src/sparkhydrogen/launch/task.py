@@ -34,6 +34,7 @@ class TaskSpec:
     connect_timeout: float = 30.0
     collective_timeout: Optional[float] = None
     heartbeat_interval: Optional[float] = 1.0
+    checkpoint_dir: Optional[str] = None
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
@@ -72,7 +73,8 @@ def run_rank(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], 
                                 host=socket.gethostname(), task_attempt_id=native.taskAttemptId())
         if spec.heartbeat_interval is not None:
             client.start_heartbeat(spec.heartbeat_interval)
-        ctx = BarrierTaskContext(client, index, world, native, spec.gang_attempt, spec.collective_timeout)
+        ctx = BarrierTaskContext(client, index, world, native, spec.gang_attempt, spec.collective_timeout,
+                                 spec.checkpoint_dir)
         BarrierTaskContext._set(ctx)
         try:
             yield from fn(index, rows)
