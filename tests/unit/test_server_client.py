@@ -863,3 +863,32 @@ def test_context_get_returns_the_current_context_and_native_calls_need_spark(ser
         client.close()
     with pytest.raises(NotInGangError):
         BarrierTaskContext.get()
+
+
+def test_log_records_reach_the_driver_hook_in_order() -> None:
+    from sparkhydrogen.coordinator import LogRecord
+
+    server = CoordinatorServer(CoordinatorConfig(host="127.0.0.1"))
+    host, port = server.start()
+    records: list[LogRecord] = []
+    got = threading.Event()
+
+    def hook(record: LogRecord) -> None:
+        records.append(record)
+        if len(records) == 3:
+            got.set()
+
+    try:
+        gang = server.add_gang(1, on_log=hook)
+        client = CoordinatorClient.connect((host, port), gang.gang_id, gang.secret)
+        client.register(0)
+        client.log("stdout", "epoch 1\n")
+        client.log("stderr", "warning: slow\n", dropped=0)
+        client.log("stdout", "épоch 2\n", dropped=7)
+        assert got.wait(10)
+        assert [(r.rank, r.stream, r.text, r.dropped) for r in records] == [
+            (0, "stdout", "epoch 1\n", 0), (0, "stderr", "warning: slow\n", 0), (0, "stdout", "épоch 2\n", 7)]
+        client.finish()
+        client.close()
+    finally:
+        server.stop()

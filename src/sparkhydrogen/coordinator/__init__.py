@@ -5,6 +5,6 @@ driver or, where executors cannot reach the driver, inside a task.
 """
 
 from .client import CoordinatorClient
-from .server import CoordinatorServer, GangHandle
+from .server import CoordinatorServer, GangHandle, LogRecord
 
-__all__ = ["CoordinatorClient", "CoordinatorServer", "GangHandle"]
+__all__ = ["CoordinatorClient", "CoordinatorServer", "GangHandle", "LogRecord"]

@@ -179,6 +179,11 @@ class CoordinatorClient:
             offset += size
         return parts
 
+    def log(self, stream: str, text: str, dropped: int = 0) -> None:
+        """Stream output (whole lines) to the driver's log hook; no reply, never blocks on the peer's answer."""
+        frame = encode_frame(Kind.REQUEST, {"op": "log", "stream": stream, "dropped": dropped}, text.encode("utf-8"))
+        self._send(frame)
+
     def fail(self, error: ErrorInfo) -> None:
         """Report that this rank's user code raised; the coordinator aborts the attempt."""
         self._notify({"op": "fail", "error": error.to_json()})

@@ -40,10 +40,25 @@ from .protocol import (
 )
 from .state import Action, Attempt, AttemptKey, AttemptState, Call, Complete, Gang, Log, MemberInfo, Op, Registry, Reject
 
-__all__ = ["CoordinatorServer", "GangHandle"]
+__all__ = ["CoordinatorServer", "GangHandle", "LogRecord"]
 
 log = logging.getLogger("sparkhydrogen.coordinator")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """Output a rank streamed to the driver: ``text`` (whole lines) from ``stream``.
+
+    ``dropped`` counts lines the rank had to discard before this record because
+    its bounded buffer overflowed.
+    """
+
+    gang_attempt: int
+    rank: int
+    stream: str
+    text: str
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,9 @@ class _Connection(asyncio.Protocol):
                 self._register(frame.header)
             elif self.attempt is None or self.rank is None:
                 raise RegistrationError(f"'{op}' before 'register'")
+            elif op == "log":
+                self.attempt.heard(self.rank, self.server.now())
+                self.server._forward_log(self.attempt, self.rank, frame)
             elif op == "ping":
                 self.attempt.heard(self.rank, self.server.now())
             elif op == "restore":
@@ -240,6 +258,7 @@ class CoordinatorServer:
         self._thread: Optional[threading.Thread] = None
         self._address: Optional[tuple[str, int]] = None
         self._abort_hooks: dict[str, Callable[[AttemptKey, ErrorInfo], None]] = {}
+        self._log_hooks: dict[str, Callable[[LogRecord], None]] = {}
         self._reported: set[tuple[str, AttemptKey]] = set()
 
     # lifecycle ---------------------------------------------------------------
@@ -343,11 +362,14 @@ class CoordinatorServer:
         return future.result(timeout=30)
 
     def add_gang(self, world_size: int, name: str = "",
-                 on_abort: Optional[Callable[[AttemptKey, ErrorInfo], None]] = None) -> GangHandle:
+                 on_abort: Optional[Callable[[AttemptKey, ErrorInfo], None]] = None,
+                 on_log: Optional[Callable[[LogRecord], None]] = None) -> GangHandle:
         """Declare a gang of ``world_size`` ranks; returns what its tasks need to join.
 
         ``on_abort(key, cause)`` is called (on a short-lived thread, never on the
         coordinator's loop) once for every attempt of the gang that aborts.
+        ``on_log(record)`` receives the output ranks stream with
+        :meth:`CoordinatorClient.log`; it runs on the coordinator's loop and must be quick.
         """
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -355,6 +377,8 @@ class CoordinatorServer:
         self._on_loop(lambda: self.registry.add(gang))
         if on_abort is not None:
             self._abort_hooks[gang.gang_id] = on_abort
+        if on_log is not None:
+            self._log_hooks[gang.gang_id] = on_log
         host, port = self.address
         return GangHandle(gang.gang_id, gang.secret, world_size, host, port)
 
@@ -364,6 +388,7 @@ class CoordinatorServer:
         def remove() -> None:
             gang = self.registry.remove(gang_id)
             self._abort_hooks.pop(gang_id, None)
+            self._log_hooks.pop(gang_id, None)
             self._reported = {r for r in self._reported if r[0] != gang_id}
             if gang is not None:
                 for attempt in list(gang.attempts.values()):
@@ -443,6 +468,19 @@ class CoordinatorServer:
                 log.log(logging.ERROR if action.level == "error" else logging.WARNING, action.message)
         if attempt.state is AttemptState.ABORTED:
             self._report_abort(attempt)
+
+    def _forward_log(self, attempt: Attempt, rank: int, frame: Frame) -> None:
+        hook = self._log_hooks.get(attempt.gang_id)
+        if hook is None:
+            return
+        dropped = frame.header.get("dropped", 0)
+        record = LogRecord(gang_attempt=attempt.key[0], rank=rank, stream=str(frame.header.get("stream", "log")),
+                           text=bytes(frame.payload).decode("utf-8", errors="replace"),
+                           dropped=dropped if isinstance(dropped, int) and dropped > 0 else 0)
+        try:
+            hook(record)
+        except Exception:  # a broken hook must not take the coordinator down
+            log.exception("coordinator: log hook of gang %s failed", attempt.gang_id[:8])
 
     def _report_abort(self, attempt: Attempt) -> None:
         ident = (attempt.gang_id, attempt.key)
