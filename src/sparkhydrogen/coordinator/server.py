@@ -363,7 +363,8 @@ class CoordinatorServer:
 
     def add_gang(self, world_size: int, name: str = "",
                  on_abort: Optional[Callable[[AttemptKey, ErrorInfo], None]] = None,
-                 on_log: Optional[Callable[[LogRecord], None]] = None) -> GangHandle:
+                 on_log: Optional[Callable[[LogRecord], None]] = None,
+                 gang_id: Optional[str] = None, secret: Optional[bytes] = None) -> GangHandle:
         """Declare a gang of ``world_size`` ranks; returns what its tasks need to join.
 
         ``on_abort(key, cause)`` is called (on a short-lived thread, never on the
@@ -373,7 +374,10 @@ class CoordinatorServer:
         """
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-        gang = Gang(gang_id=uuid.uuid4().hex, secret=secrets.token_bytes(32), world_size=world_size, name=name)
+        if secret is not None and (not isinstance(secret, bytes) or len(secret) < 16):
+            raise ValueError("secret must be at least 16 random bytes")
+        gang = Gang(gang_id=gang_id or uuid.uuid4().hex, secret=secret or secrets.token_bytes(32),
+                    world_size=world_size, name=name)
         self._on_loop(lambda: self.registry.add(gang))
         if on_abort is not None:
             self._abort_hooks[gang.gang_id] = on_abort
@@ -416,6 +420,15 @@ class CoordinatorServer:
             return found[1] if found else None
 
         return self._on_loop(get)
+
+    def gang_settled(self, gang_id: str) -> bool:
+        """True when no attempt of the gang is running (every rank finished, or it was aborted)."""
+
+        def settled() -> bool:
+            gang = self.registry.get(gang_id)
+            return gang is None or all(a.state is not AttemptState.RUNNING for a in gang.attempts.values())
+
+        return self._on_loop(settled)
 
     def stats(self) -> dict[str, int]:
         return self._on_loop(lambda: {
