@@ -5,7 +5,10 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-import cloudpickle
+try:
+    import cloudpickle
+except ImportError:  # shipped with --py-files to a cluster that only has pyspark
+    from pyspark import cloudpickle  # type: ignore[no-redef]
 
 from .errors import PayloadError
 

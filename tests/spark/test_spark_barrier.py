@@ -216,7 +216,7 @@ def test_preflight_fails_fast_with_numbers(sc: Any) -> None:
         (lambda: h2.run(lambda: 1, 2.0), TypeError, "num_tasks must be an int"),
         (lambda: h2.run(lambda: 1, 2, args=5), TypeError, "args must be a tuple or list"),
         (lambda: h2.run(lambda: 1, 2, kwargs=[1]), TypeError, "kwargs must be a dict"),
-        (lambda: h2.barrier([1, 2, 3]), TypeError, "takes a pyspark RDD, got builtins.list"),
+        (lambda: h2.barrier([1, 2, 3]), TypeError, "takes a pyspark RDD or DataFrame, got builtins.list"),
     ],
 )
 def test_wrong_argument_types(sc: Any, call: Any, error: type, match: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
 from .gang import declare_gang
 from .task import run_rank
@@ -51,8 +51,11 @@ def _name(f: Callable[..., Any]) -> str:
     return getattr(f, "__qualname__", None) or type(f).__name__
 
 
-def barrier(data: Any) -> RDDBarrier[Any]:
-    """Gang-schedule the next stage of ``data`` (an RDD): all partitions start together.
+def barrier(data: Any, num_tasks: Optional[int] = None) -> Any:
+    """Gang-schedule the next stage of ``data`` (an RDD or a DataFrame): all partitions start together.
+
+    ``num_tasks`` sets the gang size by repartitioning first (for DataFrames it also
+    spares planning the query to count partitions).
 
     Example:
         >>> import sparkhydrogen as h2                                     # doctest: +SKIP
@@ -62,12 +65,22 @@ def barrier(data: Any) -> RDDBarrier[Any]:
         ...     yield ctx.rank(), sum(ctx.allGather(sum(rows)))
         >>> h2.barrier(sc.parallelize(range(8), 4)).mapPartitions(f).collect()  # doctest: +SKIP
         [(0, 28), (1, 28), (2, 28), (3, 28)]
+        >>> h2.barrier(df, num_tasks=4).mapInPandas(train, schema)          # doctest: +SKIP
     """
+    if num_tasks is not None:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
+            raise TypeError(f"num_tasks must be an int, got {type(num_tasks).__name__}")
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     from pyspark import RDD
 
     if isinstance(data, RDD):
-        return RDDBarrier(data)
+        return RDDBarrier(data if num_tasks is None else data.repartition(num_tasks))
+    if type(data).__name__ == "DataFrame" and hasattr(data, "mapInPandas"):
+        from .dataframe import DataFrameBarrier
+
+        return DataFrameBarrier(data, num_tasks)
     raise TypeError(
-        f"sparkhydrogen.barrier() takes a pyspark RDD, got {type(data).__module__}.{type(data).__qualname__}"
-        + (" (for a DataFrame, use df.rdd)" if type(data).__name__ == "DataFrame" else "")
+        f"sparkhydrogen.barrier() takes a pyspark RDD or DataFrame, got "
+        f"{type(data).__module__}.{type(data).__qualname__}"
     )

@@ -66,6 +66,12 @@ def run_rank(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], 
     native = _native_context()
     if native.partitionId() != index:
         raise LaunchError(f"partition index {index} differs from the task's partition id {native.partitionId()}")
+    stage_tasks = len(native.getTaskInfos())
+    if stage_tasks != spec.world_size:
+        raise LaunchError(
+            f"this barrier stage has {stage_tasks} tasks but the gang was declared with {spec.world_size} ranks "
+            "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
+        )
     client = CoordinatorClient.connect((spec.host, spec.port), spec.gang_id, spec.secret, spec.connect_timeout)
     ctx: Optional[BarrierTaskContext] = None
     try:

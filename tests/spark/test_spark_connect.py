@@ -1,0 +1,66 @@
+"""Spark Connect (pyspark[connect], local server): the coordinator runs inside rank 0's task."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+import sparkhydrogen as h2
+
+pytest.importorskip("grpc")
+pytest.importorskip("pandas")
+
+pytestmark = [pytest.mark.spark, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.builder.remote("local[4]").getOrCreate()
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+def test_connect_session_has_no_rdd_api(spark: Any) -> None:
+    from sparkhydrogen.launch.dataframe import is_connect
+
+    assert is_connect(spark.range(1)) and is_connect(spark)
+
+
+def test_gang_over_connect_with_embedded_coordinator(spark: Any) -> None:
+    import pandas as pd
+
+    def train(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ctx = h2.BarrierTaskContext.get()
+        n = sum(len(b) for b in batches)
+        for _ in range(20):
+            ctx.barrier()
+        sizes = ctx.allGather({"rank": ctx.rank(), "n": n})
+        plan = ctx.broadcast("from rank 0" if ctx.rank() == 0 else None)
+        yield pd.DataFrame({"rank": [ctx.rank()], "total": [sum(s["n"] for s in sizes)], "plan": [plan]})
+
+    rows = h2.barrier(spark.range(400), num_tasks=4).mapInPandas(train, "rank long, total long, plan string").collect()
+    assert sorted((r["rank"], r["total"], r["plan"]) for r in rows) == [(r, 400, "from rank 0") for r in range(4)]
+
+
+def test_failure_over_connect_names_the_rank(spark: Any) -> None:
+    import pandas as pd
+
+    def body(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ctx = h2.BarrierTaskContext.get()
+        if ctx.rank() == 2:
+            raise KeyError("feature_7")
+        ctx.barrier()
+        yield pd.DataFrame({"rank": [ctx.rank()]})
+
+    with pytest.raises(Exception, match=r"rank 2 raised KeyError: 'feature_7'"):
+        h2.barrier(spark.range(40), num_tasks=4).mapInPandas(body, "rank long").collect()
+
+
+def test_connect_requires_an_explicit_gang_size(spark: Any) -> None:
+    with pytest.raises(ValueError, match="pass sparkhydrogen.barrier\\(df, num_tasks=N\\)"):
+        h2.barrier(spark.range(10)).mapInPandas(lambda it: it, "id long")
