@@ -38,35 +38,38 @@ def train_shard(rows):
 
 def flaky():
     ctx = h2.BarrierTaskContext.get()
-    if ctx.rank() == 2:
-        raise RuntimeError("rank 2 ran out of data")
+    if ctx.rank() == ctx.worldSize() - 1:
+        raise RuntimeError(f"rank {ctx.rank()} ran out of data")
     ctx.barrier()
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    spark = (SparkSession.builder.master("local[4]").appName("sparkhydrogen-quickstart")
-             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    builder = SparkSession.builder.appName("sparkhydrogen-quickstart").config("spark.ui.showConsoleProgress", "false")
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # launched by spark-submit: its --master wins
+        builder = builder.master("local[4]")
+    spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     sc = spark.sparkContext
+    ranks = min(4, sc.defaultParallelism)
     try:
-        print("1. h2.barrier(rdd).mapPartitions(...): 4 ranks launched together")
+        print(f"1. h2.barrier(rdd).mapPartitions(...): {ranks} ranks launched together on {sc.master}")
         t0 = time.perf_counter()
-        out = h2.barrier(sc.parallelize(range(1000), 4)).mapPartitions(train_shard).collect()
+        out = h2.barrier(sc.parallelize(range(1000), ranks)).mapPartitions(train_shard).collect()
         for row in out:
             print(f"   rank {row['rank']}: {row['n']} rows, global mean {row['global_mean']:.1f}, "
                   f"plan {row['plan']}, barrier() {row['barrier_ms']} ms")
         print(f"   job took {time.perf_counter() - t0:.2f} s including 101 barriers per rank")
 
-        print("2. h2.run(fn, num_tasks=4): return values by rank")
-        hosts = h2.run(lambda: (h2.BarrierTaskContext.get().rank(), os.getpid()), num_tasks=4)
+        print(f"2. h2.run(fn, num_tasks={ranks}): return values by rank")
+        hosts = h2.run(lambda: (h2.BarrierTaskContext.get().rank(), os.getpid()), num_tasks=ranks)
         print(f"   (rank, worker pid): {hosts}")
 
         print("3. a rank that raises: peers abort at once, the driver names the rank")
         sc.setLogLevel("OFF")  # the failure below is on purpose: keep Spark's task logs quiet
         logging.getLogger("sparkhydrogen").setLevel(logging.CRITICAL)
         try:
-            h2.run(flaky, num_tasks=4)
+            h2.run(flaky, num_tasks=ranks)
         except h2.GangFailedError as exc:
             print(f"   GangFailedError: {str(exc).splitlines()[0]} (failed_rank={exc.failed_rank})")
         finally:
