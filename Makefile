@@ -12,10 +12,14 @@ CVENV  := .venv-spark35
 CPY    := $(CVENV)/bin/python
 CSTAMP := $(CVENV)/.installed-$(COMPAT_PYSPARK)
 
+# PyTorch is an optional extra; tests pin the CPU build (plain `torch` would pull a multi-GB CUDA build)
+TORCH_VERSION ?= 2.13.0
+TSTAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
+
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
 
-.PHONY: demo test test-unit test-compat bench zip java venv clean
+.PHONY: demo test test-unit test-compat bench zip java venv torch horovod clean
 
 venv: $(STAMP)
 
@@ -26,6 +30,16 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
+torch: $(TSTAMP)
+
+$(TSTAMP): $(STAMP)
+	$(VPY) -m pip install --quiet "torch==$(TORCH_VERSION)" "scikit-learn>=1.3"
+	@touch $(TSTAMP)
+
+# Horovod 0.28.1 built against the venv's torch (C++17 patch), wheel cached in ~/.cache/sparkhydrogen
+horovod: torch
+	scripts/build_horovod.sh $(abspath $(VPY))
+
 java:
 	@command -v java >/dev/null 2>&1 || { \
 	  echo "Java 17 is required by Spark but 'java' is not on PATH."; \
@@ -35,7 +49,7 @@ demo: venv java
 	$(VPY) examples/quickstart.py
 	$(VPY) examples/pipeline.py
 
-test: venv java
+test: venv java torch horovod
 	$(VPY) -m pytest
 
 test-unit: venv
@@ -51,7 +65,7 @@ test-compat: $(CSTAMP) java
 	PYSPARK_PYTHON=$(abspath $(CPY)) $(CPY) -m pytest tests/unit tests/spark/test_spark_barrier.py \
 	  tests/spark/test_spark_recovery.py tests/spark/test_spark_dataframe.py
 
-bench: venv java
+bench: venv java torch horovod
 	$(VPY) benchmarks/run_all.py --output docs/benchmarks.md
 
 zip: venv
