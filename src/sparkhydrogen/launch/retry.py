@@ -33,8 +33,7 @@ class RetryScope:
     attempt: int = 0
     gangs: list[Any] = field(default_factory=list)  # DeclaredGang, in declaration order
     next_index: int = 0
-    job_groups: list[str] = field(default_factory=list)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    pause: threading.Event = field(default_factory=threading.Event)  # never set: a bounded wait
 
     @property
     def job_group(self) -> str:
@@ -90,7 +89,7 @@ def retry(action: Callable[[], R], *, max_retries: int = 2, retry_backoff: float
                 delay = backoff_delay(attempt, retry_backoff)
                 log.warning("gang attempt %d of %d starts in %.1f s (attempt %d failed: %s)", attempt,
                             max_retries, delay, attempt - 1, str(errors[-1]).splitlines()[0])
-                scope.cancel.wait(delay)
+                scope.pause.wait(delay)
             try:
                 return _with_job_group(scope, action)
             except Exception as exc:
