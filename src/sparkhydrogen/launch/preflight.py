@@ -87,13 +87,13 @@ def cluster_slots(sc: Any) -> SlotReport:
     master = sc.master or "?"
     if not master.startswith("local") or master.startswith("local-cluster"):
         executors = max(executors - 1, 0)  # the driver is listed too
-    task_cpus = int(sc.getConf().get("spark.task.cpus") or 1)
+    task_cpus = int(sc._conf.get("spark.task.cpus") or 1)  # _conf: no copy of the whole conf over Py4J
     return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus, master=master)
 
 
 def ensure_slots(sc: Any, needed: int, wait: float = 0.0) -> SlotReport:
     """Raise :class:`InsufficientSlotsError` unless ``needed`` slots exist (waiting up to ``wait`` s)."""
-    if str(sc.getConf().get("spark.dynamicAllocation.enabled") or "false").lower() == "true":
+    if str(sc._conf.get("spark.dynamicAllocation.enabled") or "false").lower() == "true":
         raise LaunchError(
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages under dynamic allocation "
             "(SPARK-24942); disable it for this application or use a fixed number of executors"
