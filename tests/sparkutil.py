@@ -27,10 +27,15 @@ def spark_session(master: str, **conf: str) -> Iterator[SparkSession]:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     app_id = spark.sparkContext.applicationId
+    jvm = spark.sparkContext._jvm
     try:
         yield spark
     finally:
         spark.stop()
+        # The session that launched the JVM left its conf there as Java system properties, which every
+        # later SparkContext in this process would inherit: clear what this session set.
+        for key in conf:
+            jvm.java.lang.System.clearProperty(key)
         if master.startswith("local-cluster"):
             import pyspark
 

@@ -32,6 +32,17 @@ from .launch import RDDBarrier, barrier, retry, run
 
 __version__ = "0.1.0"
 
+_LAUNCHERS = ("torch", "horovod")
+
+
+def __getattr__(name: str) -> object:
+    """``sparkhydrogen.torch`` / ``sparkhydrogen.horovod`` load on first use (their frameworks are optional)."""
+    if name in _LAUNCHERS:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "AuthenticationError",
     "BarrierTaskContext",
