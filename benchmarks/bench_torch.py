@@ -118,11 +118,11 @@ def _wait_for_executors(sc: Any, count: int, timeout: float = 120.0) -> None:
         pause.wait(0.2)
 
 
-def launchers(with_subprocess: bool) -> dict[str, Callable[[], float]]:
+def launchers(with_subprocess: bool) -> dict[str, Callable[[], Any]]:
     import sparkhydrogen.torch as h2torch
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    out: dict[str, Callable[[], float]] = {
+    out: dict[str, Callable[[], Any]] = {
         OURS: lambda: h2torch.run(all_reduce_initialised, num_processes=2),
         TORCH_DISTRIBUTOR: lambda: TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(
             all_reduce_self_init),

@@ -2,10 +2,19 @@
 
 Spark conf keys (all optional)::
 
-    spark.hydrogen.coordinator.host            address to bind (default: spark.driver.host)
-    spark.hydrogen.coordinator.port            first port to try, 0 = any free port (default 0)
+    spark.hydrogen.coordinator.host            address to bind (default: spark.driver.host, never all interfaces)
+    spark.hydrogen.coordinator.port            first port to try, 0 = any free port (default 0);
+                                               or a range "7100-7115" for firewalled clusters
     spark.hydrogen.coordinator.portMaxRetries  further ports tried after a busy one (default 16)
     spark.hydrogen.coordinator.maxPayload      largest payload one call may send (default 256m)
+    spark.hydrogen.coordinator.maxGangBuffer   bytes one gang may have buffered in the coordinator (default 2g)
+    spark.hydrogen.coordinator.maxGangs        gangs running at once (default 256)
+    spark.hydrogen.coordinator.maxConnections  open connections at once (default 4096)
+    spark.hydrogen.coordinator.tls.enabled     TLS on the coordinator channel (default: on exactly when
+                                               spark.network.crypto.enabled or spark.ssl.enabled says so)
+    spark.hydrogen.coordinator.tls.certFile    PEM certificate (chain) of the coordinator (default: a
+                                               certificate generated per application, in memory)
+    spark.hydrogen.coordinator.tls.keyFile     PEM private key (default: in certFile)
     spark.hydrogen.coordinator.connectTimeout  seconds a task waits to connect (default 30s)
     spark.hydrogen.collective.timeout          default timeout of every collective (default: none)
     spark.hydrogen.launch.slotWaitTimeout      seconds to wait for enough free slots (default 0)
@@ -24,7 +33,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-__all__ = ["CoordinatorConfig", "LaunchConfig", "HydrogenConfig", "parse_size", "parse_duration"]
+__all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "HydrogenConfig", "parse_size", "parse_duration",
+           "parse_bool", "normalize_host"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -54,9 +64,61 @@ def parse_duration(value: str | float, key: str = "duration") -> float:
     return float(match.group(1)) * _TIME_UNITS[match.group(2).lower()]
 
 
+def parse_bool(value: str | bool, key: str = "flag") -> bool:
+    """``"true"`` / ``"false"`` (any case), as Spark writes booleans."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError(f"{key}={value!r} is not a boolean; use true or false")
+    return text == "true"
+
+
+def normalize_host(host: str) -> str:
+    """``"[::1]"`` -> ``"::1"``: addresses are kept bare; brackets belong in URLs only."""
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return text[1:-1]
+    return text
+
+
 def _check_positive(name: str, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the coordinator channel.
+
+    With ``enabled`` and no ``cert_file``, the coordinator generates a key and a
+    self-signed certificate per application, in memory; tasks verify the server by
+    the certificate's SHA-256 fingerprint, which reaches them inside the task closure
+    (no CA needed). ``required_by`` names the Spark setting that demands encryption;
+    TLS cannot then be off (there is no silent downgrade).
+
+    Example:
+        >>> TlsConfig(enabled=True).cert_file is None
+        True
+    """
+
+    enabled: bool = False
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    required_by: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("a TLS key_file needs its cert_file (spark.hydrogen.coordinator.tls.certFile)")
+        if not self.enabled and self.required_by:
+            raise ValueError(
+                f"TLS for the coordinator is off, but {self.required_by} requires encrypted traffic; "
+                "the coordinator never downgrades silently: enable TLS (or leave "
+                "spark.hydrogen.coordinator.tls.enabled unset)"
+            )
+        if not self.enabled and self.cert_file is not None:
+            raise ValueError("a TLS certificate was given but TLS is off "
+                             "(spark.hydrogen.coordinator.tls.enabled=false)")
 
 
 @dataclass(frozen=True)
@@ -78,16 +140,23 @@ class CoordinatorConfig:
     tick_interval: float = 0.05
     liveness_timeout: Optional[float] = 8.0
     checkpoint_max_bytes: int = 512 * MiB
+    max_gang_buffer_bytes: int = 2 * GiB
+    max_gangs: int = 256
+    max_connections: int = 4096
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"coordinator host must be a non-empty string, got {self.host!r}")
+        if not isinstance(self.tls, TlsConfig):
+            raise TypeError(f"tls must be a TlsConfig, got {type(self.tls).__name__}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"coordinator port must be in 0..65535, got {self.port}")
         if self.port_max_retries < 0:
             raise ValueError(f"port_max_retries must be >= 0, got {self.port_max_retries}")
         for name in ("max_header_bytes", "max_payload_bytes", "handshake_timeout",
-                     "missing_log_interval", "tick_interval", "checkpoint_max_bytes"):
+                     "missing_log_interval", "tick_interval", "checkpoint_max_bytes", "max_gang_buffer_bytes",
+                     "max_gangs", "max_connections"):
             _check_positive(name, getattr(self, name))
         if self.liveness_timeout is not None:
             _check_positive("liveness_timeout", self.liveness_timeout)
@@ -120,8 +189,14 @@ class HydrogenConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @classmethod
-    def from_conf(cls, get: Callable[[str], Optional[str]], driver_host: str) -> "HydrogenConfig":
-        """Read ``spark.hydrogen.*`` keys through *get* (e.g. ``SparkConf.get``)."""
+    def from_conf(cls, get: Callable[[str], Optional[str]], driver_host: str,
+                  encryption_required_by: Optional[str] = None) -> "HydrogenConfig":
+        """Read ``spark.hydrogen.*`` keys through *get* (e.g. ``SparkConf.get``).
+
+        ``encryption_required_by`` names the Spark setting (read by the caller, e.g.
+        ``"spark.network.crypto.enabled=true"``) that requires encrypted traffic: TLS is
+        then on, and an explicit ``spark.hydrogen.coordinator.tls.enabled=false`` is an error.
+        """
 
         def opt(key: str) -> Optional[str]:
             value = get(key)
@@ -129,10 +204,12 @@ class HydrogenConfig:
 
         prefix = "spark.hydrogen."
         coordinator: dict[str, tuple[str, Callable[[str, str], object]]] = {
-            "host": ("coordinator.host", lambda v, k: v),
-            "port": ("coordinator.port", _parse_int),
+            "host": ("coordinator.host", lambda v, k: normalize_host(v)),
             "port_max_retries": ("coordinator.portMaxRetries", _parse_int),
             "max_payload_bytes": ("coordinator.maxPayload", parse_size),
+            "max_gang_buffer_bytes": ("coordinator.maxGangBuffer", parse_size),
+            "max_gangs": ("coordinator.maxGangs", _parse_int),
+            "max_connections": ("coordinator.maxConnections", _parse_int),
             "liveness_timeout": ("heartbeat.timeout", parse_duration),
             "checkpoint_max_bytes": ("checkpoint.maxSize", parse_size),
         }
@@ -159,7 +236,22 @@ class HydrogenConfig:
                         raise ValueError(f"{key}={raw!r}: {exc}") from exc
                 raise
 
-        coord = build(CoordinatorConfig, coordinator, {"host": driver_host})
+        extra: dict[str, object] = {"host": normalize_host(driver_host),
+                                    "tls": _tls_config(opt, prefix, encryption_required_by)}
+        port_key = prefix + "coordinator.port"
+        if (port_raw := opt(port_key)) is not None:
+            first, last = _parse_port_range(port_raw, port_key)
+            if last is not None:
+                if opt(prefix + "coordinator.portMaxRetries") is not None:
+                    raise ValueError(f"{port_key}={port_raw!r} is a range; do not also set "
+                                     f"{prefix}coordinator.portMaxRetries")
+                if not 0 < first <= last <= 65535:
+                    raise ValueError(f"{port_key}={port_raw!r}: a port range must satisfy 0 < first <= last <= 65535")
+                extra["port_max_retries"] = last - first
+            extra["port"] = first
+            if not 0 <= first <= 65535:
+                raise ValueError(f"{port_key}={port_raw!r}: coordinator port must be in 0..65535, got {first}")
+        coord = build(CoordinatorConfig, coordinator, extra)
         return cls(coord, build(LaunchConfig, launch, {}))  # type: ignore[arg-type]
 
 
@@ -170,6 +262,32 @@ def _parse_dir(value: str, key: str) -> str:
             "distributed file system on every executor and give its path"
         )
     return value
+
+
+def _tls_config(opt: Callable[[str], Optional[str]], prefix: str, required_by: Optional[str]) -> TlsConfig:
+    enabled_key = prefix + "coordinator.tls.enabled"
+    raw = opt(enabled_key)
+    cert, key = opt(prefix + "coordinator.tls.certFile"), opt(prefix + "coordinator.tls.keyFile")
+    enabled = parse_bool(raw, enabled_key) if raw is not None else bool(required_by or cert)
+    if not enabled and required_by:
+        raise ValueError(
+            f"{enabled_key}={raw!r} but {required_by} requires encrypted traffic: the coordinator never "
+            f"downgrades silently; remove {enabled_key} (TLS is then on) or set it to true"
+        )
+    if not enabled and cert:
+        raise ValueError(f"{enabled_key}={raw!r} but {prefix}coordinator.tls.certFile is set: "
+                         "remove one of the two")
+    if key and not cert:
+        raise ValueError(f"{prefix}coordinator.tls.keyFile is set without {prefix}coordinator.tls.certFile")
+    return TlsConfig(enabled=enabled, cert_file=cert, key_file=key, required_by=required_by)
+
+
+def _parse_port_range(value: str, key: str) -> tuple[int, Optional[int]]:
+    """``"7100"`` -> (7100, None); ``"7100-7115"`` -> (7100, 7115)."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    return _parse_int(value, key), None
 
 
 def _parse_int(value: str, key: str) -> int:

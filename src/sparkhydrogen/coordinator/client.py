@@ -1,5 +1,9 @@
 """Blocking client a task uses to talk to the coordinator: one connection, one request at a time.
 
+With ``tls_fingerprint`` the connection is TLS and the coordinator must present
+the certificate with that SHA-256 fingerprint (it reaches the task inside the task
+closure, like the gang's secret); the HMAC handshake then runs inside TLS.
+
 Example:
     >>> client = CoordinatorClient.connect(("127.0.0.1", port), gang_id, secret)  # doctest: +SKIP
     >>> client.register((0, 0, 0), rank=0)                                        # doctest: +SKIP
@@ -12,21 +16,25 @@ import hmac
 import os
 import secrets
 import socket
+import ssl
 import threading
-from typing import Optional
+from typing import Optional, Protocol, Union
 
 from ..errors import (
     AuthenticationError,
     CollectiveTimeoutError,
     CoordinatorConnectionError,
     ErrorInfo,
+    PayloadError,
     ProtocolError,
     from_info,
 )
 from .protocol import (
     NONCE_BYTES,
+    PREAUTH_LIMITS,
     PREFIX,
     Frame,
+    FrameDecoder,
     Kind,
     Limits,
     client_proof,
@@ -36,22 +44,67 @@ from .protocol import (
     server_proof,
 )
 
-__all__ = ["CoordinatorClient", "REPLY_GRACE"]
+from .tls import TlsChannel, check_pin, client_context
+
+__all__ = ["CoordinatorClient", "PayloadTooLargeError", "REPLY_GRACE"]
 
 #: Extra seconds a client waits beyond a call's own timeout for the coordinator's verdict.
 REPLY_GRACE = 5.0
 
-#: A client accepts large replies (an allGather returns every rank's payload).
+#: Once the coordinator has proved it knows the gang's secret, a client accepts large
+#: replies (an allGather returns every rank's payload). Before that, HELLO and WELCOME
+#: frames are held to the server's own pre-authentication limits.
 _CLIENT_LIMITS = Limits(max_header_bytes=1 << 20, max_payload_bytes=1 << 40)
+
+
+class PayloadTooLargeError(PayloadError, CoordinatorConnectionError):
+    """A payload larger than the coordinator accepts per call (``spark.hydrogen.coordinator.maxPayload``).
+
+    Raised before anything is sent, so the connection stays usable. It is a
+    :class:`PayloadError`; it is also a :class:`CoordinatorConnectionError` because the
+    coordinator, not the payload's content, sets the limit (and older versions cut the
+    connection instead).
+    """
+
+
+class _Channel(Protocol):
+    def sendall(self, data: Union[bytes, bytearray, memoryview]) -> None: ...
+    def recv_into(self, buffer: memoryview, nbytes: int) -> int: ...
+    def settimeout(self, timeout: Optional[float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class _PlainChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def sendall(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        self._sock.sendall(data)
+
+    def recv_into(self, buffer: memoryview, nbytes: int) -> int:
+        return self._sock.recv_into(buffer, nbytes)
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _where(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class CoordinatorClient:
     """A task's authenticated connection to its gang's coordinator (thread-safe)."""
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int], gang_id: str = "") -> None:
-        self._sock = sock
+    def __init__(self, sock: Union[socket.socket, _Channel], address: tuple[str, int], gang_id: str = "") -> None:
+        self._sock: _Channel = _PlainChannel(sock) if isinstance(sock, socket.socket) else sock
         self.address = address
         self.gang_id = gang_id
+        #: Largest payload the coordinator accepts per call (it says so in WELCOME); ``None``: unknown.
+        self.max_payload: Optional[int] = None
         self._lock = threading.Lock()  # one request/reply exchange at a time
         self._send_lock = threading.Lock()  # whole frames only, heartbeats included
         self._seq = 0
@@ -60,29 +113,57 @@ class CoordinatorClient:
         self._heartbeat: Optional[threading.Thread] = None
 
     @classmethod
-    def connect(cls, address: tuple[str, int], gang_id: str, secret: bytes, timeout: float = 30.0) -> "CoordinatorClient":
-        """Connect and run the mutual HMAC handshake; raises :class:`CoordinatorConnectionError`."""
+    def connect(cls, address: tuple[str, int], gang_id: str, secret: bytes, timeout: float = 30.0,
+                tls_fingerprint: Optional[str] = None) -> "CoordinatorClient":
+        """Connect (over TLS pinned to ``tls_fingerprint``, if given) and run the mutual HMAC handshake.
+
+        Raises :class:`CoordinatorConnectionError` (or its subclasses
+        :class:`AuthenticationError`, :class:`ProtocolError`).
+        """
         host, port = address
+        where = _where((host, port))
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise CoordinatorConnectionError(
-                f"cannot reach the spark-hydrogen coordinator at {host}:{port} within {timeout:g} s: {exc}. "
+                f"cannot reach the spark-hydrogen coordinator at {where} within {timeout:g} s: {exc}. "
                 "Executors must be able to connect to the driver; set spark.hydrogen.coordinator.host/port "
                 "to an address and port they can reach"
             ) from exc
-        client = cls(sock, (host, port), gang_id)
+        channel: _Channel = _PlainChannel(sock)
+        client = cls(channel, (host, port), gang_id)
         try:
             _tune(sock)
-            client._handshake(gang_id, secret)
-            sock.settimeout(None)
+            if tls_fingerprint is not None:
+                client._sock = channel = _start_tls(sock, where, tls_fingerprint)
+            client._handshake(gang_id, secret, tls=tls_fingerprint is not None)
+            channel.settimeout(None)
+        except socket.timeout as exc:
+            client.close()
+            hint = "" if tls_fingerprint else (
+                " (if the coordinator serves TLS, this task lacks its certificate fingerprint)")
+            raise CoordinatorConnectionError(
+                f"the peer at {where} accepted the connection but did not complete the spark-hydrogen handshake "
+                f"within {timeout:g} s{hint}"
+            ) from exc
         except BaseException:
             client.close()
             raise
         return client
 
-    def _handshake(self, gang_id: str, secret: bytes) -> None:
-        hello = self._read_frame()
+    def _handshake(self, gang_id: str, secret: bytes, tls: bool = False) -> None:
+        try:
+            hello = self._read_frame(PREAUTH_LIMITS)
+        except CoordinatorConnectionError as exc:
+            if isinstance(exc, ProtocolError):
+                raise
+            hint = "" if tls else (
+                " If the coordinator serves TLS (spark.hydrogen.coordinator.tls.*), this task was not given its "
+                "certificate fingerprint."
+            )
+            raise CoordinatorConnectionError(f"{exc} during the handshake.{hint}") from exc
+        if hello.kind is Kind.ERROR:  # refused before the handshake, e.g. at its connection limit
+            raise from_info(ErrorInfo.from_json(_mapping(hello.header.get("error"))))
         if hello.kind is not Kind.HELLO:
             raise ProtocolError(f"expected HELLO from the coordinator, got {hello.kind.name}")
         try:
@@ -95,10 +176,12 @@ class CoordinatorClient:
         proof = client_proof(secret, gang_id, server_nonce, nonce)
         self._send(encode_frame(Kind.AUTH, {"gang": gang_id, "nonce": nonce.hex(), "proof": proof}))
         try:
-            welcome = self._read_frame()
+            welcome = self._read_frame(PREAUTH_LIMITS)
+        except ProtocolError:
+            raise
         except CoordinatorConnectionError as exc:
             raise AuthenticationError(
-                f"the coordinator at {self.address[0]}:{self.address[1]} refused this task's credentials "
+                f"the coordinator at {_where(self.address)} refused this task's credentials "
                 f"for gang {gang_id[:8]} (the gang is unknown there or was removed): {exc}"
             ) from exc
         expected = server_proof(secret, gang_id, server_nonce, nonce)
@@ -106,9 +189,12 @@ class CoordinatorClient:
             str(welcome.header.get("proof", "")).encode(), expected.encode()
         ):
             raise AuthenticationError(
-                f"the peer at {self.address[0]}:{self.address[1]} could not prove it knows gang {gang_id[:8]}'s "
+                f"the peer at {_where(self.address)} could not prove it knows gang {gang_id[:8]}'s "
                 "secret: it is not this gang's coordinator"
             )
+        limit = welcome.header.get("max_payload")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            self.max_payload = limit
 
     # requests --------------------------------------------------------------
     def register(self, rank: int, *, gang_attempt: int = 0, stage_id: int = 0, host: str = "",
@@ -163,6 +249,12 @@ class CoordinatorClient:
         """Make the next collective call; returns the payloads of the reply, in rank order."""
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < 1e9):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        if self.max_payload is not None and len(payload) > self.max_payload:
+            raise PayloadTooLargeError(
+                f"{kind} payload of {len(payload)} bytes exceeds the limit of {self.max_payload} bytes per call "
+                "(spark.hydrogen.coordinator.maxPayload): send less per call (e.g. in several calls), keep large "
+                "data in shared storage and send its path, or raise the limit"
+            )
         with self._lock:
             seq = self._seq
             self._seq += 1
@@ -215,7 +307,7 @@ class CoordinatorClient:
             frame = self._read_frame()
         except socket.timeout as exc:
             raise CollectiveTimeoutError(
-                f"{kind} (collective call #{seq + 1}): the coordinator at {self.address[0]}:{self.address[1]} "
+                f"{kind} (collective call #{seq + 1}): the coordinator at {_where(self.address)} "
                 f"gave no verdict within {timeout:g} s (the call's timeout plus {REPLY_GRACE:g} s grace); "
                 "the driver may be overloaded or unreachable"
             ) from exc
@@ -236,12 +328,12 @@ class CoordinatorClient:
                 self._sock.sendall(data)
         except OSError as exc:
             raise CoordinatorConnectionError(
-                f"lost the connection to the coordinator at {self.address[0]}:{self.address[1]}: {exc}"
+                f"lost the connection to the coordinator at {_where(self.address)}: {exc}"
             ) from exc
 
-    def _read_frame(self) -> Frame:
+    def _read_frame(self, limits: Limits = _CLIENT_LIMITS) -> Frame:
         prefix = self._recv_exact(PREFIX.size)
-        kind, head_len, body_len = decode_prefix(prefix, _CLIENT_LIMITS)
+        kind, head_len, body_len = decode_prefix(prefix, limits)
         header = decode_header(self._recv_exact(head_len))
         payload = self._recv_exact(body_len) if body_len else b""
         return Frame(kind, header, payload)
@@ -257,15 +349,47 @@ class CoordinatorClient:
                 raise
             except OSError as exc:
                 raise CoordinatorConnectionError(
-                    f"lost the connection to the coordinator at {self.address[0]}:{self.address[1]}: {exc}"
+                    f"lost the connection to the coordinator at {_where(self.address)}: {exc}"
                 ) from exc
             if chunk == 0:
                 raise CoordinatorConnectionError(
-                    f"the coordinator at {self.address[0]}:{self.address[1]} closed the connection "
+                    f"the coordinator at {_where(self.address)} closed the connection "
                     "(the driver stopped, or refused this peer)"
                 )
             got += chunk
         return buf
+
+
+def _mapping(value: object) -> dict[str, object]:
+    return value if isinstance(value, dict) else {}
+
+
+def _start_tls(sock: socket.socket, where: str, fingerprint: str) -> TlsChannel:
+    """TLS handshake, then the pin: the coordinator must present exactly the expected certificate."""
+    channel = TlsChannel(sock, client_context())
+    try:
+        channel.handshake()
+    except socket.timeout:
+        raise
+    except (ssl.SSLError, OSError) as exc:
+        answer = _plaintext_answer(bytes(channel.handshake_bytes))
+        if answer is not None and answer.kind is Kind.ERROR:  # refused before TLS, e.g. at its connection limit
+            raise from_info(ErrorInfo.from_json(_mapping(answer.header.get("error")))) from exc
+        plain = " (it answered in plaintext: a coordinator without TLS?)" if answer is not None else ""
+        raise ProtocolError(
+            f"TLS handshake with the coordinator at {where} failed: {exc}. This task expects TLS "
+            f"(it was given the coordinator's certificate fingerprint); the peer does not speak it{plain}"
+        ) from exc
+    check_pin(channel.peer_certificate(), fingerprint, where)
+    return channel
+
+
+def _plaintext_answer(data: bytes) -> Optional[Frame]:
+    """The spark-hydrogen frame a peer sent instead of TLS, if it sent one."""
+    try:
+        return next(iter(FrameDecoder(PREAUTH_LIMITS).feed(data)), None)
+    except ProtocolError:
+        return None
 
 
 def _tune(sock: socket.socket) -> None:

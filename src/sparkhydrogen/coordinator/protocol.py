@@ -21,7 +21,7 @@ import hmac
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from ..errors import ProtocolError
 
@@ -37,6 +37,7 @@ __all__ = [
     "decode_prefix",
     "decode_header",
     "FrameDecoder",
+    "Admit",
     "client_proof",
     "server_proof",
     "NONCE_BYTES",
@@ -84,7 +85,7 @@ class Frame:
 
 def encode_frame(kind: Kind, header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b"") -> bytes:
     """Serialise one frame into a single bytes object (ready for ``sendall``/``write``)."""
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     return b"".join((PREFIX.pack(MAGIC, VERSION, int(kind), len(head), len(payload)), head, payload))
 
 
@@ -110,21 +111,43 @@ def decode_prefix(prefix: bytes | bytearray | memoryview, limits: Limits) -> tup
     return Kind(kind), head_len, body_len
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def decode_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Parse the JSON control header; it must be an object."""
+    """Parse the JSON control header; it must be an object.
+
+    Strict JSON only (no ``NaN``/``Infinity``); nesting deep enough to exhaust the
+    parser's recursion is refused like any other malformed header.
+    """
     try:
-        header = json.loads(bytes(raw).decode("utf-8"))
+        header = _JSON.decode(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"control header is not valid UTF-8 JSON: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError("control header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"control header must be a JSON object, got {type(header).__name__}")
     return header
+
+
+#: ``admit(kind, header, payload_length) -> bool``: called once a frame's header has been
+#: read, before any of its payload is; ``False`` drops the payload unread (see :class:`FrameDecoder`).
+Admit = Callable[[Kind, dict[str, Any], int], bool]
 
 
 class FrameDecoder:
     """Incremental decoder: feed bytes as they arrive, iterate complete frames.
 
     Limits can be changed between frames (the server widens them after authentication).
+    With ``admit`` set, every frame's header is shown to it before the payload is
+    buffered; a frame it refuses is consumed and dropped as its bytes arrive, so the
+    connection stays in step without holding the payload. The decoder never holds
+    more than one frame (within its limits) plus the chunk being fed.
 
     Example:
         >>> dec = FrameDecoder(Limits(1024, 1024))
@@ -132,11 +155,14 @@ class FrameDecoder:
         [{'op': 'barrier'}]
     """
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, admit: Optional[Admit] = None) -> None:
         self.limits = limits
+        self.admit = admit
         self._buf = bytearray()
         self._pos = 0
         self._pending: Optional[tuple[Kind, int, int]] = None
+        self._header: Optional[dict[str, Any]] = None
+        self._skip = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Frame]:
         self._buf += data
@@ -153,22 +179,40 @@ class FrameDecoder:
         return len(self._buf) - self._pos
 
     def _next(self) -> Optional[Frame]:
-        avail = len(self._buf) - self._pos
-        if self._pending is None:
-            if avail < PREFIX.size:
+        while True:
+            avail = len(self._buf) - self._pos
+            if self._skip:
+                dropped = min(self._skip, avail)
+                self._pos += dropped
+                self._skip -= dropped
+                if self._skip:
+                    return None
+                avail -= dropped
+            if self._pending is None:
+                if avail < PREFIX.size:
+                    return None
+                self._pending = decode_prefix(bytes(self._buf[self._pos : self._pos + PREFIX.size]), self.limits)
+                self._pos += PREFIX.size
+                avail -= PREFIX.size
+            kind, head_len, body_len = self._pending
+            if self._header is None:
+                if avail < head_len:
+                    return None
+                header = decode_header(self._buf[self._pos : self._pos + head_len])
+                self._pos += head_len
+                avail -= head_len
+                if self.admit is not None and not self.admit(kind, header, body_len):
+                    self._pending, self._skip = None, body_len
+                    continue
+                self._header = header
+            if avail < body_len:
                 return None
-            self._pending = decode_prefix(memoryview(self._buf)[self._pos : self._pos + PREFIX.size], self.limits)
-            self._pos += PREFIX.size
-            avail -= PREFIX.size
-        kind, head_len, body_len = self._pending
-        if avail < head_len + body_len:
-            return None
-        start = self._pos
-        header = decode_header(self._buf[start : start + head_len])
-        payload = bytes(self._buf[start + head_len : start + head_len + body_len])
-        self._pos = start + head_len + body_len
-        self._pending = None
-        return Frame(kind, header, payload)
+            start = self._pos
+            payload = bytes(memoryview(self._buf)[start : start + body_len]) if body_len else b""
+            self._pos = start + body_len
+            frame = Frame(kind, self._header, payload)
+            self._pending, self._header = None, None
+            return frame
 
 
 def _mac(secret: bytes, label: bytes, parts: Sequence[bytes]) -> str:

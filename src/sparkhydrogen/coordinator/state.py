@@ -152,6 +152,9 @@ class Attempt:
         self.state = AttemptState.RUNNING
         self.members: dict[int, _Member] = {}
         self.rounds: dict[int, _Round] = {}
+        #: Payload bytes held by rounds that have not completed yet (counted against the gang's buffer limit).
+        self.buffered_bytes = 0
+        self._finished: set[int] = set()
         self.abort_error: Optional[ErrorInfo] = None
         self.failure: Optional[ErrorInfo] = None
         self._last_registration_log = now
@@ -205,6 +208,7 @@ class Attempt:
         """``rank``'s task ended normally after ``next_seq`` collectives."""
         member = self._member(rank)
         member.finished = True
+        self._finished.add(rank)
         member.last_heard = now
         if self.state is not AttemptState.RUNNING:
             return []
@@ -222,7 +226,7 @@ class Attempt:
                 rank=rank,
             )
             return self._abort(error, failed_rank=None, root_cause=error)
-        if all(m.finished for m in self.members.values()) and len(self.members) == self.world_size:
+        if len(self._finished) == self.world_size:
             self.state = AttemptState.FINISHED
         return []
 
@@ -280,7 +284,7 @@ class Attempt:
         member.last_op = _call_name(call.op.value, call.seq)
         if self.state is not AttemptState.RUNNING:
             return [Reject((rank,), self._closed_error())]
-        finished = [r for r, m in self.members.items() if m.finished and m.next_seq <= call.seq]
+        finished = [r for r in self._finished if self.members[r].next_seq <= call.seq]  # O(finished), not O(world)
         if finished:
             error = ErrorInfo(
                 type="CollectiveMismatchError",
@@ -297,11 +301,13 @@ class Attempt:
         if rnd is None:
             rnd = self.rounds[call.seq] = _Round(call.seq, call.op, call.root, started=now, last_logged=now)
         rnd.arrivals[rank] = _Arrival(call, now)
+        self.buffered_bytes += len(call.payload)
         if rnd.op is not call.op or rnd.root != call.root:
             return self._mismatch(rnd)
         if len(rnd.arrivals) < self.world_size:
             return []
         del self.rounds[call.seq]
+        self.buffered_bytes -= sum(len(a.call.payload) for a in rnd.arrivals.values())
         ranks = tuple(range(self.world_size))
         if call.op is Op.BARRIER:
             payloads: tuple[bytes, ...] = ()
@@ -415,6 +421,7 @@ class Attempt:
         if failed_rank is not None:
             waiting.discard(failed_rank)
         self.rounds.clear()
+        self.buffered_bytes = 0
         actions: list[Action] = [Log("error", f"{self.label}: {root_cause.describe()}")]
         if waiting:
             actions.append(Reject(tuple(sorted(waiting)), error))

@@ -34,12 +34,12 @@ def _classic_rank(spec: TaskSpec, fn: Callable[[Iterable[Any]], Iterable[Any]], 
     yield from run_rank(spec, lambda _i, rows: fn(rows), index, batches)
 
 
-def _connect_rank(gang_id: str, secret: bytes, world_size: int, settle_timeout: float,
+def _connect_rank(gang_id: str, secret: bytes, world_size: int, settle_timeout: float, tls: bool,
                   fn: Callable[[Iterable[Any]], Iterable[Any]], batches: Iterable[Any]) -> Iterator[Any]:
     """Task body under Spark Connect: rank 0 hosts the coordinator for the life of the gang."""
     from pyspark import BarrierTaskContext as NativeBarrierTaskContext
 
-    from ..config import CoordinatorConfig
+    from ..config import CoordinatorConfig, TlsConfig
     from ..coordinator.server import CoordinatorServer
 
     native = NativeBarrierTaskContext.get()
@@ -48,34 +48,43 @@ def _connect_rank(gang_id: str, secret: bytes, world_size: int, settle_timeout: 
     offer = ""
     if rank == 0:
         host = native.getTaskInfos()[0].address.rsplit(":", 1)[0]
-        server = CoordinatorServer(CoordinatorConfig(host=host))
+        server = CoordinatorServer(CoordinatorConfig(host=host, tls=TlsConfig(enabled=tls)))
         _, port = server.start()
         server.add_gang(world_size, "connect", gang_id=gang_id, secret=secret)
-        offer = f"{host}:{port}"
+        offer = f"{host}:{port}#{server.tls_fingerprint or ''}"
     try:
-        address = native.allGather(offer)[0]  # once per gang: the native ~1 s round
+        # once per gang, through Spark's own (encrypted where Spark encrypts) channel: the ~1 s native round
+        address, _, pin = native.allGather(offer)[0].partition("#")
         host, port_text = address.rsplit(":", 1)
-        spec = TaskSpec(gang_id=gang_id, secret=secret, host=host, port=int(port_text), world_size=world_size)
+        spec = TaskSpec(gang_id=gang_id, secret=secret, host=host, port=int(port_text), world_size=world_size,
+                        tls_fingerprint=pin or None)
         yield from run_rank(spec, lambda _i, rows: fn(rows), rank, batches)
-        if server is not None:
-            _wait_settled(server, gang_id, settle_timeout)
     finally:
         if server is not None:
+            _linger(server, gang_id, settle_timeout)
             server.stop()
 
 
-def _wait_settled(server: Any, gang_id: str, timeout: float) -> None:
-    """Rank 0 keeps serving until every rank finished (or the gang aborted)."""
+def _linger(server: Any, gang_id: str, timeout: float) -> None:
+    """Rank 0 keeps serving until the other ranks are done: finished, or told of an abort and gone."""
     import threading
     import time
 
     deadline = time.monotonic() + timeout
     pause = threading.Event()
-    while not server.gang_settled(gang_id):
+    while not (server.gang_settled(gang_id) and server.stats()["connections"] == 0):
         if time.monotonic() > deadline:
-            log.warning("rank 0 stops the embedded coordinator after %.0f s with ranks still running", timeout)
+            log.warning("rank 0 stops the embedded coordinator after %.0f s with ranks still connected", timeout)
             return
         pause.wait(0.02)
+
+
+def _connect_needs_tls(df: Any) -> bool:
+    """TLS for rank 0's coordinator when the session's Spark conf requires encryption (never downgrade)."""
+    from .service import encryption_required_by
+
+    conf = df.sparkSession.conf
+    return encryption_required_by(lambda key: conf.get(key, None)) is not None
 
 
 class DataFrameBarrier:
@@ -119,7 +128,8 @@ class DataFrameBarrier:
                     "sparkhydrogen.barrier(df, num_tasks=N)"
                 )
             body: Callable[..., Any] = functools.partial(
-                _connect_rank, uuid.uuid4().hex, secrets.token_bytes(32), self._num_tasks, 600.0, fn)
+                _connect_rank, uuid.uuid4().hex, secrets.token_bytes(32), self._num_tasks, 600.0,
+                _connect_needs_tls(self._df), fn)
         else:
             world = self._world_size()
             gang, attempt = declare_gang(self._df.sparkSession.sparkContext, world,

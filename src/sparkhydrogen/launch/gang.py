@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..coordinator.server import GangHandle
+from ..coordinator.server import GangHandle, LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
 from .preflight import STARTUP_WAIT, ensure_slots
@@ -24,6 +24,7 @@ class DeclaredGang:
     service: DriverService
     handle: GangHandle
     name: str
+    stream_logs: bool = False
 
     def spec(self, gang_attempt: int = 0) -> TaskSpec:
         launch = self.service.config.launch
@@ -38,6 +39,8 @@ class DeclaredGang:
             collective_timeout=launch.collective_timeout,
             heartbeat_interval=launch.heartbeat_interval,
             checkpoint_dir=launch.checkpoint_dir,
+            stream_logs=self.stream_logs,
+            tls_fingerprint=self.handle.tls_fingerprint,
         )
 
     def last_failure(self, gang_attempt: Optional[int] = None) -> Optional[ErrorInfo]:
@@ -48,13 +51,15 @@ class DeclaredGang:
             self.service.server.remove_gang(self.handle.gang_id)
 
 
-def declare_gang(sc: Any, world_size: int, name: str) -> tuple[DeclaredGang, int]:
+def declare_gang(sc: Any, world_size: int, name: str,
+                 on_log: Optional[Callable[[LogRecord], None]] = None) -> tuple[DeclaredGang, int]:
     """Check slots, make sure the coordinator runs, and register a gang of ``world_size`` ranks.
 
     Inside :func:`~sparkhydrogen.retry`, the n-th gang an attempt declares is the
     n-th gang of the first attempt again (same id and checkpoints), so tasks learn
     which attempt they are in and stale tasks are refused. Returns the gang and
-    the attempt number its tasks must use.
+    the attempt number its tasks must use. With ``on_log``, the gang's tasks stream
+    their output to it (see :mod:`sparkhydrogen.logstream`).
     """
     scope = current_scope()
     service = service_for(sc)
@@ -69,10 +74,10 @@ def declare_gang(sc: Any, world_size: int, name: str) -> tuple[DeclaredGang, int
             return gang, scope.attempt
     report = ensure_slots(sc, world_size, wait)
     on_abort = _canceller(sc, scope) if scope is not None else None
-    handle = service.server.add_gang(world_size, name, on_abort=on_abort)
+    handle = service.server.add_gang(world_size, name, on_abort=on_abort, on_log=on_log)
     log.info("gang %s (%s): %d ranks, %d slots free, coordinator %s:%d",
              handle.gang_id[:8], name, world_size, report.slots, handle.host, handle.port)
-    gang = DeclaredGang(service, handle, name)
+    gang = DeclaredGang(service, handle, name, stream_logs=on_log is not None)
     if scope is not None:
         scope.gangs.append(gang)
         scope.next_index = len(scope.gangs)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from .. import serde
-from .gang import declare_gang, job_error
+from ..logstream import LogPrinter
+from .gang import DeclaredGang, declare_gang, job_error
 from .retry import retry
 from .task import run_rank
 
@@ -24,7 +27,7 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
 
 def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
         kwargs: Optional[Mapping[str, Any]] = None, max_retries: int = 0, retry_backoff: float = 0.5,
-        spark: Any = None) -> list[Any]:
+        spark: Any = None, stream_logs: bool = False) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled tasks; return the results by rank.
 
     Inside ``fn``, :meth:`BarrierTaskContext.get` gives the rank, world size and
@@ -34,6 +37,10 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
     seconds, doubling), up to that many times; ``ctx.restore()`` gives each rank
     its last checkpointed state. Finally this raises :class:`GangFailedError`
     naming each attempt's failing rank, its exception and traceback.
+
+    With ``stream_logs=True`` every rank's stdout and stderr (``print``, ``logging``,
+    output of C extensions and child processes) is printed on the driver as it is
+    written, each line prefixed ``[rank N]``.
 
     Example:
         >>> def hello():                                              # doctest: +SKIP
@@ -52,10 +59,30 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
         raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    if not isinstance(stream_logs, bool):
+        raise TypeError(f"stream_logs must be a bool, got {type(stream_logs).__name__}")
     sc = _spark_context(spark)
     frozen_args, frozen_kwargs = tuple(args), dict(kwargs or {})
-    return retry(lambda: _run_once(fn, num_tasks, args=frozen_args, kwargs=frozen_kwargs, sc=sc),
-                 max_retries=max_retries, retry_backoff=retry_backoff)
+    printer = LogPrinter() if stream_logs else None
+    try:
+        return retry(lambda: _run_once(fn, num_tasks, args=frozen_args, kwargs=frozen_kwargs, sc=sc, on_log=printer),
+                     max_retries=max_retries, retry_backoff=retry_backoff)
+    finally:
+        if printer is not None:
+            printer.close()
+
+
+def settle_logs(gang: DeclaredGang, timeout: float = 5.0) -> None:
+    """Return once every rank's 'finish' has reached the coordinator (bounded by ``timeout``).
+
+    A rank streams its output before it reports 'finish' on the same connection, so
+    by then the log hook has been handed every line: none is lost when the gang is released.
+    """
+    server = gang.service.server
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while server.running and not server.gang_settled(gang.handle.gang_id) and time.monotonic() < deadline:
+        pause.wait(0.005)
 
 
 def _spark_context(spark: Any) -> Any:
@@ -70,13 +97,15 @@ def _spark_context(spark: Any) -> Any:
 
 
 def _run_once(fn: Callable[..., Any], num_tasks: int, *, args: tuple[Any, ...], kwargs: dict[str, Any],
-              sc: Any) -> list[Any]:
+              sc: Any, on_log: Optional[LogPrinter] = None) -> list[Any]:
     name = getattr(fn, "__qualname__", type(fn).__name__)
-    gang, attempt = declare_gang(sc, num_tasks, name)
+    gang, attempt = declare_gang(sc, num_tasks, name, on_log=on_log)
     body = functools.partial(run_rank, gang.spec(attempt), functools.partial(_call, fn, args, kwargs))
     rdd = sc.parallelize(range(num_tasks), num_tasks).barrier().mapPartitionsWithIndex(body)
     try:
         pairs = rdd.collect()
     except Exception as exc:
         raise job_error(gang, exc, attempt) from exc
+    if on_log is not None:
+        settle_logs(gang)
     return [serde.loads(payload, "return value") for _, payload in sorted(pairs, key=lambda kv: kv[0])]

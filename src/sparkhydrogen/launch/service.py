@@ -7,12 +7,12 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 from ..config import HydrogenConfig
 from ..coordinator.server import CoordinatorServer
 
-__all__ = ["DriverService", "service_for", "stop_all"]
+__all__ = ["DriverService", "service_for", "stop_all", "read_config", "encryption_required_by", "ENCRYPTION_KEYS"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -29,11 +29,32 @@ class DriverService:
     server: CoordinatorServer
 
 
+#: Spark settings that say the application's network traffic must be encrypted. When one
+#: is true, the coordinator serves TLS too (and refuses to be told otherwise).
+ENCRYPTION_KEYS = (
+    "spark.network.crypto.enabled",  # AES-based RPC encryption
+    "spark.authenticate.enableSaslEncryption",  # SASL-encrypted RPC (legacy)
+    "spark.ssl.rpc.enabled",  # TLS for RPC (Spark 4)
+    "spark.ssl.enabled",  # TLS for every Spark protocol that supports it
+)
+
+
+def encryption_required_by(get: Callable[[str], Optional[str]]) -> Optional[str]:
+    """The first of :data:`ENCRYPTION_KEYS` set to true, as ``"key=true"``; ``None`` if none is."""
+    for key in ENCRYPTION_KEYS:
+        value = get(key)
+        if value is not None and str(value).strip().lower() == "true":
+            return f"{key}=true"
+    return None
+
+
 def read_config(sc: Any) -> HydrogenConfig:
-    """All ``spark.hydrogen.*`` settings of ``sc``'s conf (the one place Spark conf is read)."""
+    """All ``spark.hydrogen.*`` settings of ``sc``'s conf, and whether Spark requires encryption
+    (the one place Spark conf is read)."""
     conf = sc.getConf()
     driver_host = conf.get("spark.driver.host") or "127.0.0.1"
-    return HydrogenConfig.from_conf(conf.get, driver_host=driver_host)
+    return HydrogenConfig.from_conf(conf.get, driver_host=driver_host,
+                                    encryption_required_by=encryption_required_by(conf.get))
 
 
 def service_for(sc: Any) -> DriverService:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 from ..context import BarrierTaskContext
 from ..coordinator.client import CoordinatorClient
@@ -35,6 +36,8 @@ class TaskSpec:
     collective_timeout: Optional[float] = None
     heartbeat_interval: Optional[float] = 1.0
     checkpoint_dir: Optional[str] = None
+    stream_logs: bool = False
+    tls_fingerprint: Optional[str] = None  # SHA-256 of the coordinator's TLS certificate; None: plaintext
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
@@ -54,6 +57,15 @@ def _native_context() -> Any:
     return native
 
 
+def _streaming(client: CoordinatorClient, enabled: bool) -> ContextManager[Any]:
+    """Capture this rank's stdout/stderr and stream it to the driver's log hook, if asked to."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from ..logstream import OutputCapture
+
+    return OutputCapture(client.log)
+
+
 def run_rank(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], index: int,
              rows: Iterable[Any]) -> Iterator[Any]:
     """Generator run as the body of one barrier task (``mapPartitionsWithIndex`` signature).
@@ -61,7 +73,8 @@ def run_rank(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], 
     Connects to the coordinator, installs the :class:`BarrierTaskContext` for the
     life of the partition (so narrow transformations chained after the barrier
     see it too), reports a raised exception as this rank's failure, and reports
-    normal completion.
+    normal completion. With ``spec.stream_logs`` the rank's output is streamed to
+    the driver while ``fn`` runs (and flushed before the outcome is reported).
     """
     native = _native_context()
     if native.partitionId() != index:
@@ -72,7 +85,8 @@ def run_rank(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], 
             f"this barrier stage has {stage_tasks} tasks but the gang was declared with {spec.world_size} ranks "
             "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
         )
-    client = CoordinatorClient.connect((spec.host, spec.port), spec.gang_id, spec.secret, spec.connect_timeout)
+    client = CoordinatorClient.connect((spec.host, spec.port), spec.gang_id, spec.secret, spec.connect_timeout,
+                                       tls_fingerprint=spec.tls_fingerprint)
     ctx: Optional[BarrierTaskContext] = None
     try:
         world = client.register(index, gang_attempt=spec.gang_attempt, stage_id=native.stageId(),
@@ -83,7 +97,8 @@ def run_rank(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], 
                                  spec.checkpoint_dir)
         BarrierTaskContext._set(ctx)
         try:
-            yield from fn(index, rows)
+            with _streaming(client, spec.stream_logs):
+                yield from fn(index, rows)
         except GeneratorExit:
             client.finish()  # the consumer stopped early: this rank is done, not failed
             raise

@@ -1,0 +1,48 @@
+"""PyTorch on Spark: ``sparkhydrogen.torch.run(train, *args, num_processes=N)``.
+
+A faster, clearer replacement for ``pyspark.ml.torch.distributor.TorchDistributor``::
+
+    import sparkhydrogen.torch as h2torch
+
+    def train(lr):
+        import torch.distributed as dist          # already initialised here
+        ...
+        return model.state_dict()
+
+    state = h2torch.run(train, 1e-3, num_processes=4)              # rank 0's return value
+    h2torch.run("train.py", "--lr", "1e-3", num_processes=4)       # a torchrun-style script
+
+Importing this package does not import torch (the driver may not have it); the
+ranks need ``torch`` installed (``pip install 'spark-hydrogen[torch]'``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ._launch import run
+from ._layout import DEVICE_ENV, GpuAssignmentError, TorchLaunchError
+
+__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "run"]
+
+
+def device() -> Any:
+    """The ``torch.device`` this rank trains on: its GPU with ``use_gpu=True``, else the CPU.
+
+    Use it instead of ``cuda:LOCAL_RANK``: it is right whether the rank runs in
+    the task's Python worker or in a child process, and however Spark numbered the GPUs.
+
+    Example:
+        >>> def train():                                            # doctest: +SKIP
+        ...     model = Net().to(sparkhydrogen.torch.device())
+    """
+    import torch
+
+    name = os.environ.get(DEVICE_ENV)
+    if name is None:
+        raise RuntimeError(
+            "sparkhydrogen.torch.device() was called outside a rank: call it inside a function or script "
+            "launched by sparkhydrogen.torch.run(...)"
+        )
+    return torch.device(name)

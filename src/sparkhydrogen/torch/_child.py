@@ -1,0 +1,135 @@
+"""A rank's child process: ``python -m sparkhydrogen.torch._proc (script PATH ARGS... | function DIR)``.
+
+Started by a rank (:mod:`._rank`) with the torchrun-style environment already set.
+A script runs as ``__main__`` with ``sys.argv = [PATH, *ARGS]``, exactly as
+``python PATH ARGS...`` would run it; a function (pickled into ``DIR`` by the
+rank) runs with ``torch.distributed`` initialised through ``env://`` and its
+result or exception is written back to ``DIR``. Either way the child dies with the
+rank that started it (Linux ``PR_SET_PDEATHSIG``), so a killed Spark task leaves
+no orphan training process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import runpy
+import signal
+import sys
+import traceback
+from typing import Any, Callable, Optional
+
+import cloudpickle
+
+__all__ = ["die_with_parent", "main", "read_error", "read_result", "write_job"]
+
+_JOB, _RESULT, _ERROR = "job.pkl", "result.pkl", "error.pkl"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_env: str = "SPARKHYDROGEN_PARENT_PID") -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; exit now if it already has."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the rank kills its child on the way out instead
+        return
+    expected = os.environ.get(parent_env)
+    if expected and expected.isdigit() and os.getppid() != int(expected):
+        os._exit(1)  # the parent died before the death signal was armed
+
+
+# files shared with the rank ------------------------------------------------------
+
+
+def write_job(folder: str, train: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+              backend: str) -> None:
+    with open(os.path.join(folder, _JOB), "wb") as fh:
+        cloudpickle.dump((train, args, kwargs, backend), fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def read_result(folder: str) -> Any:
+    with open(os.path.join(folder, _RESULT), "rb") as fh:
+        return pickle.load(fh)
+
+
+def read_error(folder: str) -> Optional[tuple[BaseException, str]]:
+    """The exception (and formatted traceback) the child's function raised, if it wrote one."""
+    path = os.path.join(folder, _ERROR)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        exc, text = pickle.loads(data)
+    except Exception as load_error:  # e.g. an exception class only the child could import
+        return RuntimeError(f"the training process raised an exception that cannot be unpickled here "
+                            f"({load_error})"), ""
+    return exc, text
+
+
+def _write(folder: str, name: str, obj: Any) -> None:
+    tmp = os.path.join(folder, name + ".tmp")
+    with open(tmp, "wb") as fh:
+        cloudpickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, os.path.join(folder, name))
+
+
+def _write_error(folder: str, exc: BaseException) -> None:
+    text = traceback.format_exc()
+    try:
+        _write(folder, _ERROR, (exc, text))
+    except Exception:  # the exception itself does not pickle: keep its type, message and traceback
+        _write(folder, _ERROR, (RuntimeError(f"{type(exc).__qualname__}: {exc}"), text))
+
+
+# entry points ----------------------------------------------------------------------
+
+
+def _run_script(path: str, args: list[str]) -> int:
+    sys.argv = [path, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(path))
+    runpy.run_path(path, run_name="__main__")
+    return 0
+
+
+def _run_function(folder: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from ._layout import DEVICE_ENV
+
+    with open(os.path.join(folder, _JOB), "rb") as fh:
+        train, args, kwargs, backend = pickle.load(fh)
+    try:
+        device = os.environ.get(DEVICE_ENV, "cpu")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"use_gpu=True and this rank was assigned {device} (CUDA_VISIBLE_DEVICES="
+                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but torch.cuda.is_available() "
+                                   "is False in its training process")
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend, init_method="env://")
+        try:
+            result = train(*args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:
+        _write_error(folder, exc)
+        traceback.print_exc()
+        return 1
+    _write(folder, _RESULT, result)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    die_with_parent()
+    if len(argv) >= 2 and argv[0] == "script":
+        return _run_script(argv[1], argv[2:])
+    if len(argv) == 2 and argv[0] == "function":
+        return _run_function(argv[1])
+    print(f"usage: python -m sparkhydrogen.torch._proc (script PATH ARGS... | function DIR); got {argv}",
+          file=sys.stderr)
+    return 2

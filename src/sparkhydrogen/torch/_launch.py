@@ -1,0 +1,327 @@
+"""Driver side of ``sparkhydrogen.torch.run``: check the arguments, then launch the ranks.
+
+Distributed mode hands one rank per barrier task to :func:`sparkhydrogen.run`
+(gang scheduling, slot preflight, retries, log streaming come from there). Local
+mode starts the ranks as processes on the driver that join the same coordinator.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any, Callable, Optional, Union
+
+import cloudpickle
+
+from ..coordinator.state import AttemptKey
+from ..errors import ErrorInfo, GangFailedError, LaunchError
+from ..launch.gang import DeclaredGang
+from ..launch.retry import current_scope, retry
+from ..launch.run import run as run_gang
+from ..launch.run import settle_logs
+from ..launch.service import DriverService, service_for
+from ..logstream import LogPrinter
+from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
+from ._local import LocalRank, error_path, result_path
+from ._rank import ENTRY_MODULE, PARENT_PID_ENV, RankJob, describe_exit, run_job
+
+__all__ = ["run"]
+
+log = logging.getLogger("sparkhydrogen.torch")
+
+Train = Union[Callable[..., Any], str, "os.PathLike[str]"]
+
+
+def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, local_mode: bool = False,
+        backend: Optional[str] = None, return_all: bool = False, use_subprocess: bool = False,
+        max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
+        **kwargs: Any) -> Any:
+    """Run ``train`` on ``num_processes`` ranks with ``torch.distributed`` set up; return rank 0's result.
+
+    ``train`` is a function, called as ``train(*args, **kwargs)`` on every rank, or
+    the path of a Python script, run as ``python train *args`` (args become strings)
+    like ``TorchDistributor.run``.
+
+    * Functions run inside each barrier task's Python worker, with the default
+      process group initialised before ``train`` is called and destroyed after;
+      ``use_subprocess=True`` runs them in a child process instead. Scripts always
+      run in a child process and call ``init_process_group(backend)`` themselves
+      (``env://`` finds rank 0's store, as under torchrun).
+    * Every rank gets ``MASTER_ADDR``/``MASTER_PORT`` (rank 0's host and a port rank 0
+      holds), ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+      ``GROUP_RANK``/``NODE_RANK`` (counted per host), and
+      ``sparkhydrogen.torch.device()`` names its device.
+    * ``use_gpu=True`` trains on the GPU Spark assigned to the rank's task
+      (``spark.task.resource.gpu.amount``), honouring ``CUDA_VISIBLE_DEVICES``;
+      ``backend`` defaults to ``"nccl"`` then, ``"gloo"`` on CPU.
+    * ``local_mode=True`` starts the ranks as processes on the driver (GPUs from
+      ``spark.driver.resource.gpu.*``), still coordinated through spark-hydrogen.
+    * Returns rank 0's return value (``None`` for a script), or every rank's in
+      rank order with ``return_all=True``.
+    * With ``stream_logs`` (the default) every rank's stdout, stderr and logging
+      output is printed on the driver as it is written, prefixed ``[rank N]``.
+    * A rank that raises aborts all of them at once; ``max_retries`` relaunches
+      the whole gang; in the end :class:`~sparkhydrogen.GangFailedError` names the
+      rank, its exception and traceback.
+
+    The keyword names above are the launcher's; every other keyword goes to ``train``.
+
+    Example:
+        >>> import sparkhydrogen.torch as h2torch                       # doctest: +SKIP
+        >>> def train(lr):
+        ...     import torch, torch.distributed as dist
+        ...     t = torch.ones(1) * dist.get_rank()
+        ...     dist.all_reduce(t)
+        ...     return t.item()
+        >>> h2torch.run(train, 0.1, num_processes=2)
+        1.0
+        >>> h2torch.run("train.py", "--epochs", "3", num_processes=4)   # a script, like TorchDistributor
+    """
+    job_train = _check_train(train, kwargs)
+    _check_count(num_processes)
+    for name, value in (("use_gpu", use_gpu), ("local_mode", local_mode), ("return_all", return_all),
+                        ("use_subprocess", use_subprocess), ("stream_logs", stream_logs)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if backend is not None and (not isinstance(backend, str) or not backend.strip()):
+        raise ValueError(f"backend must be a torch.distributed backend name such as 'gloo' or 'nccl', got {backend!r}")
+    sc = _spark_context(spark)
+    if isinstance(job_train, str) and not os.path.isfile(job_train) and local_mode:
+        raise ValueError(f"training script {train} does not exist")
+    driver_gpus: tuple[str, ...] = ()
+    if use_gpu:
+        driver_gpus = _gpu_preflight(sc, num_processes, local_mode)
+    job = RankJob(train=job_train, args=tuple(args), kwargs=dict(kwargs), backend=backend or default_backend(use_gpu),
+                  use_gpu=use_gpu, use_subprocess=use_subprocess, return_all=return_all, driver_gpus=driver_gpus)
+    name = f"torch.run({_train_name(job_train)})"
+    if local_mode:
+        results = _run_local(job, num_processes, sc, name=name, max_retries=max_retries,
+                             retry_backoff=retry_backoff, stream_logs=stream_logs)
+    else:
+        body = functools.partial(run_job, job)
+        body.__qualname__ = name  # type: ignore[attr-defined]  # names the gang in errors and logs
+        results = run_gang(body, num_processes, max_retries=max_retries, retry_backoff=retry_backoff, spark=sc,
+                           stream_logs=stream_logs)
+    return results if return_all else results[0]
+
+
+# validation ------------------------------------------------------------------------
+
+
+def _check_train(train: Any, kwargs: dict[str, Any]) -> Union[Callable[..., Any], str]:
+    if isinstance(train, (str, os.PathLike)):
+        path = os.fspath(train)
+        if not isinstance(path, str) or not path:
+            raise TypeError(f"train must be a function or the path of a Python script, got {train!r}")
+        if kwargs:
+            raise TypeError(
+                f"keyword arguments {sorted(kwargs)} cannot be passed to a script; pass its command-line "
+                "arguments as positional strings, e.g. run('train.py', '--lr', '0.1', num_processes=2)"
+            )
+        return os.path.abspath(path) if os.path.exists(path) else path
+    if callable(train):
+        return train  # type: ignore[no-any-return]
+    raise TypeError(f"train must be a function or the path of a Python script, got {type(train).__name__}")
+
+
+def _check_count(num_processes: Any) -> None:
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int):
+        raise TypeError(f"num_processes must be an int, got {type(num_processes).__name__}")
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+
+
+def _train_name(train: Union[Callable[..., Any], str]) -> str:
+    if isinstance(train, str):
+        return os.path.basename(train)
+    return getattr(train, "__qualname__", None) or type(train).__name__
+
+
+def _spark_context(spark: Any) -> Any:
+    if spark is not None:
+        return getattr(spark, "sparkContext", spark)
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context
+    if sc is None:
+        raise ValueError("no active SparkContext: create a SparkSession first, or pass spark=")
+    return sc
+
+
+def _gpu_preflight(sc: Any, num_processes: int, local_mode: bool) -> tuple[str, ...]:
+    """Fail on the driver, before launching, when Spark will give the ranks no GPU."""
+    gpu = (sc.resources or {}).get("gpu")
+    driver_gpus = tuple(gpu.addresses) if gpu is not None else ()
+    if local_mode:
+        return tuple(local_mode_gpus(driver_gpus, num_processes))
+    conf = sc.getConf()
+    master = sc.master or ""
+    local_master = master.startswith("local") and not master.startswith("local-cluster")
+    if conf.get("spark.task.resource.gpu.amount"):
+        return driver_gpus if local_master else ()
+    if local_master and len(driver_gpus) >= num_processes:
+        return driver_gpus  # local[N]: tasks run in the driver's JVM; rank i takes the driver's i-th GPU
+    raise GpuAssignmentError(
+        f"use_gpu=True but Spark assigns no GPU to tasks (spark.task.resource.gpu.amount is not set, master "
+        f"{master}): set spark.task.resource.gpu.amount=1 and spark.executor.resource.gpu.amount with "
+        "spark.executor.resource.gpu.discoveryScript, or pass use_gpu=False"
+        + ("; on a local master, spark.driver.resource.gpu.amount with as many GPUs as num_processes also works"
+           if local_master else "")
+    )
+
+
+# local mode -----------------------------------------------------------------------
+
+
+def _run_local(job: RankJob, num_processes: int, sc: Any, *, name: str, max_retries: int, retry_backoff: float,
+               stream_logs: bool) -> list[Any]:
+    printer = LogPrinter() if stream_logs else None
+    launcher = _LocalLauncher(service_for(sc), job, num_processes, name, printer)
+    try:
+        return retry(launcher.attempt, max_retries=max_retries, retry_backoff=retry_backoff)
+    finally:
+        launcher.kill_all()
+        if printer is not None:
+            printer.close()
+
+
+class _LocalLauncher:
+    """Starts, supervises and stops the rank processes of one local-mode run (one attempt at a time)."""
+
+    def __init__(self, service: DriverService, job: RankJob, num_processes: int, name: str,
+                 printer: Optional[LogPrinter]) -> None:
+        self.service = service
+        self.job = job
+        self.num_processes = num_processes
+        self.name = name
+        self.printer = printer
+        self._lock = threading.Lock()
+        self._procs: dict[int, list["subprocess.Popen[bytes]"]] = {}
+
+    def _gang(self) -> tuple[DeclaredGang, int]:
+        """This attempt's gang: declared once, the same gang (new attempt number) on every retry."""
+        scope = current_scope()
+        if scope is None:
+            raise RuntimeError("local-mode attempts run inside sparkhydrogen.retry")
+        if scope.next_index < len(scope.gangs):
+            gang = scope.gangs[scope.next_index]
+        else:
+            handle = self.service.server.add_gang(self.num_processes, self.name, on_abort=self._on_abort,
+                                                  on_log=self.printer)
+            gang = DeclaredGang(self.service, handle, self.name, stream_logs=self.printer is not None)
+            scope.gangs.append(gang)
+        scope.next_index += 1
+        return gang, scope.attempt
+
+    def attempt(self) -> list[Any]:
+        gang, attempt = self._gang()
+        spec = gang.spec(attempt)
+        with tempfile.TemporaryDirectory(prefix="sparkhydrogen-local-") as out:
+            procs = []
+            try:
+                for rank in range(self.num_processes):
+                    procs.append(self._start(LocalRank(spec, self.job, rank, out)))
+            finally:
+                with self._lock:
+                    self._procs[attempt] = procs
+            exits = self._wait(procs)
+            if all(code == 0 for code in exits.values()):
+                if self.printer is not None:
+                    settle_logs(gang)
+                return [self._load(result_path(out, rank)) for rank in range(self.num_processes)]
+            raise self._failure(gang, attempt, exits, out)
+
+    def _start(self, task: LocalRank) -> "subprocess.Popen[bytes]":
+        env = dict(os.environ)
+        env[PARENT_PID_ENV] = str(os.getpid())
+        # the ranks unpickle what the driver could import: give them the driver's import path
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        proc = subprocess.Popen([sys.executable, "-m", ENTRY_MODULE, "local"], stdin=subprocess.PIPE,
+                                env=env, start_new_session=True)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(cloudpickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the process died at once; its exit code tells
+        return proc
+
+    @staticmethod
+    def _load(path: str) -> Any:
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+
+    def _wait(self, procs: list["subprocess.Popen[bytes]"]) -> dict[int, int]:
+        """Wait for every rank process; when one fails, stop the others (they would wait for it forever)."""
+        done: "queue.SimpleQueue[tuple[int, int]]" = queue.SimpleQueue()
+        for rank, proc in enumerate(procs):
+            threading.Thread(target=lambda r=rank, p=proc: done.put((r, p.wait())), daemon=True,
+                             name=f"sparkhydrogen-local-rank-{rank}").start()
+        exits: dict[int, int] = {}
+        try:
+            while len(exits) < len(procs):
+                rank, code = done.get()
+                exits[rank] = code
+                if code != 0:
+                    for proc in procs:
+                        _kill(proc)
+        finally:
+            for proc in procs:
+                _kill(proc)
+        return exits
+
+    def _failure(self, gang: DeclaredGang, attempt: int, exits: dict[int, int], out: str) -> LaunchError:
+        failure = gang.last_failure(attempt)
+        if failure is None:
+            for rank, code in exits.items():  # in the order they ended
+                if code != 0 and os.path.exists(error_path(out, rank)):
+                    with open(error_path(out, rank), encoding="utf-8") as fh:
+                        failure = ErrorInfo.from_json(json.load(fh))
+                    break
+        if failure is not None:
+            text = f"gang {self.name!r} failed: {failure.describe()}"
+            if failure.traceback:
+                text += f"\n--- traceback of rank {failure.rank} ---\n{failure.traceback.rstrip()}"
+            return GangFailedError(text, failure.rank, failure)
+        rank, code = next((r, c) for r, c in exits.items() if c != 0)
+        return GangFailedError(f"gang {self.name!r} failed: local rank {rank}'s process ended with "
+                               f"{describe_exit(code)} before it reported an error", rank)
+
+    def _on_abort(self, key: AttemptKey, cause: ErrorInfo) -> None:
+        """The coordinator aborted an attempt: its processes will never finish, stop them."""
+        with self._lock:
+            procs = list(self._procs.get(key[0], []))
+        if procs:
+            log.info("stopping %d local rank process(es) of attempt %d after: %s", len(procs), key[0],
+                     cause.describe())
+        for proc in procs:
+            _kill(proc)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            procs = [p for ps in self._procs.values() for p in ps]
+        for proc in procs:
+            _kill(proc)
+            proc.wait()
+
+
+def _kill(proc: "subprocess.Popen[bytes]") -> None:
+    """SIGKILL a rank process and its process group (children included), by pid."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,320 @@
+"""Task side of ``sparkhydrogen.torch.run``: rendezvous, environment, process group, the user's code.
+
+Runs inside every rank (a Spark barrier task's Python worker, or a local-mode
+process on the driver) with a :class:`~sparkhydrogen.BarrierTaskContext` installed:
+
+1. rank 0 binds a listening socket on its host; one ``allGather`` shares its port
+   and every rank's GPUs (so the port is one rank 0 really holds, not a guess);
+2. rank 0 serves torch's ``TCPStore`` on that very socket; the others connect to it;
+3. ``train`` runs in this process with ``torch.distributed`` initialised, or in a
+   child process (scripts, or ``use_subprocess=True``) that finds the store
+   through ``env://`` (``TORCHELASTIC_USE_AGENT_STORE``, as under torchrun);
+4. a final barrier: no rank closes the store while another may still use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+from ..context import BarrierTaskContext
+from ..errors import CollectiveError, ErrorInfo, NotInGangError
+from ._layout import (
+    DEVICE_ENV,
+    DevicePlan,
+    GpuAssignmentError,
+    TorchLaunchError,
+    assigned_gpus,
+    device_plan,
+    node_layout,
+    physical_gpus,
+    rank_environment,
+)
+
+__all__ = ["RankJob", "run_job", "describe_exit"]
+
+#: Environment variable with the pid a child process must die with (see ``_child.die_with_parent``).
+PARENT_PID_ENV = "SPARKHYDROGEN_PARENT_PID"
+#: The module the launcher's processes run (``python -m``).
+ENTRY_MODULE = _ENTRY = "sparkhydrogen.torch._proc"
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank runs; travels to the ranks inside the task closure."""
+
+    train: Union[Callable[..., Any], str]
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    backend: str = "gloo"
+    use_gpu: bool = False
+    use_subprocess: bool = False
+    return_all: bool = False
+    driver_gpus: tuple[str, ...] = ()
+    store_timeout: float = 300.0
+
+    @property
+    def is_script(self) -> bool:
+        return isinstance(self.train, str)
+
+
+class _ChildTraceback(Exception):
+    """The traceback of an exception raised in a rank's child process (shown as its cause)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n" + self.text.rstrip()
+
+
+def run_job(job: RankJob, local_host: Optional[str] = None) -> Any:
+    """Run one rank of ``job``; return its result (``None`` on ranks > 0 unless ``job.return_all``).
+
+    ``local_host`` is the host of every rank when they run outside Spark tasks (local mode).
+    """
+    ctx = BarrierTaskContext.get()
+    rank, world = ctx.rank(), ctx.worldSize()
+    hosts = [local_host] * world if local_host is not None else _task_hosts(ctx)
+    own = _own_gpus(ctx, job, rank, local_host is not None) if job.use_gpu else []
+    physical = physical_gpus(own, os.environ.get("CUDA_VISIBLE_DEVICES")) if own else []
+    listener = _listen(hosts[0]) if rank == 0 else None
+    store = None
+    try:
+        port = listener.getsockname()[1] if listener is not None else None
+        peers = ctx.allGather({"gpus": physical, "port": port})
+        port = int(peers[0]["port"])
+        layout = node_layout(hosts, rank)
+        in_process = not (job.is_script or job.use_subprocess)
+        plan = device_plan(use_gpu=job.use_gpu, in_process=in_process, own=own, own_physical=physical,
+                           host_peers=[peers[r]["gpus"] for r in range(world) if hosts[r] == hosts[rank]],
+                           local_rank=layout.local_rank)
+        env = rank_environment(rank=rank, world_size=world, layout=layout, master_addr=hosts[0], master_port=port,
+                               restart_count=ctx.gangAttempt(), run_id=ctx._client.gang_id[:16])
+        env[DEVICE_ENV] = plan.device
+        if listener is not None:
+            store = _store(hosts[0], port, job.store_timeout, listen_fd=listener.detach())
+            listener = None
+        if in_process:
+            result = _run_in_process(ctx, job, env, plan, store)
+        else:
+            result = _run_child(ctx, job, env, plan)
+        ctx.barrier()  # every rank is done with rank 0's store before it goes away
+    finally:
+        if listener is not None:
+            listener.close()
+        del store
+    return result if rank == 0 or job.return_all else None
+
+
+# rendezvous ----------------------------------------------------------------------
+
+
+def _task_hosts(ctx: BarrierTaskContext) -> list[str]:
+    """Host of every rank's executor, in rank order (the address other executors reach it at)."""
+    infos = ctx.getTaskInfos()
+    if len(infos) != ctx.worldSize():
+        raise TorchLaunchError(f"Spark listed {len(infos)} task addresses for a gang of {ctx.worldSize()} ranks")
+    return [_host_of(info.address) for info in infos]
+
+
+def _host_of(address: str) -> str:
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    return host.strip("[]")
+
+
+def _listen(host: str) -> socket.socket:
+    """A listening socket on ``host`` (rank 0's executor address), any free port."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+        family = infos[0][0]
+        return socket.create_server((host, 0), family=family, backlog=1024)
+    except OSError as exc:
+        try:
+            return socket.create_server(("", 0), backlog=1024)  # the address is not local here (NAT): any
+        except OSError:
+            raise TorchLaunchError(f"rank 0 could not listen on {host}: {exc}") from exc
+
+
+def _store(host: str, port: int, timeout: float, listen_fd: Optional[int] = None) -> Any:
+    """Torch's ``TCPStore``: the server on rank 0 (on the socket it already holds), a client elsewhere."""
+    from torch.distributed import TCPStore
+
+    delta = datetime.timedelta(seconds=timeout)
+    if listen_fd is not None:
+        return TCPStore(host, port, None, True, delta, wait_for_workers=False, master_listen_fd=listen_fd)
+    return TCPStore(host, port, None, False, delta)
+
+
+def _own_gpus(ctx: BarrierTaskContext, job: RankJob, rank: int, local: bool) -> list[str]:
+    task_gpus: Optional[list[str]] = None
+    if not local:
+        try:
+            info = ctx.resources().get("gpu")
+        except NotInGangError:
+            info = None
+        task_gpus = list(info.addresses) if info is not None else None
+    return assigned_gpus(task_gpus, job.driver_gpus, rank)
+
+
+# in process ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration (Python workers are reused: put them back after)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def _report_first(ctx: BarrierTaskContext, exc: BaseException) -> None:
+    """Tell the coordinator this rank failed *before* tearing down torch, so peers that then lose
+    their connections are not blamed for the failure."""
+    if isinstance(exc, CollectiveError):
+        return
+    ctx._client.fail(ErrorInfo.from_exception(exc, ctx.rank(), traceback.format_exc()))
+
+
+def _select_device(plan: DevicePlan) -> None:
+    if plan.ordinal is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GpuAssignmentError(
+            f"use_gpu=True and this rank was assigned {plan.device} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but torch.cuda.is_available() is False on "
+            f"{socket.gethostname()} (torch {torch.__version__}): install a CUDA build of torch on the executors, "
+            "or pass use_gpu=False"
+        )
+    torch.cuda.set_device(plan.ordinal)
+
+
+def _run_in_process(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan: DevicePlan,
+                    store: Any) -> Any:
+    import torch.distributed as dist
+
+    train = job.train
+    if not callable(train):
+        raise TypeError(f"a script ({train}) cannot run in process")
+    with _environ(env):
+        try:
+            _select_device(plan)
+            if store is None:
+                store = _store(env["MASTER_ADDR"], int(env["MASTER_PORT"]), job.store_timeout)
+            if dist.is_initialized():
+                raise TorchLaunchError(
+                    "torch.distributed is already initialised in this Python worker (a process group from "
+                    "earlier code was never destroyed); call torch.distributed.destroy_process_group() there"
+                )
+            dist.init_process_group(job.backend, store=store, rank=int(env["RANK"]),
+                                    world_size=int(env["WORLD_SIZE"]))
+        except BaseException as exc:
+            _report_first(ctx, exc)
+            raise
+        try:
+            return train(*job.args, **job.kwargs)
+        except BaseException as exc:
+            _report_first(ctx, exc)
+            raise
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# child process -------------------------------------------------------------------
+
+
+def describe_exit(code: int) -> str:
+    """``exit code 3`` or ``signal SIGKILL`` (a negative ``Popen.returncode``).
+
+    >>> describe_exit(3), describe_exit(-9)
+    ('exit code 3', 'signal SIGKILL')
+    """
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _child_env(env: Mapping[str, str], plan: DevicePlan) -> dict[str, str]:
+    child = dict(os.environ)
+    child.update(env)
+    child["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # rank 0's task serves the store, as torchrun's agent does
+    child[PARENT_PID_ENV] = str(os.getpid())
+    if plan.visible is not None:
+        child["CUDA_VISIBLE_DEVICES"] = plan.visible
+    child.setdefault("PYTHONUNBUFFERED", "1")  # output streams live, line by line
+    return child
+
+
+def _run_child(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan: DevicePlan) -> Any:
+    from . import _child
+
+    with tempfile.TemporaryDirectory(prefix="sparkhydrogen-torch-") as tmp:
+        if isinstance(job.train, str):
+            script = job.train
+            if not os.path.isfile(script):
+                raise FileNotFoundError(
+                    f"training script {script} does not exist on {socket.gethostname()}: the path must exist on "
+                    "every executor (use a shared file system, or ship it with SparkContext.addFile and pass "
+                    "SparkFiles.get(name))")
+            cmd = [sys.executable, "-m", _ENTRY, "script", script, *map(str, job.args)]
+        else:
+            _child.write_job(tmp, job.train, job.args, dict(job.kwargs), job.backend)
+            cmd = [sys.executable, "-m", _ENTRY, "function", tmp]
+        proc = subprocess.Popen(cmd, env=_child_env(env, plan), stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # we are being torn down: take the child (and its group) along
+                _kill_group(proc)
+        if code != 0:
+            exc = _child_failure(tmp, job, code, ctx.rank())
+            try:
+                raise exc
+            except BaseException as raised:
+                _report_first(ctx, raised)
+                raise
+        return None if job.is_script else _child.read_result(tmp)
+
+
+def _kill_group(proc: "subprocess.Popen[Any]") -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
+
+
+def _child_failure(tmp: str, job: RankJob, code: int, rank: int) -> BaseException:
+    from . import _child
+
+    raised = _child.read_error(tmp)
+    if raised is not None:
+        exc, text = raised
+        exc.__cause__ = _ChildTraceback(text)
+        return exc
+    what = f"training script {job.train}" if job.is_script else "training process"
+    return TorchLaunchError(f"rank {rank}'s {what} ended with {describe_exit(code)} (its output is in the "
+                            "rank's stderr, streamed to the driver with stream_logs=True)")

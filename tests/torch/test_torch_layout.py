@@ -1,0 +1,205 @@
+"""The arithmetic of a torch launch (no Spark, no torch): layout, environment, GPU mapping, arguments."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+import sparkhydrogen
+import sparkhydrogen.torch as h2torch
+from sparkhydrogen.torch import _layout, _rank
+from sparkhydrogen.torch._layout import (
+    DevicePlan,
+    GpuAssignmentError,
+    NodeLayout,
+    assigned_gpus,
+    check_gpu_addresses,
+    default_backend,
+    device_plan,
+    local_mode_gpus,
+    node_layout,
+    physical_gpus,
+    rank_environment,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_public_names() -> None:
+    assert set(h2torch.__all__) == {"GpuAssignmentError", "TorchLaunchError", "device", "run"}
+    assert issubclass(h2torch.TorchLaunchError, sparkhydrogen.LaunchError)
+    assert issubclass(h2torch.GpuAssignmentError, ValueError)
+
+
+@pytest.mark.parametrize("module", [_layout, _rank])
+def test_doctests(module: object) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
+    assert result.attempted > 0 and result.failed == 0
+
+
+# node layout -------------------------------------------------------------------------
+
+
+def test_ranks_sharing_a_host_get_consecutive_local_ranks() -> None:
+    hosts = ["10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.2"]
+    layouts = [node_layout(hosts, r) for r in range(4)]
+    assert [(l.local_rank, l.local_world_size, l.group_rank) for l in layouts] == [
+        (0, 3, 0), (1, 3, 0), (0, 1, 1), (2, 3, 0)]
+    assert {l.group_world_size for l in layouts} == {2}
+
+
+def test_one_host_is_one_group() -> None:
+    assert node_layout(["h"] * 4, 3) == NodeLayout(local_rank=3, local_world_size=4, group_rank=0, group_world_size=1)
+
+
+def test_every_rank_on_its_own_host() -> None:
+    assert [node_layout(["a", "b", "c"], r).group_rank for r in range(3)] == [0, 1, 2]
+    assert {node_layout(["a", "b", "c"], r).local_rank for r in range(3)} == {0}
+
+
+def test_layout_rejects_a_rank_outside_the_world() -> None:
+    with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
+        node_layout(["a", "b"], 2)
+
+
+# environment -------------------------------------------------------------------------
+
+
+def test_rank_environment_is_what_torchrun_sets() -> None:
+    env = rank_environment(rank=2, world_size=4, layout=NodeLayout(0, 2, 1, 2), master_addr="10.0.0.1",
+                           master_port=41000, restart_count=1, run_id="abc")
+    assert env == {
+        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "41000", "RANK": "2", "WORLD_SIZE": "4",
+        "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "NODE_RANK": "1",
+        "ROLE_NAME": "default", "ROLE_RANK": "2", "ROLE_WORLD_SIZE": "4",
+        "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "abc",
+    }
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 4, "master_port": 1}, "rank 4 is outside 0..3"),
+    ({"rank": 0, "master_port": 0}, "master_port must be in 1..65535"),
+])
+def test_rank_environment_checks_its_input(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rank_environment(world_size=4, layout=NodeLayout(0, 1, 0, 1), master_addr="h", **kwargs)
+
+
+def test_default_backend() -> None:
+    assert default_backend(use_gpu=False) == "gloo"
+    assert default_backend(use_gpu=True) == "nccl"
+
+
+# GPUs ----------------------------------------------------------------------------------
+
+
+def test_gpu_addresses_must_be_plain_indices() -> None:
+    assert check_gpu_addresses(["0", "10", " 2 "]) == ["0", "10", "2"]
+    for bad in (["01"], ["-1"], ["GPU-5a1c"], ["1.0"]):
+        with pytest.raises(ValueError, match="must be a device index"):
+            check_gpu_addresses(bad)
+
+
+def test_addresses_are_device_ids_without_cuda_visible_devices() -> None:
+    assert physical_gpus(["3", "1"], None) == ["3", "1"]
+
+
+def test_addresses_index_an_existing_cuda_visible_devices() -> None:
+    assert physical_gpus(["0", "3"], "2,4,6,7") == ["2", "7"]
+    assert physical_gpus(["1"], " 5 , 3 ") == ["3"]
+
+
+def test_address_beyond_cuda_visible_devices_is_a_clear_error() -> None:
+    with pytest.raises(GpuAssignmentError, match=r"address 2, but CUDA_VISIBLE_DEVICES='4,5' lists only 2"):
+        physical_gpus(["2"], "4,5")
+
+
+def test_task_gpus_win_over_driver_gpus() -> None:
+    assert assigned_gpus(["1"], ["0", "1"], 0) == ["1"]
+    assert assigned_gpus([], ["4", "5"], 1) == ["5"]
+
+
+def test_no_gpu_for_a_rank_names_the_settings() -> None:
+    with pytest.raises(GpuAssignmentError, match=r"assigned no GPU to rank 2: set spark.task.resource.gpu.amount"):
+        assigned_gpus(None, ["0", "1"], 2)
+
+
+def test_local_mode_needs_one_driver_gpu_per_process() -> None:
+    assert local_mode_gpus(["0", "1", "2"], 3) == ["0", "1", "2"]
+    with pytest.raises(GpuAssignmentError, match=r"needs 4 GPU\(s\) on the driver.*gives the driver 2"):
+        local_mode_gpus(["0", "1"], 4)
+    with pytest.raises(GpuAssignmentError, match="gives the driver 0"):
+        local_mode_gpus(None, 1)
+
+
+def test_in_process_device_is_the_address_in_this_process() -> None:
+    # with CUDA_VISIBLE_DEVICES=4,5 in the executor, address 1 is physical 5 but cuda:1 here
+    assert device_plan(use_gpu=True, in_process=True, own=["1"], own_physical=["5"]) == DevicePlan(1, None)
+
+
+def test_children_see_their_hosts_gpus_in_local_rank_order() -> None:
+    peers = [["6"], ["2"], ["4"]]  # physical GPU of local ranks 0, 1, 2
+    plans = [device_plan(use_gpu=True, in_process=False, own=[p[0]], own_physical=p, host_peers=peers,
+                         local_rank=lr) for lr, p in enumerate(peers)]
+    assert [p.visible for p in plans] == ["6,2,4"] * 3
+    assert [p.device for p in plans] == ["cuda:0", "cuda:1", "cuda:2"]  # cuda:LOCAL_RANK is the rank's own GPU
+
+
+def test_children_see_only_their_own_gpus_when_ranks_hold_several() -> None:
+    plan = device_plan(use_gpu=True, in_process=False, own=["0", "1"], own_physical=["2", "3"],
+                       host_peers=[["2", "3"], ["4", "5"]], local_rank=0)
+    assert plan == DevicePlan(0, "2,3")
+
+
+def test_children_see_only_their_own_gpu_when_ranks_share_one() -> None:
+    plan = device_plan(use_gpu=True, in_process=False, own=["0"], own_physical=["3"],
+                       host_peers=[["3"], ["3"]], local_rank=1)
+    assert plan == DevicePlan(0, "3")
+
+
+def test_cpu_children_see_no_gpu() -> None:
+    assert device_plan(use_gpu=False, in_process=False) == DevicePlan(None, "")
+    assert device_plan(use_gpu=False, in_process=True) == DevicePlan(None, None)
+    assert DevicePlan(None, "").device == "cpu"
+
+
+def test_describe_exit() -> None:
+    assert _rank.describe_exit(0) == "exit code 0"
+    assert _rank.describe_exit(-15) == "signal SIGTERM"
+
+
+def test_task_host_of_an_executor_address() -> None:
+    assert _rank._host_of("10.1.2.3:4040") == "10.1.2.3"
+    assert _rank._host_of("[fe80::1]:4040") == "fe80::1"
+    assert _rank._host_of("worker-7") == "worker-7"
+
+
+# arguments (checked before any Spark is needed) ---------------------------------------
+
+
+def _train() -> None:
+    pass
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: h2torch.run(42, num_processes=2), TypeError, "train must be a function or the path"),
+    (lambda: h2torch.run(_train, num_processes="2"), TypeError, "num_processes must be an int"),
+    (lambda: h2torch.run(_train, num_processes=True), TypeError, "num_processes must be an int"),
+    (lambda: h2torch.run(_train, num_processes=0), ValueError, "num_processes must be >= 1, got 0"),
+    (lambda: h2torch.run(_train, num_processes=2, use_gpu="yes"), TypeError, "use_gpu must be True or False"),
+    (lambda: h2torch.run(_train, num_processes=2, local_mode=1), TypeError, "local_mode must be True or False"),
+    (lambda: h2torch.run(_train, num_processes=2, backend=""), ValueError, "backend must be a torch.distributed"),
+    (lambda: h2torch.run("train.py", num_processes=2, lr=0.1), TypeError,
+     r"keyword arguments \['lr'\] cannot be passed to a script"),
+])
+def test_bad_arguments_are_refused_clearly(call: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()  # type: ignore[operator]
+
+
+def test_device_outside_a_rank_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    monkeypatch.delenv(_layout.DEVICE_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"device\(\) was called outside a rank"):
+        h2torch.device()
