@@ -298,8 +298,10 @@ def test_local_mode_failure_stops_every_process_and_retries(sc: Any, tmp_path: P
         import torch.distributed as dist
 
         attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], dist.get_rank()
-        with open(os.path.join(folder, f"pid-{attempt}-{rank}"), "w") as fh:
+        final = os.path.join(folder, f"pid-{attempt}-{rank}")
+        with open(final + ".tmp", "w") as fh:  # atomic: a rank may be stopped at any moment
             fh.write(str(os.getpid()))
+        os.replace(final + ".tmp", final)
         if attempt == "0" and rank == 2:
             raise KeyError("missing shard")
         dist.all_reduce(torch.ones(1))
@@ -312,7 +314,7 @@ def test_local_mode_failure_stops_every_process_and_retries(sc: Any, tmp_path: P
     with pytest.raises(h2.GangFailedError, match=r"rank 2 raised KeyError: 'missing shard'") as info:
         h2torch.run(train, str(again), num_processes=3, local_mode=True)
     assert info.value.failed_rank == 2
-    for pid_file in tmp_path.rglob("pid-*"):
+    for pid_file in (p for p in tmp_path.rglob("pid-*") if not p.name.endswith(".tmp")):
         with pytest.raises(ProcessLookupError):  # every rank process is gone (stopped and reaped)
             os.kill(int(pid_file.read_text()), 0)
 
