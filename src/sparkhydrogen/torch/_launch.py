@@ -20,14 +20,17 @@ import tempfile
 import threading
 from typing import Any, Callable, Optional, Union
 
-import cloudpickle
+try:
+    import cloudpickle
+except ImportError:  # shipped with --py-files to a cluster that only has pyspark
+    from pyspark import cloudpickle  # type: ignore[no-redef]
 
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
 from ..launch.gang import DeclaredGang
 from ..launch.retry import current_scope, retry
 from ..launch.run import run as run_gang
-from ..launch.run import settle_logs
+from ..launch.run import _spark_context, settle_logs
 from ..launch.service import DriverService, service_for
 from ..logstream import LogPrinter
 from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
@@ -144,17 +147,6 @@ def _train_name(train: Union[Callable[..., Any], str]) -> str:
     if isinstance(train, str):
         return os.path.basename(train)
     return getattr(train, "__qualname__", None) or type(train).__name__
-
-
-def _spark_context(spark: Any) -> Any:
-    if spark is not None:
-        return getattr(spark, "sparkContext", spark)
-    from pyspark import SparkContext
-
-    sc = SparkContext._active_spark_context
-    if sc is None:
-        raise ValueError("no active SparkContext: create a SparkSession first, or pass spark=")
-    return sc
 
 
 def _gpu_preflight(sc: Any, num_processes: int, local_mode: bool) -> tuple[str, ...]:
