@@ -34,6 +34,7 @@ __all__ = [
     "Limits",
     "PREAUTH_LIMITS",
     "encode_frame",
+    "encode_frame_parts",
     "decode_prefix",
     "decode_header",
     "FrameDecoder",
@@ -85,8 +86,15 @@ class Frame:
 
 def encode_frame(kind: Kind, header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b"") -> bytes:
     """Serialise one frame into a single bytes object (ready for ``sendall``/``write``)."""
+    return encode_frame_parts(kind, header, (payload,))
+
+
+def encode_frame_parts(kind: Kind, header: Mapping[str, Any],
+                       parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
+    """Like :func:`encode_frame` with the payload given as parts (e.g. every rank's), copied once."""
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    return b"".join((PREFIX.pack(MAGIC, VERSION, int(kind), len(head), len(payload)), head, payload))
+    size = sum(len(p) for p in parts)
+    return b"".join((PREFIX.pack(MAGIC, VERSION, int(kind), len(head), size), head, *parts))
 
 
 def decode_prefix(prefix: bytes | bytearray | memoryview, limits: Limits) -> tuple[Kind, int, int]:

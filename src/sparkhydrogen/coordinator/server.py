@@ -46,6 +46,7 @@ from .protocol import (
     Limits,
     client_proof,
     encode_frame,
+    encode_frame_parts,
     server_proof,
 )
 from .state import (
@@ -828,8 +829,8 @@ class CoordinatorServer:
                 self._commit(attempt, action, members)
             elif isinstance(action, Complete):
                 sizes = [len(p) for p in action.payloads]
-                frame = encode_frame(Kind.REPLY, {"op": action.op.value, "seq": action.seq, "sizes": sizes},
-                                     b"".join(action.payloads))
+                frame = encode_frame_parts(Kind.REPLY, {"op": action.op.value, "seq": action.seq, "sizes": sizes},
+                                           action.payloads)  # one copy of every rank's payload
                 shared = _Outgoing(frame, self._budgets.get(attempt.gang_id))
                 for rank in action.ranks:
                     conn = members.get(rank)
