@@ -22,6 +22,7 @@ __all__ = [
     "GangAbortedError",
     "RegistrationError",
     "PayloadError",
+    "CheckpointError",
     "CoordinatorConnectionError",
     "AuthenticationError",
     "ProtocolError",
@@ -78,6 +79,10 @@ class RegistrationError(HydrogenError):
 
 class PayloadError(HydrogenError, TypeError):
     """A collective payload could not be serialised or exceeds the configured limit."""
+
+
+class CheckpointError(HydrogenError, OSError):
+    """Checkpoint state could not be written to, or read back from, ``spark.hydrogen.checkpoint.dir``."""
 
 
 class CoordinatorConnectionError(HydrogenError, ConnectionError):
@@ -181,6 +186,7 @@ _WIRE_TYPES: dict[str, type[HydrogenError]] = {
         CollectiveMismatchError,
         RegistrationError,
         PayloadError,
+        CheckpointError,
         CoordinatorConnectionError,
         AuthenticationError,
         ProtocolError,
