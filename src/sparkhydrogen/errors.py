@@ -29,6 +29,7 @@ __all__ = [
     "LaunchError",
     "InsufficientSlotsError",
     "GangFailedError",
+    "GangCancelledError",
     "ErrorInfo",
     "from_info",
 ]
@@ -125,6 +126,10 @@ class GangFailedError(LaunchError):
 
     def __reduce__(self) -> Any:
         return (type(self), (str(self), self.failed_rank, self.cause, self.attempts))
+
+
+class GangCancelledError(LaunchError):
+    """The gang's Spark job was cancelled from outside (its job group, a tag, ``cancelAllJobs``); never retried."""
 
 
 @dataclass(frozen=True)
