@@ -10,8 +10,9 @@ Validation of arguments raises the built-in ``TypeError``/``ValueError``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 __all__ = [
     "HydrogenError",
@@ -20,6 +21,8 @@ __all__ = [
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
     "GangAbortedError",
+    "RankLostError",
+    "PartitionClosedError",
     "RegistrationError",
     "PayloadError",
     "CheckpointError",
@@ -64,7 +67,7 @@ class GangAbortedError(CollectiveError):
     """
 
     def __init__(
-        self, message: str, failed_rank: Optional[int] = None, cause: Optional["ErrorInfo"] = None
+        self, message: str, failed_rank: int | None = None, cause: ErrorInfo | None = None
     ) -> None:
         super().__init__(message)
         self.failed_rank = failed_rank
@@ -72,6 +75,19 @@ class GangAbortedError(CollectiveError):
 
     def __reduce__(self) -> Any:
         return (type(self), (str(self), self.failed_rank, self.cause))
+
+
+class RankLostError(CollectiveError):
+    """A rank's process died or lost its connection to the coordinator without reporting an error.
+
+    The message names the rank, its host and pid, and when the coordinator last heard
+    from it; its peers see it as the cause of their :class:`GangAbortedError`.
+    """
+
+
+class PartitionClosedError(CollectiveError):
+    """A rank's partition was closed early by its consumer (e.g. a chained ``take()``) while
+    its peers wait in, or later make, a collective call it will never make."""
 
 
 class RegistrationError(HydrogenError):
@@ -116,7 +132,7 @@ class GangFailedError(LaunchError):
     """
 
     def __init__(
-        self, message: str, failed_rank: Optional[int] = None, cause: Optional["ErrorInfo"] = None,
+        self, message: str, failed_rank: int | None = None, cause: ErrorInfo | None = None,
         attempts: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
@@ -142,7 +158,7 @@ class ErrorInfo:
 
     type: str
     message: str
-    rank: Optional[int] = None
+    rank: int | None = None
     traceback: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -156,7 +172,7 @@ class ErrorInfo:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ErrorInfo":
+    def from_json(cls, data: Mapping[str, Any]) -> ErrorInfo:
         extra = data.get("extra") or {}
         cause = extra.get("cause")
         if isinstance(cause, Mapping):
@@ -170,16 +186,27 @@ class ErrorInfo:
         )
 
     @classmethod
-    def from_exception(cls, exc: BaseException, rank: Optional[int], traceback: str = "") -> "ErrorInfo":
+    def from_exception(cls, exc: BaseException, rank: int | None, traceback: str = "") -> ErrorInfo:
         kind = type(exc)
         name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         return cls(type=name, message=str(exc), rank=rank, traceback=traceback)
 
     def describe(self) -> str:
-        """One line: ``rank 3 raised ValueError: bad input`` (or ``Type: message`` for coordinator verdicts)."""
+        """One line: ``rank 3 raised ValueError: bad input`` (or ``Type: message`` for coordinator verdicts).
+
+        A rank that did not raise anything (its process died, its partition was closed
+        early) is described by the coordinator's own sentence, which names the rank:
+        ``rank 3's process died or lost its connection to the coordinator (...)``.
+        """
+        if self.type in _SELF_DESCRIBING:
+            return self.message
         if self.rank is None:
             return f"{self.type}: {self.message}"
         return f"rank {self.rank} raised {self.type}: {self.message}"
+
+
+#: Verdicts about a rank that raised nothing: their message is the whole description.
+_SELF_DESCRIBING = frozenset({"RankLostError", "PartitionClosedError"})
 
 
 _WIRE_TYPES: dict[str, type[HydrogenError]] = {
@@ -189,6 +216,8 @@ _WIRE_TYPES: dict[str, type[HydrogenError]] = {
         CollectiveError,
         CollectiveTimeoutError,
         CollectiveMismatchError,
+        RankLostError,
+        PartitionClosedError,
         RegistrationError,
         PayloadError,
         CheckpointError,

@@ -5,6 +5,7 @@ driver or, where executors cannot reach the driver, inside a task.
 """
 
 from .client import CoordinatorClient
-from .server import CoordinatorServer, GangHandle, LogRecord
+from .handles import GangHandle, LogRecord
+from .server import CoordinatorServer
 
 __all__ = ["CoordinatorClient", "CoordinatorServer", "GangHandle", "LogRecord"]

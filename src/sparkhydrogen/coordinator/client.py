@@ -18,7 +18,7 @@ import secrets
 import socket
 import ssl
 import threading
-from typing import Optional, Protocol, Union
+from typing import Protocol
 
 from ..errors import (
     AuthenticationError,
@@ -43,7 +43,6 @@ from .protocol import (
     encode_frame,
     server_proof,
 )
-
 from .tls import TlsChannel, check_pin, client_context
 
 __all__ = ["CoordinatorClient", "PayloadTooLargeError", "REPLY_GRACE"]
@@ -68,9 +67,9 @@ class PayloadTooLargeError(PayloadError, CoordinatorConnectionError):
 
 
 class _Channel(Protocol):
-    def sendall(self, data: Union[bytes, bytearray, memoryview]) -> None: ...
+    def sendall(self, data: bytes | bytearray | memoryview) -> None: ...
     def recv_into(self, buffer: memoryview, nbytes: int) -> int: ...
-    def settimeout(self, timeout: Optional[float]) -> None: ...
+    def settimeout(self, timeout: float | None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -78,13 +77,13 @@ class _PlainChannel:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
 
-    def sendall(self, data: Union[bytes, bytearray, memoryview]) -> None:
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self._sock.sendall(data)
 
     def recv_into(self, buffer: memoryview, nbytes: int) -> int:
         return self._sock.recv_into(buffer, nbytes)
 
-    def settimeout(self, timeout: Optional[float]) -> None:
+    def settimeout(self, timeout: float | None) -> None:
         self._sock.settimeout(timeout)
 
     def close(self) -> None:
@@ -99,22 +98,22 @@ def _where(address: tuple[str, int]) -> str:
 class CoordinatorClient:
     """A task's authenticated connection to its gang's coordinator (thread-safe)."""
 
-    def __init__(self, sock: Union[socket.socket, _Channel], address: tuple[str, int], gang_id: str = "") -> None:
+    def __init__(self, sock: socket.socket | _Channel, address: tuple[str, int], gang_id: str = "") -> None:
         self._sock: _Channel = _PlainChannel(sock) if isinstance(sock, socket.socket) else sock
         self.address = address
         self.gang_id = gang_id
         #: Largest payload the coordinator accepts per call (it says so in WELCOME); ``None``: unknown.
-        self.max_payload: Optional[int] = None
+        self.max_payload: int | None = None
         self._lock = threading.Lock()  # one request/reply exchange at a time
         self._send_lock = threading.Lock()  # whole frames only, heartbeats included
         self._seq = 0
         self._closed = False
         self._heartbeat_stop = threading.Event()
-        self._heartbeat: Optional[threading.Thread] = None
+        self._heartbeat: threading.Thread | None = None
 
     @classmethod
     def connect(cls, address: tuple[str, int], gang_id: str, secret: bytes, timeout: float = 30.0,
-                tls_fingerprint: Optional[str] = None) -> "CoordinatorClient":
+                tls_fingerprint: str | None = None) -> CoordinatorClient:
         """Connect (over TLS pinned to ``tls_fingerprint``, if given) and run the mutual HMAC handshake.
 
         Raises :class:`CoordinatorConnectionError` (or its subclasses
@@ -138,7 +137,7 @@ class CoordinatorClient:
                 client._sock = channel = _start_tls(sock, where, tls_fingerprint)
             client._handshake(gang_id, secret, tls=tls_fingerprint is not None)
             channel.settimeout(None)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             client.close()
             hint = "" if tls_fingerprint else (
                 " (if the coordinator serves TLS, this task lacks its certificate fingerprint)")
@@ -237,15 +236,15 @@ class CoordinatorClient:
         self._heartbeat = threading.Thread(target=beat, name="sparkhydrogen-heartbeat", daemon=True)
         self._heartbeat.start()
 
-    def restore(self) -> Optional[bytes]:
+    def restore(self) -> bytes | None:
         """This rank's state in the gang's last committed checkpoint, or ``None``."""
         with self._lock:
             self._send(encode_frame(Kind.REQUEST, {"op": "restore"}))
             reply = self._expect_reply(None)
         return bytes(reply.payload) if reply.header.get("found") else None
 
-    def collective(self, kind: str, payload: bytes = b"", root: Optional[int] = None,
-                   timeout: Optional[float] = None) -> list[memoryview]:
+    def collective(self, kind: str, payload: bytes = b"", root: int | None = None,
+                   timeout: float | None = None) -> list[memoryview]:
         """Make the next collective call; returns the payloads of the reply, in rank order."""
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < 1e9):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
@@ -277,19 +276,30 @@ class CoordinatorClient:
         self._send(frame)
 
     def fail(self, error: ErrorInfo) -> None:
-        """Report that this rank's user code raised; the coordinator aborts the attempt."""
+        """Report that this rank's user code raised; the coordinator aborts the attempt.
+
+        Never waits behind another thread's pending collective on this client: the
+        report goes out at once (a whole frame), and that thread's call fails too.
+        """
         self._notify({"op": "fail", "error": error.to_json()})
 
-    def finish(self) -> None:
-        """Report that this rank's task completed normally."""
-        self._notify({"op": "finish"})
+    def finish(self, closed_early: bool = False) -> None:
+        """Report that this rank's task ended.
+
+        ``closed_early=True``: the consumer stopped reading this rank's partition
+        (a chained ``take()``, ``islice``) before its generator ended, so the rank makes
+        no more collectives; peers that wait for one fail with
+        :class:`PartitionClosedError` instead of a collective mismatch.
+        """
+        self._notify({"op": "finish", "closed_early": True} if closed_early else {"op": "finish"})
 
     def _notify(self, header: dict[str, object]) -> None:
-        with self._lock:
-            try:
-                self._send(encode_frame(Kind.REQUEST, header))
-            except CoordinatorConnectionError:
-                pass  # the coordinator already knows: a lost connection counts as this rank failing
+        # No reply is expected, so only the send lock is needed (whole frames); taking the
+        # request lock would wait behind a collective another thread is blocked in.
+        try:
+            self._send(encode_frame(Kind.REQUEST, header))
+        except CoordinatorConnectionError:
+            pass  # the coordinator already knows: a lost connection counts as this rank failing
 
     def close(self) -> None:
         self._heartbeat_stop.set()
@@ -301,11 +311,11 @@ class CoordinatorClient:
                 pass
 
     # I/O -------------------------------------------------------------------
-    def _expect_reply(self, timeout: Optional[float], kind: str = "register", seq: int = -1) -> Frame:
+    def _expect_reply(self, timeout: float | None, kind: str = "register", seq: int = -1) -> Frame:
         self._sock.settimeout(timeout)
         try:
             frame = self._read_frame()
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise CollectiveTimeoutError(
                 f"{kind} (collective call #{seq + 1}): the coordinator at {_where(self.address)} "
                 f"gave no verdict within {timeout:g} s (the call's timeout plus {REPLY_GRACE:g} s grace); "
@@ -345,7 +355,7 @@ class CoordinatorClient:
         while got < n:
             try:
                 chunk = self._sock.recv_into(view[got:], min(n - got, 1 << 22))
-            except socket.timeout:
+            except TimeoutError:
                 raise
             except OSError as exc:
                 raise CoordinatorConnectionError(
@@ -369,7 +379,7 @@ def _start_tls(sock: socket.socket, where: str, fingerprint: str) -> TlsChannel:
     channel = TlsChannel(sock, client_context())
     try:
         channel.handshake()
-    except socket.timeout:
+    except TimeoutError:
         raise
     except (ssl.SSLError, OSError) as exc:
         answer = _plaintext_answer(bytes(channel.handshake_bytes))
@@ -384,7 +394,7 @@ def _start_tls(sock: socket.socket, where: str, fingerprint: str) -> TlsChannel:
     return channel
 
 
-def _plaintext_answer(data: bytes) -> Optional[Frame]:
+def _plaintext_answer(data: bytes) -> Frame | None:
     """The spark-hydrogen frame a peer sent instead of TLS, if it sent one."""
     try:
         return next(iter(FrameDecoder(PREAUTH_LIMITS).feed(data)), None)

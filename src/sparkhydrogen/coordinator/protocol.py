@@ -11,6 +11,10 @@ the payload is opaque (pickled by tasks, never unpickled by the coordinator).
 
 Authentication is a challenge/response on the gang's secret; the secret itself
 never crosses the wire (:func:`client_proof`, :func:`server_proof`).
+
+Requests are decoded into typed records (:func:`decode_request`) and the server's
+frames are built by the ``*_frame`` functions here, so the field names of the
+wire live in this one module.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import hashlib
 import hmac
 import json
 import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
-from ..errors import ProtocolError
+from ..errors import ErrorInfo, ProtocolError
+from .state import Call, MemberInfo, Op
 
 __all__ = [
     "MAGIC",
@@ -42,6 +48,22 @@ __all__ = [
     "client_proof",
     "server_proof",
     "NONCE_BYTES",
+    "RequestError",
+    "Register",
+    "CallRequest",
+    "Fail",
+    "Finish",
+    "LogLines",
+    "Ping",
+    "Restore",
+    "Request",
+    "decode_request",
+    "hello_frame",
+    "welcome_frame",
+    "error_frame",
+    "register_reply",
+    "restore_reply",
+    "collective_reply",
 ]
 
 MAGIC = b"H2"
@@ -163,13 +185,13 @@ class FrameDecoder:
         [{'op': 'barrier'}]
     """
 
-    def __init__(self, limits: Limits, admit: Optional[Admit] = None) -> None:
+    def __init__(self, limits: Limits, admit: Admit | None = None) -> None:
         self.limits = limits
         self.admit = admit
         self._buf = bytearray()
         self._pos = 0
-        self._pending: Optional[tuple[Kind, int, int]] = None
-        self._header: Optional[dict[str, Any]] = None
+        self._pending: tuple[Kind, int, int] | None = None
+        self._header: dict[str, Any] | None = None
         self._skip = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Frame]:
@@ -186,7 +208,7 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def _next(self) -> Optional[Frame]:
+    def _next(self) -> Frame | None:
         while True:
             avail = len(self._buf) - self._pos
             if self._skip:
@@ -239,3 +261,185 @@ def client_proof(secret: bytes, gang_id: str, server_nonce: bytes, client_nonce:
 def server_proof(secret: bytes, gang_id: str, server_nonce: bytes, client_nonce: bytes) -> str:
     """HMAC-SHA256 the server sends back so the client knows it reached the real coordinator."""
     return _mac(secret, b"sparkhydrogen-server-v1", (gang_id.encode(), server_nonce, client_nonce))
+
+
+# -- requests (client -> server) ------------------------------------------------
+
+
+class RequestError(ValueError):
+    """A request of a known ``op`` whose arguments are malformed: refused with an ERROR, the connection stays."""
+
+
+@dataclass(frozen=True)
+class Register:
+    """``register``: join the gang as ``rank`` of gang attempt ``gang_attempt``, Spark stage ``stage_id``."""
+
+    gang_attempt: int
+    stage_id: int
+    rank: int
+    member: MemberInfo
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """``call``: the rank's next collective call."""
+
+    call: Call
+
+
+@dataclass(frozen=True)
+class Fail:
+    """``fail``: the rank's user code raised ``error`` (its ``rank`` is set by the server, never trusted)."""
+
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class Finish:
+    """``finish``: the rank's task ended; ``closed_early`` if its consumer stopped reading the partition."""
+
+    closed_early: bool = False
+
+
+@dataclass(frozen=True)
+class LogLines:
+    """``log``: whole lines of output for the driver's log hook (no reply)."""
+
+    stream: str
+    text: str
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class Ping:
+    """``ping``: a heartbeat (no reply)."""
+
+
+@dataclass(frozen=True)
+class Restore:
+    """``restore``: the rank's state in the gang's last committed checkpoint."""
+
+
+Request = Register | CallRequest | Fail | Finish | LogLines | Ping | Restore
+
+
+def _int(header: Mapping[str, Any], name: str, default: int | None = None) -> int:
+    if name not in header and default is None:
+        raise RequestError(f"missing field {name!r}")
+    value = header.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _decode_register(header: Mapping[str, Any]) -> Register:
+    return Register(
+        gang_attempt=_int(header, "gang_attempt"),
+        stage_id=_int(header, "stage_id"),
+        rank=_int(header, "rank"),
+        member=MemberInfo(host=str(header.get("host", "?"))[:256], pid=_int(header, "pid", 0),
+                          task_attempt_id=_int(header, "task_attempt_id", -1)),
+    )
+
+
+def _decode_call(header: Mapping[str, Any], payload: bytes | bytearray) -> CallRequest:
+    seq, root, timeout = header.get("seq"), header.get("root"), header.get("timeout")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise RequestError(f"seq must be a non-negative integer, got {seq!r}")
+    if root is not None and (isinstance(root, bool) or not isinstance(root, int)):
+        raise RequestError(f"root must be an integer, got {root!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < 1e9):
+        raise RequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    try:
+        op = Op(header.get("kind"))
+    except ValueError:
+        kinds = ", ".join(o.value for o in Op)
+        raise RequestError(f"kind must be one of {kinds}, got {header.get('kind')!r}") from None
+    return CallRequest(Call(op=op, seq=seq, payload=bytes(payload) if isinstance(payload, bytearray) else payload,
+                            root=root, timeout=None if timeout is None else float(timeout)))
+
+
+def _decode_fail(header: Mapping[str, Any]) -> Fail:
+    """The error a rank reports: strings and a plain ``extra`` object only."""
+    value = header.get("error")
+    if not isinstance(value, dict):
+        raise RequestError(f"'error' must be an object, got {type(value).__name__}")
+    extra = value.get("extra")
+    return Fail(ErrorInfo(type=str(value.get("type", "Exception"))[:200], message=str(value.get("message", "")),
+                          traceback=str(value.get("traceback", "")), extra=extra if isinstance(extra, dict) else {}))
+
+
+def _decode_finish(header: Mapping[str, Any]) -> Finish:
+    closed_early = header.get("closed_early", False)
+    if not isinstance(closed_early, bool):
+        raise RequestError(f"closed_early must be true or false, got {closed_early!r}")
+    return Finish(closed_early=closed_early)
+
+
+def _decode_log(header: Mapping[str, Any], payload: bytes | bytearray) -> LogLines:
+    dropped = header.get("dropped", 0)
+    return LogLines(stream=str(header.get("stream", "log")), text=bytes(payload).decode("utf-8", errors="replace"),
+                    dropped=dropped if isinstance(dropped, int) and not isinstance(dropped, bool) and dropped > 0
+                    else 0)
+
+
+def decode_request(frame: Frame) -> Request:
+    """The typed request a REQUEST frame carries.
+
+    Raises :class:`ProtocolError` for a frame that breaks the protocol (not a REQUEST,
+    an unknown ``op``, registration ids that are not integers: the server closes the
+    connection) and :class:`RequestError` for a known ``op`` with bad arguments (the
+    server refuses that request only).
+
+    Example:
+        >>> decode_request(Frame(Kind.REQUEST, {"op": "finish", "closed_early": True}))
+        Finish(closed_early=True)
+    """
+    if frame.kind is not Kind.REQUEST:
+        raise ProtocolError(f"expected a REQUEST frame, got {frame.kind.name}")
+    header = frame.header
+    op = header.get("op")
+    if op == "register":
+        return _decode_register(header)
+    if op == "call":
+        return _decode_call(header, frame.payload)
+    if op == "ping":
+        return Ping()
+    if op == "log":
+        return _decode_log(header, frame.payload)
+    if op == "finish":
+        return _decode_finish(header)
+    if op == "fail":
+        return _decode_fail(header)
+    if op == "restore":
+        return Restore()
+    raise ProtocolError(f"unknown request op {op!r}")
+
+
+# -- server -> client frames ----------------------------------------------------
+
+
+def hello_frame(nonce: bytes) -> bytes:
+    return encode_frame(Kind.HELLO, {"nonce": nonce.hex(), "server": "sparkhydrogen"})
+
+
+def welcome_frame(proof: str, max_payload: int) -> bytes:
+    return encode_frame(Kind.WELCOME, {"proof": proof, "max_payload": max_payload})
+
+
+def error_frame(error: ErrorInfo) -> bytes:
+    return encode_frame(Kind.ERROR, {"error": error.to_json()})
+
+
+def register_reply(world_size: int) -> bytes:
+    return encode_frame(Kind.REPLY, {"op": "register", "world_size": world_size})
+
+
+def restore_reply(state: bytes | None) -> bytes:
+    return encode_frame(Kind.REPLY, {"op": "restore", "found": state is not None}, state or b"")
+
+
+def collective_reply(op: Op, seq: int, payloads: Sequence[bytes | bytearray | memoryview]) -> bytes:
+    """A completed round's reply: every payload once, with ``sizes`` to split them (one copy of each)."""
+    return encode_frame_parts(Kind.REPLY, {"op": op.value, "seq": seq, "sizes": [len(p) for p in payloads]}, payloads)

@@ -12,13 +12,21 @@ Vocabulary:
 * **attempt** - one launch of that gang's tasks, keyed by :data:`AttemptKey`
   ``(gang attempt, Spark stage id, Spark stage attempt)``;
 * **round** - the k-th collective call (``seq == k``) of every rank of an attempt.
+
+Besides the rules of one attempt (:class:`Attempt`) this module holds the rules
+across a gang's life (:class:`Gang`: generations, checkpoints, failure records,
+its :class:`Budget` of buffered bytes, retiring an ephemeral gang after success),
+the admission rule across gangs (:meth:`Registry.admit`, ``max_gangs``) and which
+endpoint speaks for which rank (:class:`Roster`, generic over the I/O layer's
+connection type).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Generic, TypeVar
 
 from ..errors import ErrorInfo, RegistrationError
 
@@ -35,8 +43,14 @@ __all__ = [
     "Attempt",
     "Gang",
     "Checkpoint",
+    "Budget",
+    "FailureKind",
+    "FailureRecord",
+    "Roster",
     "Registry",
 ]
+
+E = TypeVar("E")
 
 AttemptKey = tuple[int, int, int]
 
@@ -64,8 +78,8 @@ class Call:
     op: Op
     seq: int
     payload: bytes = b""
-    root: Optional[int] = None
-    timeout: Optional[float] = None
+    root: int | None = None
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,7 @@ class Log:
     message: str
 
 
-Action = Union[Complete, Reject, Log]
+Action = Complete | Reject | Log
 
 
 class AttemptState(str, enum.Enum):
@@ -107,8 +121,9 @@ class _Member:
     registered_at: float
     last_heard: float
     next_seq: int = 0
-    last_op: Optional[str] = None
+    last_op: str | None = None
     finished: bool = False
+    closed_early: bool = False  # finished because its consumer stopped reading its partition
     connected: bool = True
 
 
@@ -122,7 +137,7 @@ class _Arrival:
 class _Round:
     seq: int
     op: Op
-    root: Optional[int]
+    root: int | None
     started: float
     arrivals: dict[int, _Arrival] = field(default_factory=dict)
     last_logged: float = 0.0
@@ -140,7 +155,7 @@ class Attempt:
     """One launch of a gang: membership, sequenced rounds, abort and timeout rules."""
 
     def __init__(self, gang_id: str, key: AttemptKey, world_size: int, now: float,
-                 missing_log_interval: float = 30.0, liveness_timeout: Optional[float] = None) -> None:
+                 missing_log_interval: float = 30.0, liveness_timeout: float | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.gang_id = gang_id
@@ -155,8 +170,10 @@ class Attempt:
         #: Payload bytes held by rounds that have not completed yet (counted against the gang's buffer limit).
         self.buffered_bytes = 0
         self._finished: set[int] = set()
-        self.abort_error: Optional[ErrorInfo] = None
-        self.failure: Optional[ErrorInfo] = None
+        self.abort_error: ErrorInfo | None = None
+        self.failure: ErrorInfo | None = None
+        #: Set by the I/O layer once it has told the driver's abort hook about this attempt.
+        self.abort_reported = False
         self._last_registration_log = now
 
     # -- description -------------------------------------------------------
@@ -204,10 +221,17 @@ class Attempt:
         """A heartbeat (or any frame) arrived from ``rank``."""
         self._member(rank).last_heard = now
 
-    def finish(self, rank: int, now: float) -> list[Action]:
-        """``rank``'s task ended normally after ``next_seq`` collectives."""
+    def finish(self, rank: int, now: float, closed_early: bool = False) -> list[Action]:
+        """``rank``'s task ended normally after ``next_seq`` collectives.
+
+        ``closed_early``: its consumer stopped reading the partition (a chained
+        ``take()``, ``islice``), so it will make no more collectives. Peers that wait
+        in (or later make) one it never made fail with :class:`PartitionClosedError`,
+        not a mismatch; if nobody waits, the attempt completes as usual.
+        """
         member = self._member(rank)
         member.finished = True
+        member.closed_early = closed_early
         self._finished.add(rank)
         member.last_heard = now
         if self.state is not AttemptState.RUNNING:
@@ -216,6 +240,9 @@ class Attempt:
         if waiting:
             rnd = min(waiting, key=lambda r: r.seq)
             ranks = sorted(rnd.arrivals)
+            if closed_early:
+                error = self._closed_early_error(rank, rnd.op.value, rnd.seq, ranks)
+                return self._abort(error, failed_rank=None, root_cause=error)
             error = ErrorInfo(
                 type="CollectiveMismatchError",
                 message=(
@@ -231,12 +258,16 @@ class Attempt:
         return []
 
     def fail(self, rank: int, error: ErrorInfo, now: float) -> list[Action]:
-        """``rank``'s user code raised ``error``: abort the attempt for everyone."""
+        """``rank``'s user code raised ``error``: abort the attempt for everyone.
+
+        A call of ``rank`` itself still pending (another thread of the task waits in a
+        collective) is rejected too, so that thread does not wait forever.
+        """
         member = self._member(rank)
         member.last_heard = now
         if self.state is not AttemptState.RUNNING:
             return []
-        return self._abort_for(rank, error)
+        return self._abort_for(rank, error, tell_failed=True)
 
     def disconnect(self, rank: int, now: float) -> list[Action]:
         """``rank``'s connection closed. Before it finished, that is a failure of the rank."""
@@ -247,12 +278,12 @@ class Attempt:
         if member.finished or self.state is not AttemptState.RUNNING:
             return []
         error = ErrorInfo(
-            type="ConnectionLost",
+            type="RankLostError",
             message=(
-                f"rank {rank} (host {member.info.host}, pid {member.info.pid}) lost its connection to the "
-                f"coordinator before finishing (last heard {now - member.last_heard:.1f} s ago"
+                f"rank {rank}'s process died or lost its connection to the coordinator (host {member.info.host}, "
+                f"pid {member.info.pid}, last heard {now - member.last_heard:.1f} s ago"
                 + (f" in {member.last_op}" if member.last_op else "")
-                + "): its Python worker exited, was killed, or its executor was lost"
+                + ") before finishing its task: its Python worker exited or was killed, or its executor was lost"
             ),
             rank=rank,
         )
@@ -285,6 +316,10 @@ class Attempt:
         if self.state is not AttemptState.RUNNING:
             return [Reject((rank,), self._closed_error())]
         finished = [r for r in self._finished if self.members[r].next_seq <= call.seq]  # O(finished), not O(world)
+        closed = [r for r in finished if self.members[r].closed_early]
+        if closed:
+            error = self._closed_early_error(min(closed), call.op.value, call.seq, [rank])
+            return self._abort(error, failed_rank=None, root_cause=error, also=(rank,))
         if finished:
             error = ErrorInfo(
                 type="CollectiveMismatchError",
@@ -318,6 +353,18 @@ class Attempt:
         else:
             payloads = tuple(rnd.arrivals[r].call.payload for r in ranks)
         return [Complete(ranks, call.seq, call.op, payloads)]
+
+    def _closed_early_error(self, rank: int, op: str, seq: int, callers: Sequence[int]) -> ErrorInfo:
+        return ErrorInfo(
+            type="PartitionClosedError",
+            message=(
+                f"{self.label}: rank {rank}'s partition was closed early by its consumer (e.g. a chained "
+                f"take()/islice) before its collective #{seq + 1} ({op}), which rank(s) {_fmt_ranks(callers)} "
+                "called: consume every partition of a barrier stage to its end (e.g. collect() it before "
+                "take()/limit), or make every rank stop after the same collectives"
+            ),
+            rank=rank,
+        )
 
     def _mismatch(self, rnd: _Round) -> list[Action]:
         by_call: dict[str, list[int]] = {}
@@ -367,7 +414,7 @@ class Attempt:
             )))
         return actions
 
-    def _silent_rank(self, now: float) -> Optional[list[Action]]:
+    def _silent_rank(self, now: float) -> list[Action] | None:
         """Abort for the first live, unfinished rank not heard from within the liveness timeout."""
         if self.liveness_timeout is None:
             return None
@@ -400,7 +447,7 @@ class Attempt:
         return self._abort(error, failed_rank=None, root_cause=error, also=tuple(r for r, _ in expired))
 
     # -- aborting ----------------------------------------------------------
-    def _abort_for(self, rank: int, cause: ErrorInfo) -> list[Action]:
+    def _abort_for(self, rank: int, cause: ErrorInfo, tell_failed: bool = False) -> list[Action]:
         error = ErrorInfo(
             type="GangAbortedError",
             message=f"{self.label} aborted: {cause.describe()}" + (
@@ -409,11 +456,14 @@ class Attempt:
             rank=rank,
             extra={"failed_rank": rank, "cause": cause.to_json()},
         )
-        return self._abort(error, failed_rank=rank, root_cause=cause)
+        return self._abort(error, failed_rank=None if tell_failed else rank, root_cause=cause)
 
-    def _abort(self, error: ErrorInfo, failed_rank: Optional[int], root_cause: ErrorInfo,
+    def _abort(self, error: ErrorInfo, failed_rank: int | None, root_cause: ErrorInfo,
                also: tuple[int, ...] = ()) -> list[Action]:
-        """Move to ABORTED; reject every pending call (and the ranks in ``also``) with ``error``."""
+        """Move to ABORTED; reject every pending call (and the ranks in ``also``) with ``error``.
+
+        ``failed_rank`` (gone, or not listening) is not told.
+        """
         self.state = AttemptState.ABORTED
         self.abort_error = error
         self.failure = root_cause
@@ -448,20 +498,87 @@ class Checkpoint:
     step: int
     payloads: tuple[bytes, ...]
 
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.payloads)
+
+
+@dataclass
+class Budget:
+    """Bytes of one gang in the coordinator outside its attempts' rounds (those count themselves)."""
+
+    receiving: int = 0  # announced payloads of frames being received
+    sending: int = 0  # queued reply frames, each counted once however many ranks it goes to
+
+
+class FailureKind(str, enum.Enum):
+    ATTEMPT = "attempt"  # an attempt ran and aborted
+    ADMISSION = "admission"  # a launch was refused before it could start (``max_gangs``)
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """A failure the gang remembers after its attempt is gone (or for a launch that never started).
+
+    ``key`` is the failed attempt's; for :attr:`FailureKind.ADMISSION` it is the
+    key the refused launch would have had (the next generation of its stage).
+    """
+
+    key: AttemptKey
+    error: ErrorInfo
+    kind: FailureKind = FailureKind.ATTEMPT
+
+
+#: Failures a gang remembers beyond its kept attempts.
+MAX_FAILURE_RECORDS = 16
+
 
 @dataclass
 class Gang:
-    """A gang as declared by the driver; owns its attempts."""
+    """A gang as declared by the driver; owns its attempts.
+
+    An ``ephemeral`` gang (a bare job that will not be retried from a checkpoint)
+    forgets its attempts and checkpoint once one attempt has succeeded and every
+    connection of it is gone (:meth:`retire_if_complete`); what stays is the dormant
+    declaration (id, secret, world size, name), so a re-evaluation of the same RDD can
+    still join as a new generation.
+    """
 
     gang_id: str
     secret: bytes
     world_size: int
     name: str = ""
+    ephemeral: bool = False
     attempts: dict[AttemptKey, Attempt] = field(default_factory=dict)
-    failures: list[tuple[AttemptKey, ErrorInfo]] = field(default_factory=list)
-    checkpoint: Optional["Checkpoint"] = None
+    failures: list[FailureRecord] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+    budget: Budget = field(default_factory=Budget)
+    #: The newest attempt key forgotten by :meth:`retire_if_complete` (generations continue after it).
+    retired: AttemptKey | None = None
 
-    def commit(self, key: AttemptKey, seq: int, payloads: Sequence[bytes], max_bytes: int) -> Optional[ErrorInfo]:
+    # -- bytes -------------------------------------------------------------
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this gang has in the coordinator: payloads being received, held for rounds, queued for sending."""
+        return self.budget.receiving + self.budget.sending + sum(a.buffered_bytes for a in self.attempts.values())
+
+    def reserve(self, nbytes: int, limit: int) -> bool:
+        """Reserve an announced payload of ``nbytes`` against ``limit``; ``False`` if it does not fit."""
+        if self.buffered_bytes + nbytes > limit:
+            return False
+        self.budget.receiving += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """A reserved payload has arrived (or will never): it no longer counts as being received."""
+        self.budget.receiving -= nbytes
+
+    @property
+    def running(self) -> bool:
+        return any(a.state is AttemptState.RUNNING for a in self.attempts.values())
+
+    # -- checkpoints -------------------------------------------------------
+    def commit(self, key: AttemptKey, seq: int, payloads: Sequence[bytes], max_bytes: int) -> ErrorInfo | None:
         """Keep every rank's state of a completed checkpoint round; an error if it is too large."""
         size = sum(len(p) for p in payloads)
         if size > max_bytes:
@@ -477,14 +594,15 @@ class Gang:
         self.checkpoint = Checkpoint(key, seq, step, tuple(payloads))
         return None
 
-    def restore(self, rank: int) -> Optional[bytes]:
+    def restore(self, rank: int) -> bytes | None:
         """``rank``'s state in the last committed checkpoint, if any."""
         if self.checkpoint is None or not 0 <= rank < len(self.checkpoint.payloads):
             return None
         return self.checkpoint.payloads[rank]
 
+    # -- attempts ----------------------------------------------------------
     def attempt_for(self, gang_attempt: int, stage_id: int, rank: int, task_attempt_id: int, now: float,
-                    missing_log_interval: float = 30.0, liveness_timeout: Optional[float] = None,
+                    missing_log_interval: float = 30.0, liveness_timeout: float | None = None,
                     ) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
         """The attempt a registering task belongs to, created on first use.
 
@@ -500,7 +618,8 @@ class Gang:
         Returns the attempt and, for each older attempt this one supersedes, the
         actions of aborting it.
         """
-        newest = max((a.key[0] for a in self.attempts.values()), default=gang_attempt)
+        seen = [a.key[0] for a in self.attempts.values()] + ([self.retired[0]] if self.retired else [])
+        newest = max(seen, default=gang_attempt)
         if gang_attempt < newest:
             raise RegistrationError(
                 f"gang {self.gang_id[:8]}: this task belongs to gang attempt {gang_attempt}, but attempt "
@@ -514,7 +633,7 @@ class Gang:
                 return older, superseded  # a straggler of an earlier launch: it is refused there
         if current is not None and not self._starts_new_generation(current, rank, task_attempt_id):
             return current, superseded
-        generation = 0 if current is None else current.key[2] + 1
+        generation = self.next_generation(gang_attempt, stage_id)
         for other in list(self.attempts.values()):
             if other.key[0] < gang_attempt or other is current:
                 superseded.append((other, other.abort(
@@ -524,8 +643,15 @@ class Gang:
         self.attempts[key] = attempt
         return attempt, superseded
 
+    def next_generation(self, gang_attempt: int, stage_id: int) -> int:
+        """The generation a new launch of ``(gang_attempt, stage_id)`` gets."""
+        gens = [a.key[2] for a in self.attempts.values() if a.key[:2] == (gang_attempt, stage_id)]
+        if self.retired is not None and self.retired[:2] == (gang_attempt, stage_id):
+            gens.append(self.retired[2])
+        return max(gens) + 1 if gens else 0
+
     @staticmethod
-    def _starts_new_generation(current: "Attempt", rank: int, task_attempt_id: int) -> bool:
+    def _starts_new_generation(current: Attempt, rank: int, task_attempt_id: int) -> bool:
         member = current.members.get(rank)
         if member is not None:
             if task_attempt_id <= member.info.task_attempt_id:
@@ -553,14 +679,43 @@ class Gang:
         done = sorted((a for a in self.attempts.values() if a.done), key=lambda a: a.key)
         for attempt in done[: max(len(done) - keep_done, 0)]:
             if attempt.failure is not None:
-                self.failures.append((attempt.key, attempt.failure))
-                del self.failures[:-16]
+                self.record(FailureRecord(attempt.key, attempt.failure))
             del self.attempts[attempt.key]
 
-    def last_failure(self, gang_attempt: Optional[int] = None) -> Optional[tuple[AttemptKey, ErrorInfo]]:
+    def retire_if_complete(self) -> bool:
+        """Ephemeral gangs: once an attempt succeeded and no connection is left, forget attempts and checkpoint.
+
+        Returns ``True`` when it retired something. The gang stays declared (dormant).
+        """
+        if not self.ephemeral or not self.attempts:
+            return False
+        attempts = list(self.attempts.values())
+        if not any(a.state is AttemptState.FINISHED for a in attempts):
+            return False
+        if any(a.state is AttemptState.RUNNING or any(m.connected for m in a.members.values()) for a in attempts):
+            return False
+        self.retired = max(a.key for a in attempts)
+        self.attempts.clear()
+        self.checkpoint = None
+        return True
+
+    # -- failures ----------------------------------------------------------
+    def record(self, failure: FailureRecord) -> bool:
+        """Remember a failure (at most :data:`MAX_FAILURE_RECORDS`); ``False`` if the same one is known."""
+        if failure.kind is FailureKind.ADMISSION and any(
+            f.kind is FailureKind.ADMISSION and f.key[:2] == failure.key[:2]
+            and f.error.message == failure.error.message for f in self.failures
+        ):
+            return False
+        self.failures.append(failure)
+        del self.failures[:-MAX_FAILURE_RECORDS]
+        return True
+
+    def last_failure(self, gang_attempt: int | None = None) -> tuple[AttemptKey, ErrorInfo] | None:
         """Most recent root-cause failure (of ``gang_attempt``, if given) across kept and pruned attempts."""
         live = [(a.key, a.failure) for a in self.attempts.values() if a.failure is not None]
-        candidates = [(k, f) for k, f in self.failures + live if gang_attempt is None or k[0] == gang_attempt]
+        recorded = [(f.key, f.error) for f in self.failures]
+        candidates = [(k, f) for k, f in recorded + live if gang_attempt is None or k[0] == gang_attempt]
         return max(candidates, key=lambda kv: kv[0]) if candidates else None
 
 
@@ -570,8 +725,49 @@ def _in_window(attempt: Attempt, task_attempt_id: int) -> bool:
     return bool(ids) and max(ids) - attempt.world_size < task_attempt_id < min(ids) + attempt.world_size
 
 
+class Roster(Generic[E]):
+    """Which endpoint (the I/O layer's connection) speaks for each rank of each attempt.
+
+    Pure bookkeeping: an attempt's entry goes when the attempt is done, a gang's
+    entries when the gang is removed.
+    """
+
+    def __init__(self) -> None:
+        self._by_attempt: dict[tuple[str, AttemptKey], dict[int, E]] = {}
+
+    def attach(self, attempt: Attempt, rank: int, endpoint: E) -> None:
+        self._by_attempt.setdefault((attempt.gang_id, attempt.key), {})[rank] = endpoint
+
+    def detach(self, attempt: Attempt, rank: int, endpoint: E) -> None:
+        """Forget ``endpoint`` for ``rank`` (if it is still the one attached)."""
+        ident = (attempt.gang_id, attempt.key)
+        members = self._by_attempt.get(ident)
+        if members is not None and members.get(rank) is endpoint:
+            del members[rank]
+            if not members:
+                del self._by_attempt[ident]
+
+    def endpoints(self, attempt: Attempt) -> Mapping[int, E]:
+        return self._by_attempt.get((attempt.gang_id, attempt.key), {})
+
+    def drop(self, attempt: Attempt) -> None:
+        self._by_attempt.pop((attempt.gang_id, attempt.key), None)
+
+    def drop_gang(self, gang_id: str) -> None:
+        for ident in [i for i in self._by_attempt if i[0] == gang_id]:
+            del self._by_attempt[ident]
+
+    @property
+    def attempts(self) -> int:
+        return len(self._by_attempt)
+
+    @property
+    def endpoint_count(self) -> int:
+        return sum(len(m) for m in self._by_attempt.values())
+
+
 class Registry:
-    """All gangs known to one coordinator."""
+    """All gangs known to one coordinator, and the admission rule across them."""
 
     def __init__(self) -> None:
         self.gangs: dict[str, Gang] = {}
@@ -581,11 +777,34 @@ class Registry:
             raise ValueError(f"gang {gang.gang_id} is already registered")
         self.gangs[gang.gang_id] = gang
 
-    def remove(self, gang_id: str) -> Optional[Gang]:
+    def remove(self, gang_id: str) -> Gang | None:
         return self.gangs.pop(gang_id, None)
 
-    def get(self, gang_id: str) -> Optional[Gang]:
+    def get(self, gang_id: str) -> Gang | None:
         return self.gangs.get(gang_id)
 
     def secrets(self) -> Mapping[str, bytes]:
         return {gid: g.secret for gid, g in self.gangs.items()}
+
+    def running(self) -> int:
+        """Gangs with an attempt running."""
+        return sum(1 for g in self.gangs.values() if g.running)
+
+    def admit(self, gang: Gang, gang_attempt: int, stage_id: int, rank: int, max_gangs: int) -> FailureRecord | None:
+        """The slot rule: a gang may start running only while fewer than ``max_gangs`` others run.
+
+        ``None`` admits the registration; otherwise the refusal, to record on the gang
+        (:meth:`Gang.record`) and send to the rank as a :class:`RegistrationError`.
+        """
+        if gang.running:
+            return None
+        running = self.running()
+        if running < max_gangs:
+            return None
+        message = (
+            f"gang {gang.gang_id[:8]} ({gang.name or 'unnamed'}) cannot start: the coordinator already runs "
+            f"{running} gangs, its limit (spark.hydrogen.coordinator.maxGangs={max_gangs}); wait for other gang "
+            "jobs to finish or raise the limit"
+        )
+        key: AttemptKey = (gang_attempt, stage_id, gang.next_generation(gang_attempt, stage_id))
+        return FailureRecord(key, ErrorInfo("RegistrationError", message, rank), FailureKind.ADMISSION)

@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import cast
 
 from ..config import TlsConfig
 from ..errors import AuthenticationError, HydrogenError
@@ -76,7 +76,7 @@ def fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def check_pin(der: Optional[bytes], expected: str, where: str) -> None:
+def check_pin(der: bytes | None, expected: str, where: str) -> None:
     """Raise :class:`AuthenticationError` unless the peer's certificate has the pinned fingerprint."""
     got = fingerprint(der) if der else ""
     if not hmac.compare_digest(got.encode(), expected.lower().encode()):
@@ -102,7 +102,7 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
-def server_tls(config: TlsConfig, host: str, generator: Optional[str] = None) -> Optional[ServerTls]:
+def server_tls(config: TlsConfig, host: str, generator: str | None = None) -> ServerTls | None:
     """The coordinator's TLS set-up for ``config``, or ``None`` when TLS is off.
 
     Raises :class:`HydrogenError` with the fix when TLS is on but cannot be set up.
@@ -134,7 +134,7 @@ def server_tls(config: TlsConfig, host: str, generator: Optional[str] = None) ->
     return ServerTls(ctx, fingerprint(der), f"per-application certificate generated in memory ({how})")
 
 
-def generate_certificate(host: str, generator: Optional[str] = None) -> tuple[bytes, bytes, str]:
+def generate_certificate(host: str, generator: str | None = None) -> tuple[bytes, bytes, str]:
     """A fresh EC P-256 key and self-signed certificate: ``(cert_pem, key_pem, generator used)``.
 
     ``generator`` forces one of :data:`GENERATORS`; by default the first available is used.
@@ -281,11 +281,11 @@ class TlsChannel:
             if not self._fill():
                 raise ssl.SSLEOFError("the peer closed the connection during the TLS handshake")
 
-    def peer_certificate(self) -> Optional[bytes]:
+    def peer_certificate(self) -> bytes | None:
         return self._tls.getpeercert(binary_form=True)
 
     @property
-    def version(self) -> Optional[str]:
+    def version(self) -> str | None:
         return self._tls.version()
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
@@ -304,7 +304,7 @@ class TlsChannel:
         while True:
             with self._tls_lock:
                 try:
-                    got: Optional[int] = self._tls.read(nbytes, buffer)
+                    got: int | None = cast(int, self._tls.read(nbytes, buffer))  # with a buffer: a count
                 except ssl.SSLWantReadError:
                     got = None
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -316,7 +316,7 @@ class TlsChannel:
                 return got
             self._fill()
 
-    def settimeout(self, timeout: Optional[float]) -> None:
+    def settimeout(self, timeout: float | None) -> None:
         self._sock.settimeout(timeout)
 
     def close(self) -> None:
