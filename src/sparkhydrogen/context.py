@@ -7,6 +7,10 @@ Inside a function launched by :func:`sparkhydrogen.barrier` or :func:`sparkhydro
     hosts = ctx.allGather(socket.gethostname())    # list of str in rank order, like pyspark
     stats = ctx.allGather({"n": 10}, timeout=30)   # any picklable object, with a timeout
     cfg = ctx.broadcast(config if ctx.rank() == 0 else None, root=0)
+
+The context **is** a :class:`pyspark.BarrierTaskContext` (a subclass instance), and while a
+rank runs it is also what ``pyspark.TaskContext.get()`` and ``pyspark.BarrierTaskContext.get()``
+return, so code written for pyspark (``isinstance`` checks included) gets it unchanged.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 import tempfile
-from typing import Any, ClassVar, Optional
+import threading
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
 from . import serde
 from .coordinator.client import CoordinatorClient
-from .errors import NotInGangError, PayloadError
+from .errors import CheckpointError, CollectiveMismatchError, GangAbortedError, NotInGangError
 
 __all__ = ["BarrierTaskContext", "BarrierTaskInfo"]
 
@@ -40,7 +46,7 @@ class _StateFile:
             with open(self.path, "rb") as fh:
                 return serde.loads(fh.read(), f"checkpoint file {self.path}")
         except OSError as exc:
-            raise PayloadError(
+            raise CheckpointError(
                 f"cannot read checkpoint file {self.path}: {exc}; spark.hydrogen.checkpoint.dir must be "
                 "storage every executor can read (a shared or distributed file system)"
             ) from exc
@@ -57,8 +63,23 @@ def _write_state_file(directory: str, gang_id: str, rank: int, state: Any) -> st
         path = tmp[: -len(".tmp")] + ".pkl"
         os.replace(tmp, path)
     except OSError as exc:
-        raise PayloadError(f"cannot write checkpoint state to {folder}: {exc}") from exc
+        raise CheckpointError(
+            f"cannot write checkpoint state to {folder}: {exc}; spark.hydrogen.checkpoint.dir must be writable "
+            "storage every executor can reach"
+        ) from exc
     return path
+
+
+def _never_committed(exc: BaseException) -> bool:
+    """Whether a failed checkpoint call certainly left no commit of this round on the coordinator.
+
+    Only then may the state file be deleted. ``ValueError``/``TypeError`` (``PayloadError``)
+    are refusals before anything is sent, or the coordinator's own "too large to keep"
+    verdict; a mismatch or an abort is the coordinator's verdict on an incomplete round.
+    Anything else (a lost connection or reply, a timeout with no verdict, an interrupt
+    while waiting) may have come after the commit: the file stays.
+    """
+    return isinstance(exc, (ValueError, TypeError, CollectiveMismatchError, GangAbortedError))
 
 
 def _remove(path: str) -> None:
@@ -68,10 +89,22 @@ def _remove(path: str) -> None:
         pass
 
 
-class BarrierTaskInfo:
-    """Address (``host:port``) of the executor a rank runs on, as in pyspark."""
+if TYPE_CHECKING:
+    from pyspark.taskcontext import BarrierTaskContext as _ContextBase
+    from pyspark.taskcontext import BarrierTaskInfo as _InfoBase
+else:
+    # Importing sparkhydrogen (and its coordinator) must not import pyspark, so the two classes below start on
+    # these stand-ins and are rebased onto pyspark's classes by _pyspark_classes() -- at import when pyspark is
+    # already loaded, else before the first context is built or installed. Every instance is a pyspark one.
+    class _ContextBase:
+        """Stands in for ``pyspark.BarrierTaskContext`` until pyspark is loaded."""
 
-    __slots__ = ("address",)
+    class _InfoBase:
+        """Stands in for ``pyspark.BarrierTaskInfo`` until pyspark is loaded."""
+
+
+class BarrierTaskInfo(_InfoBase):
+    """Address (``host:port``) of the executor a rank runs on; a :class:`pyspark.BarrierTaskInfo`."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -90,13 +123,28 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
     return float(timeout)
 
 
-class BarrierTaskContext:
-    """The context of one rank of a running gang.
+# What pyspark keeps on its classes while one of our contexts is installed in its place.
+_MISSING = object()
+_PYSPARK_SLOT = "_taskContext"
+# pyspark's per-task fields, copied from the native context so pyspark's own (unbound) methods work on ours
+_PYSPARK_FIELDS = ("_stageId", "_partitionId", "_attemptNumber", "_taskAttemptId", "_localProperties", "_cpus",
+                   "_cpuAmount", "_resources")
 
-    Mirrors :class:`pyspark.BarrierTaskContext` (``barrier``, ``allGather``,
-    ``getTaskInfos``, ``partitionId`` ...) so code can switch by changing an
-    import, and adds objects in ``allGather``, ``broadcast``, per-call timeouts
-    and ``rank``/``worldSize``.
+
+class BarrierTaskContext(_ContextBase):
+    """The context of one rank of a running gang; a :class:`pyspark.BarrierTaskContext`.
+
+    Every pyspark method behaves as pyspark documents it (``barrier``, ``allGather``
+    of strings returning ``list[str]`` in partition order, ``getTaskInfos``,
+    ``partitionId``, ``stageId``, ``attemptNumber``, ``taskAttemptId``,
+    ``getLocalProperty``, ``resources``, ``cpus`` and, where the running pyspark has
+    them, newer ones such as ``cpuAmount``), served by spark-hydrogen's coordinator
+    instead of Spark's ~1 s polling. On top: any picklable object in ``allGather``,
+    ``broadcast``, per-call timeouts, ``checkpoint``/``restore`` and
+    ``rank``/``worldSize``/``gangAttempt``.
+
+    While a rank runs, the same object is what ``pyspark.TaskContext.get()`` and
+    ``pyspark.BarrierTaskContext.get()`` return.
 
     Example:
         >>> def train(rows):                                     # doctest: +SKIP
@@ -106,10 +154,17 @@ class BarrierTaskContext:
     """
 
     _current: ClassVar[Optional["BarrierTaskContext"]] = None
+    # what pyspark's TaskContext / BarrierTaskContext held before the first _set(ctx); None when nothing is installed
+    _displaced: ClassVar[Optional[tuple[Any, Any]]] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "BarrierTaskContext":
+        # pyspark's __new__ hands back its per-process singleton: every context of ours is a new object
+        _pyspark_classes()
+        return object.__new__(cls)
 
     def __init__(self, client: CoordinatorClient, rank: int, world_size: int, native: Any = None,
                  gang_attempt: int = 0, default_timeout: Optional[float] = None,
-                 checkpoint_dir: Optional[str] = None) -> None:
+                 checkpoint_dir: Optional[str] = None, *, task_infos: Optional[Sequence[str]] = None) -> None:
         self._client = client
         self._rank = rank
         self._world_size = world_size
@@ -117,13 +172,25 @@ class BarrierTaskContext:
         self._gang_attempt = gang_attempt
         self._default_timeout = default_timeout
         self._checkpoint_dir = checkpoint_dir
+        self._task_infos = None if task_infos is None else tuple(str(a) for a in task_infos)
         self._committed_file: Optional[str] = None
+        self._uncertain_files: list[str] = []
+        if isinstance(native, _pyspark_classes()[0]):
+            for name in _PYSPARK_FIELDS:
+                value = getattr(native, name, None)
+                if value is not None:
+                    setattr(self, name, value)
 
     # lookup --------------------------------------------------------------
     @classmethod
     def get(cls) -> "BarrierTaskContext":
         """The context of the running rank; raises :class:`NotInGangError` elsewhere."""
-        current = cls._current
+        current = BarrierTaskContext._current
+        if current is not None and vars(_pyspark_classes()[0]).get(_PYSPARK_SLOT) is not current:
+            # pyspark replaced ours (its worker ends every task by clearing the slot): a rank that was
+            # never closed in a reused worker must not leak into the next task
+            BarrierTaskContext._current = BarrierTaskContext._displaced = None
+            current = None
         if current is None:
             raise NotInGangError(
                 "BarrierTaskContext.get() was called outside a spark-hydrogen barrier task. Call it inside a "
@@ -133,7 +200,37 @@ class BarrierTaskContext:
 
     @classmethod
     def _set(cls, ctx: Optional["BarrierTaskContext"]) -> None:
-        cls._current = ctx
+        """Install ``ctx`` as the running rank's context (``None``: remove it), here and in pyspark.
+
+        pyspark keeps its task context in a class attribute that ``TaskContext.get()`` and
+        ``BarrierTaskContext.get()`` read through the MRO, so ``ctx`` goes on both classes.
+        The first install remembers what pyspark had there; ``_set(None)`` puts exactly that
+        back (an attribute that was absent is removed again), unless pyspark has meanwhile
+        replaced our context itself (a new task on a reused worker): then pyspark's is kept.
+        """
+        if ctx is not None and not isinstance(ctx, BarrierTaskContext):
+            raise TypeError(f"_set() takes a sparkhydrogen BarrierTaskContext or None, got {type(ctx).__name__}")
+        owners = _pyspark_classes()[:2]
+        previous = BarrierTaskContext._current
+        if ctx is not None:
+            if BarrierTaskContext._displaced is None:
+                BarrierTaskContext._displaced = (vars(owners[0]).get(_PYSPARK_SLOT, _MISSING),
+                                                 vars(owners[1]).get(_PYSPARK_SLOT, _MISSING))
+            for owner in owners:
+                setattr(owner, _PYSPARK_SLOT, ctx)
+            BarrierTaskContext._current = ctx
+            return
+        BarrierTaskContext._current = None
+        displaced, BarrierTaskContext._displaced = BarrierTaskContext._displaced, None
+        if displaced is None:
+            return
+        for owner, value in zip(owners, displaced):
+            if previous is None or owner.__dict__.get(_PYSPARK_SLOT, _MISSING) is not previous:
+                continue  # not ours any more: leave pyspark's own value alone
+            if value is _MISSING:
+                delattr(owner, _PYSPARK_SLOT)
+            else:
+                setattr(owner, _PYSPARK_SLOT, value)
 
     # identity ------------------------------------------------------------
     def rank(self) -> int:
@@ -149,6 +246,7 @@ class BarrierTaskContext:
         return self._gang_attempt
 
     def partitionId(self) -> int:
+        """The partition this rank computes (its rank), as pyspark's ``partitionId()``."""
         return self._rank
 
     def _need_native(self, name: str) -> Any:
@@ -157,25 +255,33 @@ class BarrierTaskContext:
         return self._native
 
     def stageId(self) -> int:
+        """The Spark stage this rank's task belongs to."""
         return int(self._need_native("stageId").stageId())
 
     def attemptNumber(self) -> int:
+        """How many times Spark has attempted this task before (0 for the first attempt)."""
         return int(self._need_native("attemptNumber").attemptNumber())
 
     def taskAttemptId(self) -> int:
+        """Spark's id of this task attempt (unique within the SparkContext)."""
         return int(self._need_native("taskAttemptId").taskAttemptId())
 
     def getLocalProperty(self, key: str) -> Optional[str]:
+        """A local property set on the driver (``sc.setLocalProperty``), or ``None``."""
         return self._need_native("getLocalProperty").getLocalProperty(key)  # type: ignore[no-any-return]
 
     def resources(self) -> dict[str, Any]:
+        """Resources (GPUs, ...) Spark allocated to this task: name -> ``ResourceInformation``."""
         return dict(self._need_native("resources").resources())
 
     def cpus(self) -> int:
+        """CPUs allocated to this task."""
         return int(self._need_native("cpus").cpus())
 
     def getTaskInfos(self) -> list[BarrierTaskInfo]:
-        """Executor address of every rank, in partition (rank) order."""
+        """Executor address (``host:port``) of every rank, in partition (rank) order."""
+        if self._task_infos is not None:
+            return [BarrierTaskInfo(a) for a in self._task_infos]
         addresses = self.getLocalProperty("addresses") or ""
         return [BarrierTaskInfo(a.strip()) for a in addresses.split(",") if a.strip()]
 
@@ -195,7 +301,7 @@ class BarrierTaskContext:
     def allGather(self, message: Any = "", timeout: Optional[float] = None) -> list[Any]:
         """Every rank contributes ``message``; returns all of them in rank order.
 
-        With strings this is pyspark's ``allGather``; any picklable object works too.
+        With strings this is pyspark's ``allGather`` (``list[str]``); any picklable object works too.
         """
         payload = serde.dumps(message, "allGather message")
         parts = self._client.collective("allGather", payload, timeout=self._timeout(timeout))
@@ -217,7 +323,9 @@ class BarrierTaskContext:
 
         The checkpoint counts only once every rank has called ``checkpoint``: then the
         coordinator keeps all ranks' states on the driver, and a later attempt of the
-        gang gets this rank's state back from :meth:`restore`.
+        gang gets this rank's state back from :meth:`restore`. With
+        ``spark.hydrogen.checkpoint.dir`` the state goes to a file there and the
+        coordinator keeps its path; writing or reading it raises :class:`CheckpointError`.
 
         Example:
             >>> ctx = BarrierTaskContext.get()                       # doctest: +SKIP
@@ -226,18 +334,24 @@ class BarrierTaskContext:
             ...     train_one_step(step); step += 1
             ...     ctx.checkpoint(step)
         """
+        timeout = self._timeout(timeout)
         if self._checkpoint_dir is None:
-            self._client.collective("checkpoint", serde.dumps(state, "checkpoint state"),
-                                    timeout=self._timeout(timeout))
+            self._client.collective("checkpoint", serde.dumps(state, "checkpoint state"), timeout=timeout)
             return
         path = _write_state_file(self._checkpoint_dir, self._client.gang_id, self._rank, state)
         try:
-            self._client.collective("checkpoint", serde.dumps(_StateFile(path)), timeout=self._timeout(timeout))
-        except BaseException:
-            _remove(path)  # never committed
+            self._client.collective("checkpoint", serde.dumps(_StateFile(path)), timeout=timeout)
+        except BaseException as exc:
+            if _never_committed(exc):
+                _remove(path)
+            else:
+                self._uncertain_files.append(path)  # the commit may have happened: a restore may need it
             raise
-        if self._committed_file is not None and self._committed_file != path:
-            _remove(self._committed_file)  # superseded by the commit that just completed
+        # this commit supersedes every earlier file of this rank, committed or perhaps committed
+        for old in (self._committed_file, *self._uncertain_files):
+            if old is not None and old != path:
+                _remove(old)
+        self._uncertain_files.clear()
         self._committed_file = path
 
     def restore(self) -> Any:
@@ -253,3 +367,51 @@ class BarrierTaskContext:
 
     def __repr__(self) -> str:
         return f"BarrierTaskContext(rank={self._rank}, worldSize={self._world_size}, gangAttempt={self._gang_attempt})"
+
+
+_bind_lock = threading.Lock()
+_bound: Optional[tuple[type, type]] = None  # pyspark's TaskContext and BarrierTaskContext, once rebased onto them
+
+
+def _pyspark_classes() -> tuple[type, type]:
+    """pyspark's ``TaskContext`` and ``BarrierTaskContext``; rebases our classes onto pyspark's on first use."""
+    global _bound
+    if _bound is None:
+        with _bind_lock:
+            if _bound is None:
+                from pyspark.taskcontext import BarrierTaskContext as PySparkContext
+                from pyspark.taskcontext import BarrierTaskInfo as PySparkInfo
+                from pyspark.taskcontext import TaskContext as PySparkTaskContext
+
+                BarrierTaskContext.__bases__ = (PySparkContext,)
+                BarrierTaskInfo.__bases__ = (PySparkInfo,)
+                # pyspark methods this module does not serve itself (cpuAmount() on pyspark 4.3, anything newer)
+                # answer from the task's native context, never from pyspark's unset class defaults
+                for name in _pyspark_task_methods(PySparkContext, PySparkTaskContext):
+                    if name not in vars(BarrierTaskContext):
+                        setattr(BarrierTaskContext, name, _delegate(name))
+                _bound = (PySparkTaskContext, PySparkContext)
+    return _bound
+
+
+def _pyspark_task_methods(*owners: type) -> list[str]:
+    """Public instance methods of pyspark's task contexts (the set grows between pyspark versions)."""
+    names: list[str] = []
+    for owner in owners:
+        for name, value in vars(owner).items():
+            if not name.startswith("_") and callable(value) and name not in names:
+                names.append(name)  # classmethods (get, from_json) are not callable in vars(): skipped
+    return names
+
+
+def _delegate(name: str) -> Callable[..., Any]:
+    def method(self: BarrierTaskContext, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._need_native(name), name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"pyspark's ``{name}()`` of the Spark task this rank runs in."
+    return method
+
+
+if "pyspark" in sys.modules:  # the usual case: a Spark program imported pyspark first
+    _pyspark_classes()
