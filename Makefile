@@ -12,6 +12,16 @@ CVENV  := .venv-spark35
 CPY    := $(CVENV)/bin/python
 CSTAMP := $(CVENV)/.installed-$(COMPAT_PYSPARK)
 
+# the oldest and newest Python that requires-python claims: unit + core Spark tests (no torch) on each,
+# in their own environments; the interpreters come from scripts/find_python.sh (PATH, then pyenv)
+P310   := .venv-py310
+P313   := .venv-py313
+CORE_TESTS := tests/unit tests/spark/test_spark_barrier.py tests/spark/test_spark_recovery.py \
+              tests/spark/test_spark_dataframe.py
+
+# ruff and mypy, pinned in the [lint] extra
+LSTAMP := $(VENV)/.installed-lint
+
 # PyTorch is an optional extra; tests pin the CPU build (plain `torch` would pull a multi-GB CUDA build)
 TORCH_VERSION ?= 2.13.0
 TSTAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
@@ -19,7 +29,7 @@ TSTAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
 
-.PHONY: demo test test-unit test-compat bench zip java venv torch horovod clean
+.PHONY: demo test test-unit test-load test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
 
 venv: $(STAMP)
 
@@ -49,11 +59,15 @@ demo: venv java
 	$(VPY) examples/quickstart.py
 	$(VPY) examples/pipeline.py
 
+# everything but the load/soak runs (tests/load, marked `load`): those are `make test-load`
 test: venv java torch horovod
-	$(VPY) -m pytest
+	$(VPY) -m pytest -m "not load"
 
 test-unit: venv
 	$(VPY) -m pytest tests/unit
+
+test-load: venv
+	$(VPY) -m pytest -m load tests/load
 
 $(CSTAMP): pyproject.toml
 	$(PYTHON) -m venv $(CVENV)
@@ -65,6 +79,34 @@ test-compat: $(CSTAMP) java
 	PYSPARK_PYTHON=$(abspath $(CPY)) $(CPY) -m pytest tests/unit tests/spark/test_spark_barrier.py \
 	  tests/spark/test_spark_recovery.py tests/spark/test_spark_dataframe.py
 
+# one environment per extra Python: created from that interpreter, -e ".[test]" without torch
+$(P310)/.installed: pyproject.toml
+	@py=$$(PYTHON_3_10="$(PYTHON_3_10)" scripts/find_python.sh 3.10) && echo "$(P310): $$py" && $$py -m venv $(P310)
+	$(P310)/bin/python -m pip install --quiet --upgrade pip
+	$(P310)/bin/python -m pip install --quiet -e ".[test]"
+	@touch $@
+
+$(P313)/.installed: pyproject.toml
+	@py=$$(PYTHON_3_13="$(PYTHON_3_13)" scripts/find_python.sh 3.13) && echo "$(P313): $$py" && $$py -m venv $(P313)
+	$(P313)/bin/python -m pip install --quiet --upgrade pip
+	$(P313)/bin/python -m pip install --quiet -e ".[test]"
+	@touch $@
+
+test-py310: $(P310)/.installed java
+	PYSPARK_PYTHON=$(abspath $(P310))/bin/python $(P310)/bin/python -m pytest $(CORE_TESTS)
+
+test-py313: $(P313)/.installed java
+	PYSPARK_PYTHON=$(abspath $(P313))/bin/python $(P313)/bin/python -m pytest $(CORE_TESTS)
+
+$(LSTAMP): $(STAMP)
+	$(VPY) -m pip install --quiet -e ".[lint]"
+	@touch $@
+
+# mypy needs torch installed to check sparkhydrogen.torch
+lint: $(LSTAMP) $(TSTAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples scripts
+	$(VENV)/bin/mypy --strict src
+
 bench: venv java torch horovod
 	$(VPY) benchmarks/run_all.py --output docs/benchmarks.md
 
@@ -72,4 +114,4 @@ zip: venv
 	$(VPY) scripts/make_zip.py --output dist/sparkhydrogen.zip
 
 clean:
-	rm -rf $(VENV) $(CVENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(CVENV) $(P310) $(P313) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -24,9 +24,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 # Before pyspark starts a JVM: loopback only, and Python workers run this interpreter.
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -119,8 +120,9 @@ def _wait_for_executors(sc: Any, count: int, timeout: float = 120.0) -> None:
 
 
 def launchers(with_subprocess: bool) -> dict[str, Callable[[], Any]]:
-    import sparkhydrogen.torch as h2torch
     from pyspark.ml.torch.distributor import TorchDistributor
+
+    import sparkhydrogen.torch as h2torch
 
     out: dict[str, Callable[[], Any]] = {
         OURS: lambda: h2torch.run(all_reduce_initialised, num_processes=2),

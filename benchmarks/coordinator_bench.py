@@ -20,12 +20,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
-
-from sparkhydrogen.config import CoordinatorConfig
-from sparkhydrogen.coordinator import CoordinatorServer
 
 from sim_ranks import raise_fd_limit
+from sparkhydrogen.config import CoordinatorConfig
+from sparkhydrogen.coordinator import CoordinatorServer
 
 __all__ = ["SimResult", "simulate"]
 
@@ -42,7 +40,7 @@ class SimResult:
     phases_ms: dict[str, list[float]]
     setup_s: float
     coordinator_cpu_ms_per_round: float
-    profile: Optional["Profile"] = None
+    profile: Profile | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def simulate(ranks: int, op: str = "barrier", size: int = 0, warmup: int = 5, ro
     raise_fd_limit(ranks + 256)
     server = CoordinatorServer(CoordinatorConfig(host="127.0.0.1"))
     host, port = server.start()
-    child: Optional[subprocess.Popen[str]] = None
+    child: subprocess.Popen[str] | None = None
     try:
         gang = server.add_gang(ranks, name=f"simulated-{ranks}")
         child = subprocess.Popen([sys.executable, _SIM], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -140,7 +138,7 @@ def _label(file: str, line: int, name: str) -> str:
     return f"{short}:{line}({name})"
 
 
-def _read_json(child: "subprocess.Popen[str]", key: str) -> dict:
+def _read_json(child: subprocess.Popen[str], key: str) -> dict:
     assert child.stdout is not None
     line = child.stdout.readline()
     if not line:

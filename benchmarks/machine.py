@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional
 
 __all__ = ["Machine", "describe_machine", "load_average"]
 
@@ -18,7 +17,7 @@ class Machine:
     date_utc: str
     nproc: int
     cpu_model: str
-    memory_gib: Optional[float]
+    memory_gib: float | None
     os: str
     python: str
     pyspark: str
@@ -39,7 +38,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _memory_gib() -> Optional[float]:
+def _memory_gib() -> float | None:
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:
             for line in f:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional
 
 from coordinator_bench import Profile, SimResult
 from machine import Machine
@@ -30,16 +29,16 @@ class Results:
     elapsed_s: float = 0.0
     load_at_end: str = ""
 
-    def find(self, impl: str, world: int, op: str, size: int = 0) -> Optional[CollectiveResult]:
+    def find(self, impl: str, world: int, op: str, size: int = 0) -> CollectiveResult | None:
         for res in self.collective:
             if (res.impl, res.world, res.op) == (impl, world, op) and (op == "barrier" or res.size == size):
                 return res
         return None
 
-    def sim(self, ranks: int, op: str = "barrier", size: int = 0) -> Optional[SimResult]:
+    def sim(self, ranks: int, op: str = "barrier", size: int = 0) -> SimResult | None:
         return next((r for r in self.simulated if (r.ranks, r.op, r.size) == (ranks, op, size)), None)
 
-    def profiled(self, ranks: int, op: str, size: int = 0) -> Optional[Profile]:
+    def profiled(self, ranks: int, op: str, size: int = 0) -> Profile | None:
         found = next((r for r in self.profiles if (r.ranks, r.op, r.size) == (ranks, op, size)), None)
         return found.profile if found is not None else None
 
@@ -49,7 +48,7 @@ class Target:
     name: str
     goal: str
     measured: str
-    met: Optional[bool]  # None: not measured in this run
+    met: bool | None  # None: not measured in this run
     why: str = ""
 
 
@@ -74,7 +73,7 @@ def size_label(size: int) -> str:
     return f"{size} B"
 
 
-def _table(header: list[str], rows: list[list[str]], align: Optional[list[str]] = None) -> str:
+def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
     align = align or ["r"] * len(header)
     for row in rows:
         if len(row) != len(header):
@@ -241,7 +240,7 @@ def _busy_rows(profile: Profile) -> tuple[float, list]:
     return busy_total, [r for r in profile.rows if r not in idle]
 
 
-def _hottest(profile: Optional[Profile]) -> Optional[tuple[str, float]]:
+def _hottest(profile: Profile | None) -> tuple[str, float] | None:
     if profile is None or not profile.rows:
         return None
     busy_total, rows = _busy_rows(profile)
@@ -378,7 +377,7 @@ _CPU_NOTE = (
 )
 
 
-def _collective_row(label: str, ours: Optional[CollectiveResult], native: Optional[CollectiveResult]) -> list[str]:
+def _collective_row(label: str, ours: CollectiveResult | None, native: CollectiveResult | None) -> list[str]:
     row = [label]
     sums = []
     for res in (ours, native):

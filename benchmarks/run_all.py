@@ -79,7 +79,7 @@ def run_spark(plan: Plan, results: Results, say: Progress) -> None:
                 res = collective_rounds(sc, impl, world, "barrier", 0, warmup, rounds)
                 results.collective.append(res)
                 say(f"local[{world}] {impl:6} barrier x{rounds}: p50 {summarize(res.spans_ms).p50:.2f} ms")
-            for size, ours_rounds in zip(plan.allgather_sizes, plan.ours_allgather_rounds):
+            for size, ours_rounds in zip(plan.allgather_sizes, plan.ours_allgather_rounds, strict=True):
                 for impl, warmup, rounds in ((OURS, plan.ours_warmup, ours_rounds),
                                              (NATIVE, 0, plan.native_allgather_rounds)):
                     res = collective_rounds(sc, impl, world, "allGather", size, warmup, rounds)

@@ -71,7 +71,7 @@ class SimRank:
         self.got = 0
         self.fallback = False
 
-    def receive(self, expected: "Expected") -> int:
+    def receive(self, expected: Expected) -> int:
         return _receive(self, expected)
 
     def read_frame(self) -> Frame:
@@ -102,7 +102,7 @@ def connect_all(spec: dict[str, Any]) -> list[SimRank]:
         nonces.append((server_nonce, nonce))
         proof = client_proof(secret, gang_id, server_nonce, nonce)
         sim.sock.sendall(encode_frame(Kind.AUTH, {"gang": gang_id, "nonce": nonce.hex(), "proof": proof}))
-    for sim, (server_nonce, nonce) in zip(ranks, nonces):
+    for sim, (server_nonce, nonce) in zip(ranks, nonces, strict=True):
         welcome = sim.expect(Kind.WELCOME)
         if welcome.header.get("proof") != server_proof(secret, gang_id, server_nonce, nonce):
             raise RuntimeError(f"rank {sim.rank}: the coordinator's proof does not match")
@@ -184,7 +184,7 @@ class Expected:
         self.seq, self.op, self.world, self.size = seq, op, world, size
 
 
-def _receive(sim: "SimRank", exp: Expected) -> int:
+def _receive(sim: SimRank, exp: Expected) -> int:
     """Read what is available for ``sim``; return how many replies it completed (0 or 1)."""
     if sim.fallback:
         return _decode(sim, sim.sock.recv(1 << 20), exp)
@@ -208,12 +208,12 @@ def _receive(sim: "SimRank", exp: Expected) -> int:
     return 1
 
 
-def _switch_to_decoder(sim: "SimRank", exp: Expected) -> int:
+def _switch_to_decoder(sim: SimRank, exp: Expected) -> int:
     data, sim.got, sim.fallback = bytes(sim.view[: sim.got]), 0, True
     return _decode(sim, data, exp)
 
 
-def _decode(sim: "SimRank", data: bytes, exp: Expected) -> int:
+def _decode(sim: SimRank, data: bytes, exp: Expected) -> int:
     if not data:
         raise ConnectionError(f"rank {sim.rank}: the coordinator closed the connection")
     done = 0

@@ -17,9 +17,10 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 from pyspark import cloudpickle as spark_cloudpickle
 
@@ -161,12 +162,12 @@ class CollectiveResult:
     loop_ms_per_round: float
     wall_s: float
     #: ours only: CPU time of the driver's coordinator thread per collective round of the job
-    coordinator_cpu_ms_per_round: Optional[float] = None
+    coordinator_cpu_ms_per_round: float | None = None
     #: CPU time of all ranks' Python workers together per measured round
     ranks_cpu_ms_per_round: float = 0.0
 
 
-def _coordinator_cpu_s() -> Optional[float]:
+def _coordinator_cpu_s() -> float | None:
     """CPU seconds used so far by this process's coordinator thread (``None`` if it is not running)."""
     for thread in threading.enumerate():
         if thread.name == "sparkhydrogen-coordinator" and thread.ident is not None:

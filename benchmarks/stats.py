@@ -9,8 +9,8 @@ by different Python workers (or by the rank simulator) can be compared directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["Summary", "loop_ms_per_round", "percentile", "round_spans_ms", "summarize"]
 
@@ -57,7 +57,8 @@ def round_spans_ms(starts: Sequence[Sequence[int]], ends: Sequence[Sequence[int]
 def loop_ms_per_round(starts: Sequence[Sequence[int]], ends: Sequence[Sequence[int]]) -> float:
     """Throughput view: from the first call of the first round to the last return of the last, per round.
 
-    >>> loop_ms_per_round([[0, 10_000_000], [1_000_000, 10_500_000]], [[2_000_000, 12_000_000], [2_000_000, 11_000_000]])
+    >>> starts = [[0, 10_000_000], [1_000_000, 10_500_000]]
+    >>> loop_ms_per_round(starts, [[2_000_000, 12_000_000], [2_000_000, 11_000_000]])
     6.0
     """
     rounds = len(starts[0])

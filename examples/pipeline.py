@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -41,7 +41,7 @@ def prepare(spark: SparkSession, rows: int = 40_000):
                     *[F.stddev(f"raw{i}").alias(f"s{i}") for i in range(4)]).first()
     feats = raw.select(
         *[((F.col(f"raw{i}") - stats[f"m{i}"]) / stats[f"s{i}"]).alias(f"f{i}") for i in range(4)], "noise")
-    logit = sum(F.col(f) * w for f, w in zip(FEATURES, TRUE_WEIGHTS)) + F.col("noise")
+    logit = sum(F.col(f) * w for f, w in zip(FEATURES, TRUE_WEIGHTS, strict=True)) + F.col("noise")
     return feats.withColumn("label", (logit > 0).cast("double")).drop("noise")
 
 

@@ -35,8 +35,10 @@ import queue
 import select
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, TextIO
 
 __all__ = [
     "STDOUT",
@@ -56,6 +58,12 @@ DEFAULT_MAX_LINES = 10_000
 MAX_LINE_CHARS = 64 * 1024
 #: Upper bound of the text one log frame carries.
 MAX_BATCH_CHARS = 256 * 1024
+#: When a capture stops, how long it waits for the fd's other writers (child processes) to close it.
+STOP_LINGER_SECONDS = 2.0
+#: After that (or once the capture stops), what is still read: at most this many bytes ...
+DRAIN_MAX_BYTES = 1024 * 1024
+#: ... within this many seconds; a process that still writes after that is cut off, and the driver told.
+DRAIN_MAX_SECONDS = 1.0
 
 Send = Callable[[str, str, int], None]
 
@@ -95,7 +103,7 @@ class LineBuffer:
             self._closed = True
             self._cond.notify_all()
 
-    def take(self, timeout: Optional[float] = None) -> tuple[list[tuple[str, str]], int]:
+    def take(self, timeout: float | None = None) -> tuple[list[tuple[str, str]], int]:
         """Wait (up to ``timeout`` s) for lines; return all of them and the lines dropped before them."""
         with self._cond:
             if not self._lines and not self._closed:
@@ -154,7 +162,7 @@ class _LineWriter(io.TextIOBase):
         self._ended = False
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:
         return f"<sparkhydrogen {self._stream}>"
 
     @property
@@ -199,11 +207,22 @@ def _flush_c_stdio() -> None:
 
 
 class _FdPump:
-    """Redirects fd 1 or 2 into a pipe whose reader thread feeds the buffer; restores it on stop."""
+    """Redirects fd 1 or 2 into a pipe whose reader thread feeds the buffer; restores it on stop.
+
+    Child processes inherit the pipe, so one that outlives the capture (a daemon the
+    rank started) keeps it open, and may keep writing. :meth:`stop` is bounded all the
+    same: it waits ``linger`` seconds for EOF, reading as usual; from the moment it is
+    called at most :data:`DRAIN_MAX_BYTES` more are read, and once it signals the
+    reader, at most for :data:`DRAIN_MAX_SECONDS`. What such a process writes after
+    that is not captured, and a last line says so.
+    """
 
     def __init__(self, fd: int, stream: str, emit: Callable[[str], None]) -> None:
         self.fd = fd
+        self._emit = emit
         self._splitter = _Splitter(emit)
+        self._stopping = threading.Event()
+        self._read_after_stop = 0
         self._saved = os.dup(fd)
         read_end, write_end = os.pipe()
         self._stop_r, self._stop_w = os.pipe()
@@ -216,41 +235,62 @@ class _FdPump:
 
     def _pump(self) -> None:
         decoder = _decoder()
+        cut_off = False
         try:
             while True:
-                ready, _, _ = select.select([self._read, self._stop_r], [], [])
-                if self._read in ready:
-                    chunk = os.read(self._read, 65536)
-                    if not chunk:
-                        break
-                    self._splitter.feed(decoder.decode(chunk))
-                elif self._stop_r in ready:
-                    self._drain(decoder)  # a child still holds the pipe: take what is there, then stop
+                ready, _, _ = select.select([self._stop_r, self._read], [], [])
+                if self._stop_r in ready:  # checked first: a writer that never pauses cannot keep us here
+                    cut_off = self._drain(decoder)
+                    break
+                chunk = os.read(self._read, 65536)
+                if not chunk:
+                    break
+                self._feed(decoder, chunk)
+                if self._over_budget():
+                    cut_off = True
                     break
             self._splitter.feed(decoder.decode(b"", final=True))
             self._splitter.end()
+            if cut_off:
+                self._emit(f"[sparkhydrogen] a process that outlived the capture still writes to fd {self.fd}: "
+                           f"stopped reading after {self._read_after_stop} more bytes, the rest is not captured")
         finally:
             os.close(self._read)
 
-    def _drain(self, decoder: Any) -> None:
-        os.set_blocking(self._read, False)
-        while True:
-            try:
-                chunk = os.read(self._read, 65536)
-            except BlockingIOError:
-                return
-            if not chunk:
-                return
-            self._splitter.feed(decoder.decode(chunk))
+    def _feed(self, decoder: Any, chunk: bytes) -> None:
+        if self._stopping.is_set():
+            self._read_after_stop += len(chunk)
+        self._splitter.feed(decoder.decode(chunk))
 
-    def stop(self, linger: float = 2.0) -> None:
+    def _over_budget(self) -> bool:
+        return self._read_after_stop >= DRAIN_MAX_BYTES
+
+    def _drain(self, decoder: Any) -> bool:
+        """Read what the pipe holds now, within the budget; True if the writer was cut off."""
+        os.set_blocking(self._read, False)
+        deadline = time.monotonic() + DRAIN_MAX_SECONDS
+        while True:
+            if self._over_budget() or time.monotonic() >= deadline:
+                return True
+            try:
+                chunk = os.read(self._read, min(65536, DRAIN_MAX_BYTES - self._read_after_stop))
+            except BlockingIOError:
+                return False
+            if not chunk:
+                return False
+            self._feed(decoder, chunk)
+
+    def stop(self, linger: float = STOP_LINGER_SECONDS) -> None:
         _flush_c_stdio()
+        self._stopping.set()
         os.dup2(self._saved, self.fd)  # our end of the pipe is gone: the reader sees EOF
         os.close(self._saved)
         self._thread.join(linger)
         if self._thread.is_alive():  # some child process still holds the write end
             os.write(self._stop_w, b"x")
-            self._thread.join()
+            self._thread.join(DRAIN_MAX_SECONDS + 5.0)  # the drain is bounded; this only guards against a bug
+        if self._thread.is_alive():  # never seen: leave the stop pipe to the (daemon) thread rather than race it
+            return
         os.close(self._stop_r)
         os.close(self._stop_w)
 
@@ -290,11 +330,11 @@ class OutputCapture:
         self._tail_lock = threading.Lock()
         self._pumps: list[_FdPump] = []
         self._writers: list[_LineWriter] = []
-        self._saved_sys: Optional[tuple[TextIO, TextIO]] = None
-        self._sender: Optional[threading.Thread] = None
+        self._saved_sys: tuple[TextIO, TextIO] | None = None
+        self._sender: threading.Thread | None = None
         self.sent_lines = 0
         self.lost_lines = 0  # dropped here, or unsent because ``send`` failed
-        self.send_error: Optional[BaseException] = None
+        self.send_error: BaseException | None = None
 
     def _emitter(self, stream: str) -> Callable[[str], None]:
         tail = self._tails[stream]
@@ -311,7 +351,7 @@ class OutputCapture:
             return list(self._tails[stream])
 
     # lifecycle -------------------------------------------------------------
-    def start(self) -> "OutputCapture":
+    def start(self) -> OutputCapture:
         if self._sender is not None:
             raise RuntimeError("this OutputCapture has already been started")
         self._sender = threading.Thread(target=self._run_sender, name="sparkhydrogen-log-sender", daemon=True)
@@ -330,7 +370,7 @@ class OutputCapture:
         self._saved_sys = (sys.stdout, sys.stderr)
         self._writers = [_LineWriter(STDOUT, self._emitter(STDOUT), 1, sys.stdout),
                          _LineWriter(STDERR, self._emitter(STDERR), 2, sys.stderr)]
-        sys.stdout, sys.stderr = self._writers  # type: ignore[assignment]
+        sys.stdout, sys.stderr = self._writers
         return self
 
     def stop(self) -> None:
@@ -355,7 +395,7 @@ class OutputCapture:
         if self._sender is not None:
             self._sender.join()
 
-    def __enter__(self) -> "OutputCapture":
+    def __enter__(self) -> OutputCapture:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -384,7 +424,7 @@ class OutputCapture:
 def _batches(lines: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
     """Group consecutive lines of one stream into ``(stream, text, line_count)`` batches of bounded size."""
     out: list[tuple[str, str, int]] = []
-    current: Optional[str] = None
+    current: str | None = None
     parts: list[str] = []
     size = 0
     for stream, line in lines:
@@ -418,10 +458,14 @@ def format_record(record: Any) -> str:
 
     >>> format_record(_Record(0, 2, "stdout", "loss 0.5\\nloss 0.4\\n"))
     '[rank 2] loss 0.5\\n[rank 2] loss 0.4\\n'
-    >>> format_record(_Record(1, 0, "stderr", "boom\\n", dropped=7))
-    '[rank 0, attempt 1] ... 7 line(s) dropped: the rank wrote faster than they could be streamed ...\\n[rank 0, attempt 1] boom\\n'
+    >>> print(format_record(_Record(1, 0, "stderr", "boom\\n", dropped=7)), end="")
+    [rank 0, attempt 1] ... 7 line(s) dropped: the rank wrote faster than they could be streamed ...
+    [rank 0, attempt 1] boom
     """
-    prefix = f"[rank {record.rank}]" if record.gang_attempt == 0 else f"[rank {record.rank}, attempt {record.gang_attempt}]"
+    if record.gang_attempt == 0:
+        prefix = f"[rank {record.rank}]"
+    else:
+        prefix = f"[rank {record.rank}, attempt {record.gang_attempt}]"
     out = []
     if record.dropped:
         out.append(f"{prefix} ... {record.dropped} line(s) dropped: the rank wrote faster than they could be "
@@ -446,7 +490,7 @@ class LogPrinter:
     """
 
     def __init__(self) -> None:
-        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="sparkhydrogen-log-printer", daemon=True)
         self._thread.start()
         self.records = 0

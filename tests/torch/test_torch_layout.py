@@ -1,14 +1,20 @@
-"""The arithmetic of a torch launch (no Spark, no torch): layout, environment, GPU mapping, arguments."""
+"""The arithmetic of a torch launch (no Spark, no torch): layout, environment, GPU mapping, arguments;
+and the ranks' child-process entry point in a Python that has pyspark but no ``cloudpickle``."""
 
 from __future__ import annotations
 
 import doctest
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import sparkhydrogen
 import sparkhydrogen.torch as h2torch
-from sparkhydrogen.torch import _layout, _rank
+from sparkhydrogen.torch import _child, _layout, _rank
 from sparkhydrogen.torch._layout import (
     DevicePlan,
     GpuAssignmentError,
@@ -44,9 +50,9 @@ def test_doctests(module: object) -> None:
 def test_ranks_sharing_a_host_get_consecutive_local_ranks() -> None:
     hosts = ["10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.2"]
     layouts = [node_layout(hosts, r) for r in range(4)]
-    assert [(l.local_rank, l.local_world_size, l.group_rank) for l in layouts] == [
+    assert [(lay.local_rank, lay.local_world_size, lay.group_rank) for lay in layouts] == [
         (0, 3, 0), (1, 3, 0), (0, 1, 1), (2, 3, 0)]
-    assert {l.group_world_size for l in layouts} == {2}
+    assert {lay.group_world_size for lay in layouts} == {2}
 
 
 def test_one_host_is_one_group() -> None:
@@ -203,3 +209,51 @@ def test_device_outside_a_rank_is_a_clear_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv(_layout.DEVICE_ENV, raising=False)
     with pytest.raises(RuntimeError, match=r"device\(\) was called outside a rank"):
         h2torch.device()
+
+
+# the child-process entry without cloudpickle (a --py-files cluster that only has pyspark) -------------
+
+# Runs ``python -m sparkhydrogen.torch._proc script PATH OUT`` with ``import cloudpickle`` failing.
+WITHOUT_CLOUDPICKLE = """
+import runpy, sys
+
+
+class NoCloudpickle:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cloudpickle" or name.startswith("cloudpickle."):
+            raise ModuleNotFoundError("No module named 'cloudpickle' (blocked by the test)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoCloudpickle())
+sys.argv = ["sparkhydrogen.torch._proc", *sys.argv[1:]]
+runpy.run_module("sparkhydrogen.torch._proc", run_name="__main__", alter_sys=True)
+"""
+
+# The training script the child runs: what it writes back goes through the child's pickler.
+CHILD_SCRIPT = """
+import json, os, sys
+from sparkhydrogen import serde
+from sparkhydrogen.torch import _child
+
+out = sys.argv[1]
+_child._write(out, "result.pkl", lambda n: n * 2)  # by value: plain pickle cannot do a lambda
+_child._write_error(out, ValueError("from the child"))
+with open(os.path.join(out, "child.json"), "w") as fh:
+    json.dump({"cloudpickle": serde.cloudpickle.__name__, "argv": sys.argv,
+               "imported": "cloudpickle" in sys.modules}, fh)
+"""
+
+
+def test_the_child_entry_falls_back_to_pysparks_cloudpickle(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(CHILD_SCRIPT)
+    done = subprocess.run([sys.executable, "-c", WITHOUT_CLOUDPICKLE, "script", str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "child.json").read_text())
+    assert report == {"cloudpickle": "pyspark.cloudpickle", "argv": [str(script), str(tmp_path)], "imported": False}
+    with open(tmp_path / "result.pkl", "rb") as fh:
+        assert pickle.load(fh)(21) == 42
+    error = _child.read_error(str(tmp_path))
+    assert error is not None and isinstance(error[0], ValueError) and str(error[0]) == "from the child"

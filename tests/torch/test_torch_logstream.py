@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -195,3 +196,68 @@ def test_writers_kept_after_the_capture_pass_text_on() -> None:
     done = subprocess.run([sys.executable, "-c", KEPT_WRITER], capture_output=True, text=True, timeout=50, check=True)
     assert done.stderr == "after the capture\n"  # passed on to the stream it replaced
     assert json.loads(done.stdout) == [["stderr", "in the next capture\n"]]  # caught again, at the fd level
+
+
+# stopping while a process that inherited the fd keeps writing ----------------------------
+
+WRITE_FOREVER = """
+import os, sys, time
+fd, line = int(sys.argv[1]), b"y" * 99 + b"\\n"
+deadline = time.monotonic() + 40  # bounded: ends by itself even if nothing stops it
+try:
+    while time.monotonic() < deadline:
+        os.write(fd, line * 650)
+except BrokenPipeError:  # the capture stopped reading: what a long-lived grandchild sees
+    pass
+"""
+
+
+def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_stop_is_bounded_in_time_and_bytes_while_a_child_keeps_writing() -> None:
+    lines: list[str] = []
+    fd = os.open(os.devnull, os.O_WRONLY)  # a spare fd, so pytest's own fds 1 and 2 are left alone
+    try:
+        pump = logstream._FdPump(fd, "stdout", lines.append)
+        writer = subprocess.Popen([sys.executable, "-c", WRITE_FOREVER, str(fd)], pass_fds=(fd,))
+        try:
+            _wait_for(lambda: len(lines) > 1000)
+            seen = len(lines)
+            start = time.monotonic()
+            pump.stop(linger=0.5)
+            elapsed = time.monotonic() - start
+            after = lines[seen:]
+        finally:
+            writer.kill()
+            writer.wait()
+    finally:
+        os.close(fd)
+    assert elapsed < 0.5 + logstream.DRAIN_MAX_SECONDS + 2.0, f"stop() took {elapsed:.1f} s"
+    read_after = sum(len(line) + 1 for line in after[:-1])
+    assert read_after <= logstream.DRAIN_MAX_BYTES + logstream.MAX_LINE_CHARS
+    assert "still writes to fd" in after[-1] and "not captured" in after[-1]
+
+
+def test_stop_is_bounded_when_a_silent_grandchild_holds_the_pipe() -> None:
+    sent = Collected()
+    holder = None
+    start = 0.0
+    try:
+        with OutputCapture(sent):
+            # a daemon the rank started and never waited for: it keeps fds 1 and 2 open, writing nothing
+            holder = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); "
+                                       "time.sleep(40)"])
+            _wait_for(lambda: "started" in sent.lines("stdout"))
+            start = time.monotonic()
+        elapsed = time.monotonic() - start
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert elapsed < logstream.STOP_LINGER_SECONDS + logstream.DRAIN_MAX_SECONDS + 2.0
+    assert sent.lines("stdout") == ["started"]

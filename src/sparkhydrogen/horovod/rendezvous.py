@@ -25,7 +25,6 @@ import logging
 import secrets
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 
 __all__ = ["RendezvousServer", "MAX_VALUE_BYTES", "MAX_KEYS"]
 
@@ -45,14 +44,14 @@ class _Store:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_HTTPServer"
+    server: _HTTPServer
     protocol_version = "HTTP/1.0"
     timeout = 10
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: we log what matters
         return
 
-    def _route(self) -> Optional[tuple[str, str]]:
+    def _route(self) -> tuple[str, str] | None:
         store = self.server.store
         parts = self.path.split("/")
         # "/<token>:<port>/<scope>/<key>" -> ["", "<token>:<port>", scope, key]
@@ -122,8 +121,8 @@ class RendezvousServer:
     def __init__(self, host: str, port: int = 0) -> None:
         self.host = host
         self._requested_port = port
-        self._server: Optional[_HTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:

@@ -17,9 +17,10 @@ import runpy
 import signal
 import sys
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-import cloudpickle
+from ..serde import cloudpickle
 
 __all__ = ["die_with_parent", "main", "read_error", "read_result", "write_job"]
 
@@ -55,7 +56,7 @@ def read_result(folder: str) -> Any:
         return pickle.load(fh)
 
 
-def read_error(folder: str) -> Optional[tuple[BaseException, str]]:
+def read_error(folder: str) -> tuple[BaseException, str] | None:
     """The exception (and formatted traceback) the child's function raised, if it wrote one."""
     path = os.path.join(folder, _ERROR)
     if not os.path.exists(path):

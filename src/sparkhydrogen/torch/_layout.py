@@ -6,8 +6,8 @@ Nothing here talks to Spark, torch or the network, so every rule is unit tested.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 from ..errors import LaunchError
 
@@ -138,7 +138,7 @@ def check_gpu_addresses(addresses: Sequence[str], where: str = "Spark") -> list[
     return out
 
 
-def physical_gpus(addresses: Sequence[str], cuda_visible_devices: Optional[str]) -> list[str]:
+def physical_gpus(addresses: Sequence[str], cuda_visible_devices: str | None) -> list[str]:
     """The device ids a fresh process must see for ``addresses`` that Spark assigned to this task.
 
     Without ``CUDA_VISIBLE_DEVICES`` the addresses are the ids. With it (an
@@ -167,7 +167,7 @@ def physical_gpus(addresses: Sequence[str], cuda_visible_devices: Optional[str])
     return out
 
 
-def assigned_gpus(task_gpus: Optional[Sequence[str]], driver_gpus: Sequence[str], rank: int) -> list[str]:
+def assigned_gpus(task_gpus: Sequence[str] | None, driver_gpus: Sequence[str], rank: int) -> list[str]:
     """The GPU addresses of ``rank``: its task's, else (local master, local mode) the driver's ``rank``-th.
 
     >>> assigned_gpus(["1"], [], 0)
@@ -185,7 +185,7 @@ def assigned_gpus(task_gpus: Optional[Sequence[str]], driver_gpus: Sequence[str]
     )
 
 
-def local_mode_gpus(driver_gpus: Optional[Sequence[str]], num_processes: int) -> list[str]:
+def local_mode_gpus(driver_gpus: Sequence[str] | None, num_processes: int) -> list[str]:
     """The driver GPUs local-mode ranks use, one each; a clear error when there are too few.
 
     >>> local_mode_gpus(["0", "1", "2"], 2)
@@ -210,8 +210,8 @@ class DevicePlan:
     process (``None``: leave as is; ``""``: hide every GPU).
     """
 
-    ordinal: Optional[int]
-    visible: Optional[str]
+    ordinal: int | None
+    visible: str | None
 
     @property
     def device(self) -> str:
