@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -33,6 +34,11 @@ WORLD = 2  # every kind has at least 2 slots (local-cluster: 2 executors x 1 cor
 PATHS = ("run", "rdd", "df", "df_plan")
 
 Body = Callable[[Any], Any]  # body(ctx) -> this rank's result
+
+# Task closures use this module's helpers; executors cannot import a test module, so ship them by value.
+from pyspark import cloudpickle as _cloudpickle  # noqa: E402
+
+_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _is_connect(spark: Any) -> bool:
@@ -59,14 +65,15 @@ def _rdd_body(body: Body, rows: Iterator[Any]) -> Iterator[tuple[int, Any]]:
 
 
 def _pandas_body(body: Body, batches: Iterator[Any]) -> Iterator[Any]:
-    import cloudpickle
+    import pickle
+
     import pandas as pd
 
     for _ in batches:  # consume this rank's share of the input
         pass
     ctx = h2.BarrierTaskContext.get()
     result = body(ctx)
-    yield pd.DataFrame({"rank": [ctx.rank()], "result": [cloudpickle.dumps(result)]})
+    yield pd.DataFrame({"rank": [ctx.rank()], "result": [pickle.dumps(result)]})
 
 
 def gang(spark: Any, path: str, body: Body, *, max_retries: Optional[int] = None) -> list[Any]:
