@@ -11,10 +11,23 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from kit import (
+    HOST,
+    JOIN_TIMEOUT,
+    LOOPBACK,
+    FakeClock,
+    MemoryPeer,
+    Outcome,
+    connect,
+    joined,
+    start_ranks,
+    wait_pending,
+    wait_until,
+)
 
 from sparkhydrogen.config import CoordinatorConfig
 from sparkhydrogen.context import BarrierTaskContext
@@ -42,6 +55,7 @@ from sparkhydrogen.errors import (
     GangAbortedError,
     HydrogenError,
     NotInGangError,
+    PartitionClosedError,
     PayloadError,
     ProtocolError,
     RegistrationError,
@@ -49,132 +63,8 @@ from sparkhydrogen.errors import (
 
 pytestmark = pytest.mark.timeout(30)
 
-LOOPBACK = "127.0.0.1"
-JOIN_TIMEOUT = 15.0
-HOST = "unit-host"
-
-
 # ------------------------------------------------------------------ helpers
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., CoordinatorServer]]:
-    servers: list[CoordinatorServer] = []
-
-    def make(**config: Any) -> CoordinatorServer:
-        server = CoordinatorServer(CoordinatorConfig(host=LOOPBACK, port=0, **config))
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def server(make_server: Callable[..., CoordinatorServer]) -> CoordinatorServer:
-    return make_server()
-
-
-def connect(handle: GangHandle, *, gang_id: Optional[str] = None, secret: Optional[bytes] = None,
-            timeout: float = 5.0) -> CoordinatorClient:
-    return CoordinatorClient.connect((handle.host, handle.port), handle.gang_id if gang_id is None else gang_id,
-                                     handle.secret if secret is None else secret, timeout=timeout)
-
-
-def joined(handle: GangHandle, rank: int, **register: Any) -> CoordinatorClient:
-    client = connect(handle)
-    register.setdefault("host", HOST)
-    assert client.register(rank, **register) == handle.world_size
-    return client
-
-
-@dataclass
-class Outcome:
-    value: Any = None
-    error: Optional[BaseException] = None
-    at: float = 0.0  # time.monotonic() when the body returned or raised
-
-    def get(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-@dataclass
-class Ranks:
-    """Ranks running ``body(client, rank)`` on threads; each registers, runs, finishes and closes."""
-
-    handle: GangHandle
-    body: Callable[[CoordinatorClient, int], Any]
-    ranks: Sequence[int]
-    finish: bool = True
-    outcomes: dict[int, Outcome] = field(default_factory=dict)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for rank in self.ranks:
-            thread = threading.Thread(target=self._run, args=(rank,), name=f"rank-{rank}", daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _run(self, rank: int) -> None:
-        try:
-            client = joined(self.handle, rank)
-        except BaseException as exc:  # noqa: BLE001 - reported by join()
-            self.outcomes[rank] = Outcome(error=exc, at=time.monotonic())
-            return
-        try:
-            value = self.body(client, rank)
-            self.outcomes[rank] = Outcome(value=value, at=time.monotonic())
-            if self.finish:
-                client.finish()
-        except BaseException as exc:  # noqa: BLE001 - reported by join()
-            self.outcomes[rank] = Outcome(error=exc, at=time.monotonic())
-        finally:
-            client.close()
-
-    def join(self, timeout: float = JOIN_TIMEOUT) -> dict[int, Outcome]:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
-        alive = [t.name for t in self.threads if t.is_alive()]
-        assert not alive, f"threads still running after {timeout} s: {alive}"
-        return self.outcomes
-
-    def values(self, timeout: float = JOIN_TIMEOUT) -> dict[int, Any]:
-        return {rank: outcome.get() for rank, outcome in sorted(self.join(timeout).items())}
-
-
-def start_ranks(handle: GangHandle, body: Callable[[CoordinatorClient, int], Any],
-                ranks: Optional[Sequence[int]] = None, finish: bool = True) -> Ranks:
-    return Ranks(handle, body, list(range(handle.world_size)) if ranks is None else list(ranks), finish)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll a condition of the server's own state (a ready signal, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(0.005)
-
-
-def pending_ranks(server: CoordinatorServer, gang_id: str) -> set[int]:
-    """Ranks of a gang with a collective call waiting in the coordinator (read on its loop)."""
-
-    def read() -> set[int]:
-        gang = server.registry.get(gang_id)
-        if gang is None:
-            return set()
-        return {r for a in gang.attempts.values() for rnd in a.rounds.values() for r in rnd.arrivals}
-
-    return server._on_loop(read)
-
-
-def wait_pending(server: CoordinatorServer, handle: GangHandle, ranks: set[int]) -> None:
-    wait_until(lambda: pending_ranks(server, handle.gang_id) >= ranks, f"ranks {sorted(ranks)} are waiting")
+# servers: the ``make_server`` / ``server`` fixtures (conftest.py); ranks: kit.py
 
 
 # --- raw sockets, for peers that do not follow the protocol
@@ -208,7 +98,7 @@ def assert_closed_by_server(sock: socket.socket) -> bytes:
             received += data
     except ConnectionResetError:
         return received
-    except socket.timeout:
+    except TimeoutError:
         raise AssertionError("the coordinator kept the connection open") from None
 
 
@@ -554,7 +444,7 @@ def test_oversized_payload_from_a_client_fails_it_and_aborts_its_gang(
                        match=r"exceeds the limit of 65536 bytes|lost the connection|closed the connection"):
         big.collective("allGather", b"x" * (1 << 20))
     big.close()
-    with pytest.raises(GangAbortedError, match="rank 1 raised ConnectionLost") as info:
+    with pytest.raises(GangAbortedError, match=r"aborted: rank 1's process died or lost its connection") as info:
         waiter.join()[0].get()
     assert info.value.failed_rank == 1
 
@@ -593,13 +483,14 @@ def test_abruptly_closed_client_aborts_waiting_peers(server: CoordinatorServer) 
     outcomes = peers.join()
     for rank in (0, 1):
         with pytest.raises(GangAbortedError,
-                           match=r"rank 2 raised ConnectionLost: rank 2 \(host unit-host, pid \d+\) lost its "
-                                 r"connection to the coordinator before finishing") as info:
+                           match=r"aborted: rank 2's process died or lost its connection to the coordinator "
+                                 r"\(host unit-host, pid \d+, last heard \d+\.\d s ago") as info:
             outcomes[rank].get()
         assert info.value.failed_rank == 2
         assert outcomes[rank].at - closed_at < 1.0
     last = server.last_failure(handle.gang_id)
-    assert last is not None and last.type == "ConnectionLost" and last.rank == 2
+    assert last is not None and last.type == "RankLostError" and last.rank == 2
+    assert last.describe().startswith("rank 2's process died or lost its connection to the coordinator (host unit-host")
 
 
 def test_closing_after_finish_is_not_a_failure(server: CoordinatorServer) -> None:
@@ -892,3 +783,204 @@ def test_log_records_reach_the_driver_hook_in_order() -> None:
         client.close()
     finally:
         server.stop()
+
+
+# ------------------------------------------------------- liveness while bytes arrive
+
+
+def test_a_rank_uploading_a_large_payload_slowly_is_alive_on_every_chunk(make_server: Any) -> None:
+    clock = FakeClock()
+    server = make_server(clock=clock, liveness_timeout=1.0, tick_interval=3600.0)  # timeouts run on expire()
+    handle = server.add_gang(world_size=1)
+    rank = MemoryPeer(server)
+    client_nonce = b"c" * NONCE_BYTES
+    proof = client_proof(handle.secret, handle.gang_id, rank.nonce, client_nonce)
+    rank.feed(encode_frame(Kind.AUTH, {"gang": handle.gang_id, "nonce": client_nonce.hex(), "proof": proof}),
+              encode_frame(Kind.REQUEST, {"op": "register", "gang_attempt": 0, "stage_id": 0, "rank": 0}))
+    payload = bytes(range(256)) * 4096  # 1 MiB, arriving in 16 chunks, 0.6 s apart (limit: 1 s of silence)
+    frame = encode_frame(Kind.REQUEST, {"op": "call", "kind": "allGather", "seq": 0}, payload)
+    step = len(frame) // 16 + 1
+    for start in range(0, len(frame), step):
+        rank.feed(frame[start:start + step])
+        clock.advance(0.6)
+        server.expire()
+    replies = rank.transport.frames()
+    assert [f.kind for f in replies] == [Kind.HELLO, Kind.WELCOME, Kind.REPLY, Kind.REPLY], \
+        [f.header for f in replies if f.kind is Kind.ERROR]
+    assert replies[-1].payload == payload
+    assert server.last_failure(handle.gang_id) is None
+    clock.advance(1.5)  # now it is silent for longer than the limit: that still counts
+    server.expire()
+    last = server.last_failure(handle.gang_id)
+    assert last is not None and last.type == "RankUnresponsive"
+
+
+# ------------------------------------------------------- fail() beside a pending collective
+
+
+def test_fail_is_not_blocked_by_another_threads_pending_collective(server: CoordinatorServer) -> None:
+    handle = server.add_gang(world_size=3)
+    peer = start_ranks(handle, lambda c, r: c.collective("barrier"), ranks=[1])
+    idle = joined(handle, 2)  # registered, never arrives: the barrier cannot complete
+    client = joined(handle, 0)
+    stuck = Outcome()
+
+    def in_barrier() -> None:
+        try:
+            stuck.value = client.collective("barrier", timeout=20)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            stuck.error = exc
+
+    waiting = threading.Thread(target=in_barrier, daemon=True)
+    waiting.start()
+    wait_pending(server, handle, {0, 1})
+    reporter = threading.Thread(target=client.fail, args=(ErrorInfo("RuntimeError", "boom", rank=0),), daemon=True)
+    reporter.start()
+    reporter.join(2.0)
+    assert not reporter.is_alive(), "fail() waited behind another thread's pending barrier"
+    with pytest.raises(GangAbortedError, match=r"aborted: rank 0 raised RuntimeError: boom") as info:
+        peer.join()[1].get()
+    assert info.value.failed_rank == 0
+    waiting.join(JOIN_TIMEOUT)
+    assert not waiting.is_alive()
+    with pytest.raises(GangAbortedError, match=r"aborted: rank 0 raised RuntimeError: boom"):
+        stuck.get()  # the failing rank's own pending call does not wait forever either
+    with pytest.raises(GangAbortedError, match=r"aborted: rank 0 raised RuntimeError: boom"):
+        idle.collective("barrier")
+    for c in (client, idle):
+        c.close()
+
+
+# ------------------------------------------------------- partitions closed early
+
+
+def test_a_partition_closed_early_fails_waiting_peers_with_that_reason(server: CoordinatorServer) -> None:
+    aborts: list[ErrorInfo] = []
+    handle = server.add_gang(world_size=3, on_abort=lambda key, cause: aborts.append(cause))
+
+    def body(client: CoordinatorClient, rank: int) -> Any:
+        client.collective("barrier")
+        client.collective("barrier")
+        return client.collective("allGather", b"x")
+
+    peers = start_ranks(handle, body, ranks=[0, 2])
+    early = joined(handle, 1)
+    early.collective("barrier")
+    early.collective("barrier")
+    wait_pending(server, handle, {0, 2})
+    early.finish(closed_early=True)  # a chained take() stopped reading rank 1's partition
+    early.close()
+    outcomes = peers.join()
+    for rank in (0, 2):
+        with pytest.raises(PartitionClosedError,
+                           match=r"rank 1's partition was closed early by its consumer \(e.g. a chained "
+                                 r"take\(\)/islice\) before its collective #3 \(allGather\)"):
+            outcomes[rank].get()
+    last = server.last_failure(handle.gang_id)
+    assert last is not None and last.type == "PartitionClosedError" and "mismatch" not in last.describe()
+    wait_until(lambda: len(aborts) == 1, "the driver's abort hook ran")
+
+
+def test_every_partition_closed_early_with_nobody_waiting_completes_without_an_abort(
+    server: CoordinatorServer,
+) -> None:
+    aborts: list[ErrorInfo] = []
+    handle = server.add_gang(world_size=2, on_abort=lambda key, cause: aborts.append(cause))
+    clients = {}
+    for rank in (0, 1):
+        clients[rank] = joined(handle, rank)
+    done = start_ranks(handle, lambda c, r: None, ranks=[])  # nothing else runs
+    threads = [threading.Thread(target=clients[r].collective, args=("barrier",), daemon=True) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT)
+    for rank in (0, 1):
+        clients[rank].finish(closed_early=True)
+        clients[rank].close()
+    done.join()
+    wait_until(lambda: server.gang_settled(handle.gang_id), "the attempt ends")
+    assert server.last_failure(handle.gang_id) is None
+    assert server._on_loop(lambda: [a.state.value for a in server.registry.gangs[handle.gang_id].attempts.values()]) \
+        == ["finished"]
+    assert aborts == []
+
+
+# ------------------------------------------------------- state per gang: ephemeral gangs, removal
+
+
+def _run_one(handle: GangHandle, checkpoint: bytes = b"") -> list[bytes]:
+    client = joined(handle, 0)
+    try:
+        if checkpoint:
+            client.collective("checkpoint", checkpoint)
+        parts = [bytes(p) for p in client.collective("allGather", b"solo")]
+        client.log("stdout", "one line\n")
+        client.finish()
+        return parts
+    finally:
+        client.close()
+
+
+def test_an_ephemeral_gang_holds_no_checkpoint_or_attempt_after_success_and_can_run_again(
+    server: CoordinatorServer,
+) -> None:
+    ephemeral = server.add_gang(world_size=1, ephemeral=True)
+    durable = server.add_gang(world_size=1)
+    assert _run_one(ephemeral, checkpoint=b"s" * 4096) == [b"solo"]
+    assert _run_one(durable, checkpoint=b"d" * 1000) == [b"solo"]
+    wait_until(lambda: server.footprint()["connections"] == 0, "both ranks hung up")
+    wait_until(lambda: server.footprint()["attempts"] == 1, "the ephemeral gang forgot its attempt")
+    foot = server.footprint()
+    assert (foot["gangs"], foot["checkpoints"], foot["checkpoint_bytes"]) == (2, 1, 1000)  # the durable gang's
+    assert _run_one(ephemeral) == [b"solo"]  # a re-evaluation joins the dormant gang as a new generation
+    wait_until(lambda: server.footprint()["attempts"] == 1, "the ephemeral gang forgot its second attempt")
+
+
+def test_thousands_of_gangs_declared_run_and_removed_leave_nothing_behind(server: CoordinatorServer) -> None:
+    logs: list[Any] = []
+    before = server.footprint()
+    assert set(before.values()) == {0}
+    for n in range(2000):
+        handle = server.add_gang(world_size=1, name=f"job-{n}", ephemeral=n % 2 == 0,
+                                 on_abort=lambda key, cause: None, on_log=logs.append)
+        if n % 100 == 0:  # now and then a gang that fails, one that checkpoints, one left running
+            client = joined(handle, 0)
+            client.collective("checkpoint", b"c" * 100)
+            client.fail(ErrorInfo("ValueError", "failed on purpose", rank=0))
+            client.close()
+        elif n % 100 == 1:
+            client = joined(handle, 0)
+            client.collective("barrier")
+            server.remove_gang(handle.gang_id)  # removed while its rank is still connected
+            client.close()
+            continue
+        else:
+            assert _run_one(handle, checkpoint=b"c" * 10 if n % 7 == 0 else b"") == [b"solo"]
+        wait_until(lambda: server.gang_settled(handle.gang_id), f"gang {n} finished or aborted")
+        server.remove_gang(handle.gang_id)
+    wait_until(lambda: server.footprint()["connections"] == 0, "every rank hung up", timeout=30)
+    assert server.footprint() == before
+    assert len(logs) == 2000 - 2 * 20 and server.internal_errors == 0
+
+
+def test_a_loop_call_that_times_out_raises_a_hydrogen_error_saying_what(
+    server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sparkhydrogen.coordinator import server as server_module
+
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def block() -> None:
+        blocked.set()
+        release.wait(20)
+
+    server._loop.call_soon_threadsafe(block)  # type: ignore[union-attr]
+    blocked.wait(10)
+    monkeypatch.setattr(server_module, "LOOP_CALL_TIMEOUT", 0.2)
+    try:
+        with pytest.raises(HydrogenError, match=r"did not run stats\(\) within 0\.2 s: its loop is blocked"):
+            server.stats()
+    finally:
+        release.set()

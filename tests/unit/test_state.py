@@ -15,15 +15,19 @@ from sparkhydrogen.coordinator.state import (
     Gang,
     Log,
     MemberInfo,
+    FailureKind,
     Op,
     Registry,
     Reject,
+    Roster,
 )
 from sparkhydrogen.errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
     ErrorInfo,
     GangAbortedError,
+    PartitionClosedError,
+    RankLostError,
     RegistrationError,
     from_info,
 )
@@ -346,11 +350,14 @@ def test_disconnect_before_finish_aborts_the_attempt() -> None:
     reject = only_reject(attempt.disconnect(2, 4.0))
     assert reject.ranks == (0, 1)
     with pytest.raises(GangAbortedError,
-                       match=r"rank 2 raised ConnectionLost: rank 2 \(host host2, pid 1002\) lost its connection to "
-                             r"the coordinator before finishing \(last heard 4\.0 s ago\)") as info:
+                       match=r"aborted: rank 2's process died or lost its connection to the coordinator \(host host2, "
+                             r"pid 1002, last heard 4\.0 s ago\) before finishing its task") as info:
         raise from_info(reject.error)
+    assert "raised" not in str(info.value)
     assert info.value.failed_rank == 2
-    assert info.value.cause is not None and info.value.cause.type == "ConnectionLost"
+    assert info.value.cause is not None and info.value.cause.type == "RankLostError"
+    with pytest.raises(RankLostError, match=r"^rank 2's process died"):
+        raise from_info(info.value.cause)
     assert not attempt.done  # ranks 0 and 1 are still connected
     attempt.disconnect(0, 5.0)
     attempt.disconnect(1, 5.0)
@@ -578,7 +585,7 @@ def test_prune_keeps_the_newest_done_attempts_and_remembers_failures() -> None:
     running, _ = join(gang, 0, task_attempt_id=10, gang_attempt=9)  # never done: never pruned
     gang.prune(keep_done=2)
     assert sorted(gang.attempts) == [keys[3], keys[4], running.key]
-    assert [info.message for _, info in gang.failures] == ["failure 0", "failure 1", "failure 2"]
+    assert [f.error.message for f in gang.failures] == ["failure 0", "failure 1", "failure 2"]
     assert gang.last_failure() == (keys[4], ErrorInfo("ValueError", "failure 4", rank=0))
     gang.prune(keep_done=0)
     assert list(gang.attempts) == [running.key]
@@ -628,7 +635,7 @@ def test_failures_list_is_bounded() -> None:
         attempt.disconnect(0, float(n))
         gang.prune(keep_done=0)
     assert gang.attempts == {}
-    assert [info.message for _, info in gang.failures] == [f"failure {n}" for n in range(4, 20)]
+    assert [f.error.message for f in gang.failures] == [f"failure {n}" for n in range(4, 20)]
 
 
 # ---------------------------------------------------------------- Registry
@@ -645,3 +652,131 @@ def test_registry_add_get_remove_and_secrets() -> None:
     assert registry.remove(GANG_ID) is gang
     assert registry.get(GANG_ID) is None
     assert registry.remove(GANG_ID) is None
+
+
+def test_admission_refuses_a_gang_beyond_max_gangs_with_a_typed_record() -> None:
+    registry = Registry()
+    busy = Gang("a" * 32, b"k" * 32, 1, name="busy")
+    waiting = Gang("b" * 32, b"k" * 32, 1, name="waiting")
+    registry.add(busy)
+    registry.add(waiting)
+    assert registry.admit(busy, 0, 1, 0, max_gangs=1) is None
+    join(busy, 0, task_attempt_id=1, stage_id=1)
+    assert registry.running() == 1
+    refusal = registry.admit(waiting, 0, 7, 0, max_gangs=1)
+    assert refusal is not None and refusal.kind is FailureKind.ADMISSION
+    assert refusal.key == (0, 7, 0)  # the launch that was refused, not a made-up generation
+    with pytest.raises(RegistrationError, match=r"gang bbbbbbbb \(waiting\) cannot start: the coordinator already "
+                                                r"runs 1 gangs, its limit \(spark.hydrogen.coordinator.maxGangs=1\)"):
+        raise from_info(refusal.error)
+    assert waiting.record(refusal) and not waiting.record(refusal)  # the same refusal is remembered once
+    assert waiting.last_failure() == ((0, 7, 0), refusal.error)
+    assert registry.admit(busy, 0, 1, 0, max_gangs=1) is None  # a running gang admits its own ranks
+
+
+def test_budget_reserves_only_what_fits_and_counts_rounds() -> None:
+    gang = make_gang(2)
+    assert gang.reserve(600, limit=1000) and not gang.reserve(600, limit=1000)
+    gang.release(600)
+    attempt, _ = join(gang, 0, task_attempt_id=1)
+    join(gang, 1, task_attempt_id=2)
+    attempt.call(0, call(Op.ALLGATHER, 0, b"x" * 700), 1.0)
+    assert gang.buffered_bytes == 700 and not gang.reserve(400, limit=1000)
+    attempt.call(1, call(Op.ALLGATHER, 0, b"y" * 10), 1.0)
+    assert gang.buffered_bytes == 0
+
+
+def test_roster_attaches_and_forgets_endpoints() -> None:
+    roster: Roster[str] = Roster()
+    attempt = make_attempt(2)
+    roster.attach(attempt, 0, "conn0")
+    roster.attach(attempt, 1, "conn1")
+    roster.detach(attempt, 1, "someone else")
+    assert dict(roster.endpoints(attempt)) == {0: "conn0", 1: "conn1"}
+    roster.detach(attempt, 1, "conn1")
+    assert dict(roster.endpoints(attempt)) == {0: "conn0"} and roster.endpoint_count == 1
+    roster.drop_gang(GANG_ID)
+    assert roster.attempts == 0 and roster.endpoint_count == 0
+
+
+# ------------------------------------------------------- closed early
+
+
+def test_a_rank_closed_early_while_peers_wait_fails_them_with_what_happened_not_a_mismatch() -> None:
+    attempt = make_attempt(3)
+    for rank in range(3):
+        attempt.call(rank, call(Op.BARRIER, 0), 1.0)
+    for rank in range(3):
+        attempt.call(rank, call(Op.BARRIER, 1), 1.0)
+    attempt.call(0, call(Op.ALLGATHER, 2, b"a"), 2.0)
+    attempt.call(2, call(Op.ALLGATHER, 2, b"c"), 2.0)
+    reject = only_reject(attempt.finish(1, 3.0, closed_early=True))
+    assert reject.ranks == (0, 2)
+    with pytest.raises(PartitionClosedError,
+                       match=r"rank 1's partition was closed early by its consumer \(e.g. a chained take\(\)/islice\) "
+                             r"before its collective #3 \(allGather\), which rank\(s\) 0, 2 called"):
+        raise from_info(reject.error)
+    assert attempt.state is AttemptState.ABORTED
+    assert attempt.failure is not None and attempt.failure.type == "PartitionClosedError"
+    assert "raised" not in attempt.failure.describe() and "mismatch" not in attempt.failure.describe()
+
+
+def test_a_peer_calling_after_a_rank_closed_early_gets_the_closed_early_verdict() -> None:
+    attempt = make_attempt(2)
+    assert attempt.finish(1, 1.0, closed_early=True) == []
+    reject = only_reject(attempt.call(0, call(Op.BARRIER, 0), 2.0))
+    assert reject.ranks == (0,)
+    with pytest.raises(PartitionClosedError, match=r"rank 1's partition was closed early .* before its collective #1 "
+                                                   r"\(barrier\), which rank\(s\) 0 called"):
+        raise from_info(reject.error)
+
+
+def test_every_rank_closed_early_with_nobody_waiting_simply_completes() -> None:
+    attempt = make_attempt(3)
+    for rank in range(3):
+        attempt.call(rank, call(Op.BARRIER, 0), 1.0)
+    assert attempt.finish(0, 2.0, closed_early=True) == []
+    assert attempt.finish(1, 2.0) == []
+    assert attempt.finish(2, 2.0, closed_early=True) == []
+    assert attempt.state is AttemptState.FINISHED and attempt.failure is None
+
+
+def test_fail_also_rejects_the_failing_ranks_own_pending_call() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0), 1.0)  # one thread of rank 0 waits in a barrier ...
+    reject = only_reject(attempt.fail(0, ErrorInfo("RuntimeError", "boom", rank=0), 2.0))  # ... another fails
+    assert reject.ranks == (0,)
+    with pytest.raises(GangAbortedError, match=r"aborted: rank 0 raised RuntimeError: boom"):
+        raise from_info(reject.error)
+
+
+# ------------------------------------------------------- ephemeral gangs
+
+
+def test_an_ephemeral_gang_forgets_attempts_and_checkpoint_after_success_and_can_run_again() -> None:
+    gang = Gang(GANG_ID, b"k" * 32, 2, name="bare", ephemeral=True)
+    attempt, _ = join(gang, 0, task_attempt_id=1)
+    join(gang, 1, task_attempt_id=2)
+    assert gang.commit(attempt.key, 0, [b"s0", b"s1"], max_bytes=100) is None
+    attempt.finish(0, 1.0)
+    attempt.finish(1, 1.0)
+    assert attempt.state is AttemptState.FINISHED
+    assert not gang.retire_if_complete()  # rank connections are still open
+    attempt.disconnect(0, 1.0)
+    attempt.disconnect(1, 1.0)
+    assert gang.retire_if_complete()
+    assert gang.attempts == {} and gang.checkpoint is None and gang.retired == (0, 5, 0)
+    again, _ = join(gang, 0, task_attempt_id=3)  # the RDD is evaluated again: a new generation
+    assert again.key == (0, 5, 1)
+    with pytest.raises(RegistrationError, match=r"belongs to gang attempt 0, but attempt 1 has already started"):
+        gang.retired = (1, 5, 0)
+        gang.attempt_for(0, 5, 0, 9, 2.0)
+
+
+def test_a_durable_gang_keeps_its_checkpoint_after_success() -> None:
+    gang = make_gang(1)
+    attempt, _ = join(gang, 0, task_attempt_id=1)
+    gang.commit(attempt.key, 0, [b"s0"], max_bytes=100)
+    finish_all(attempt, 1.0)
+    assert not gang.retire_if_complete()
+    assert gang.checkpoint is not None and list(gang.attempts) == [attempt.key]
