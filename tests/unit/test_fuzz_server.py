@@ -10,7 +10,6 @@ its own gang only; no exception may escape into the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import random
@@ -18,11 +17,13 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit import MemoryPeer
 
 from sparkhydrogen.config import CoordinatorConfig
 from sparkhydrogen.coordinator.client import CoordinatorClient
@@ -38,7 +39,7 @@ from sparkhydrogen.coordinator.protocol import (
     client_proof,
     encode_frame,
 )
-from sparkhydrogen.coordinator.server import CoordinatorServer, GangHandle, _Connection
+from sparkhydrogen.coordinator.server import CoordinatorServer, GangHandle
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,78 +48,7 @@ FUZZ = settings(max_examples=400, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-class MemoryTransport(asyncio.Transport):
-    """What a connection writes, and whether it closed; nothing goes anywhere."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: Any) -> None:
-        self.written += bytes(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("203.0.113.9", 40000)}.get(name, default)
-
-    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def frames(self) -> list[Frame]:
-        return list(FrameDecoder(Limits(1 << 20, 1 << 30)).feed(bytes(self.written)))
-
-
-class Peer:
-    """A connection object of the real server, fed from the test thread, run on the server's loop."""
-
-    def __init__(self, server: CoordinatorServer) -> None:
-        self.server = server
-        self.transport = MemoryTransport()
-
-        def make() -> _Connection:
-            conn = _Connection(server)
-            conn.connection_made(self.transport)
-            return conn
-
-        self.conn = server._on_loop(make)
-
-    @property
-    def nonce(self) -> bytes:
-        return self.conn.nonce
-
-    def feed(self, *chunks: bytes) -> None:
-        def run() -> None:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view and not self.transport.closed:
-                    buf = self.conn.get_buffer(len(view))
-                    n = min(len(buf), len(view))
-                    buf[:n] = view[:n]
-                    self.conn.buffer_updated(n)
-                    view = view[n:]
-
-        self.server._on_loop(run)
-
-    def close(self) -> None:
-        self.server._on_loop(lambda: self.conn.connection_lost(None))
-
-
-def snapshot(server: CoordinatorServer, only: Optional[set[str]] = None) -> Any:
+def snapshot(server: CoordinatorServer, only: set[str] | None = None) -> Any:
     """Everything the coordinator knows about its gangs (of ``only``), as plain comparable values."""
 
     def read() -> Any:
@@ -133,17 +63,16 @@ def snapshot(server: CoordinatorServer, only: Optional[set[str]] = None) -> Any:
                       sorted((seq, rnd.op, sorted(rnd.arrivals)) for seq, rnd in attempt.rounds.items()))
                 for key, attempt in gang.attempts.items()
             }
-            budget = server._budgets.get(gid)
             gangs[gid] = (gang.world_size, gang.secret, gang.checkpoint, list(gang.failures), attempts,
-                          (budget.receiving, budget.sending) if budget else None,
-                          sorted(r for (g, _), m in server._members.items() if g == gid for r in m))
+                          (gang.budget.receiving, gang.budget.sending),
+                          sorted(r for a in gang.attempts.values() for r in server.roster.endpoints(a)))
         return gangs
 
     return server._on_loop(read)
 
 
-def auth_frame(handle: GangHandle, server_nonce: bytes, *, gang_id: Optional[str] = None,
-               secret: Optional[bytes] = None, client_nonce: Optional[bytes] = None) -> bytes:
+def auth_frame(handle: GangHandle, server_nonce: bytes, *, gang_id: str | None = None,
+               secret: bytes | None = None, client_nonce: bytes | None = None) -> bytes:
     nonce = client_nonce if client_nonce is not None else secrets.token_bytes(NONCE_BYTES)
     gid = handle.gang_id if gang_id is None else gang_id
     proof = client_proof(handle.secret if secret is None else secret, gid, server_nonce, nonce)
@@ -208,7 +137,7 @@ def test_unauthenticated_bytes_change_nothing_and_get_only_the_hello(
 ) -> None:
     server, _, _ = fuzz_server
     before, errors = snapshot(server), server.internal_errors
-    peer = Peer(server)
+    peer = MemoryPeer(server)
     peer.feed(*chunks)
     peer.close()
     assert snapshot(server) == before
@@ -227,7 +156,7 @@ def test_handshake_mutations_are_refused_silently_and_change_nothing(
 ) -> None:
     server, honest, fuzzed = fuzz_server
     before, errors = snapshot(server), server.internal_errors
-    peer = Peer(server)
+    peer = MemoryPeer(server)
     nonce = peer.nonce
     if mutation == "wrong secret":
         frame = auth_frame(honest, nonce, secret=data.draw(st.binary(min_size=1, max_size=64)))
@@ -258,7 +187,7 @@ def test_handshake_mutations_are_refused_silently_and_change_nothing(
         frame = auth_frame(honest, nonce)
     cuts = data.draw(st.lists(st.integers(0, len(frame)), max_size=3))
     points = [0, *sorted(cuts), len(frame)]
-    peer.feed(*[frame[a:b] for a, b in zip(points, points[1:])])
+    peer.feed(*[frame[a:b] for a, b in zip(points, points[1:], strict=False)])
     kinds = [f.kind for f in peer.transport.frames()]
     peer.close()
     assert snapshot(server) == before
@@ -295,7 +224,7 @@ def test_authenticated_garbage_touches_its_own_gang_only_and_never_breaks_the_se
 ) -> None:
     server, honest, fuzzed = fuzz_server
     others, errors = snapshot(server, {honest.gang_id}), server.internal_errors
-    peer = Peer(server)
+    peer = MemoryPeer(server)
     peer.feed(auth_frame(fuzzed, peer.nonce))
     peer.feed(b"".join(encode_frame(kind, header, payload) for kind, header, payload in frames))
     peer.close()
@@ -312,7 +241,7 @@ def hostile_worker(address: tuple[str, int], fuzz_gang: GangHandle, seed: int, s
                    counts: dict[str, int]) -> None:
     """Opens connection after connection and misbehaves on each, until told to stop."""
     rng = random.Random(seed)
-    recorded_auth: Optional[bytes] = None
+    recorded_auth: bytes | None = None
     while not stop.is_set():
         style = rng.choice(["garbage", "huge prefix", "slow partial", "replay", "bad proof", "authenticated junk",
                             "silent", "half frame then close"])

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from kit import gang_bytes, joined, pending_ranks, start_ranks, wait_until
 
 from sparkhydrogen.config import CoordinatorConfig, HydrogenConfig
 from sparkhydrogen.coordinator.client import CoordinatorClient, PayloadTooLargeError
+from sparkhydrogen.coordinator.peer import READ_PAUSE_BYTES, Outgoing
 from sparkhydrogen.coordinator.protocol import NONCE_BYTES, FrameDecoder, Kind, Limits, client_proof, encode_frame
-from sparkhydrogen.coordinator.server import _READ_PAUSE_BYTES, CoordinatorServer, GangHandle
+from sparkhydrogen.coordinator.server import CoordinatorServer
+from sparkhydrogen.coordinator.state import Budget
 from sparkhydrogen.errors import (
     CoordinatorConnectionError,
     GangAbortedError,
@@ -34,57 +37,6 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., CoordinatorServer]]:
-    servers: list[CoordinatorServer] = []
-
-    def make(**config: Any) -> CoordinatorServer:
-        server = CoordinatorServer(CoordinatorConfig(host=LOOPBACK, **config))
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-def join(handle: GangHandle, rank: int, timeout: float = 5.0) -> CoordinatorClient:
-    client = CoordinatorClient.connect((handle.host, handle.port), handle.gang_id, handle.secret, timeout=timeout)
-    client.register(rank)
-    return client
-
-
-class Ranks:
-    """``body(client, rank)`` on a thread per rank; outcomes by rank (value or exception)."""
-
-    def __init__(self, handle: GangHandle, body: Callable[[CoordinatorClient, int], Any],
-                 ranks: Optional[list[int]] = None) -> None:
-        self.out: dict[int, Any] = {}
-        self.threads = [threading.Thread(target=self._run, args=(handle, body, r), daemon=True)
-                        for r in (range(handle.world_size) if ranks is None else ranks)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self, handle: GangHandle, body: Callable[[CoordinatorClient, int], Any], rank: int) -> None:
-        client: Optional[CoordinatorClient] = None
-        try:
-            client = join(handle, rank)
-            self.out[rank] = body(client, rank)
-            client.finish()
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            self.out[rank] = exc
-        finally:
-            if client is not None:
-                client.close()
-
-    def join(self, timeout: float = 30.0) -> dict[int, Any]:
-        for thread in self.threads:
-            thread.join(timeout)
-        assert not any(t.is_alive() for t in self.threads)
-        return self.out
-
-
 def gather_body(size: int, rounds: int = 3) -> Callable[[CoordinatorClient, int], Any]:
     def body(client: CoordinatorClient, rank: int) -> Any:
         parts: list[bytes] = []
@@ -93,30 +45,6 @@ def gather_body(size: int, rounds: int = 3) -> Callable[[CoordinatorClient, int]
         return parts
 
     return body
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.005)
-
-
-def pending(server: CoordinatorServer, gang_id: str) -> set[int]:
-    def read() -> set[int]:
-        gang = server.registry.get(gang_id)
-        return set() if gang is None else {r for a in gang.attempts.values() for rnd in a.rounds.values()
-                                           for r in rnd.arrivals}
-
-    return server._on_loop(read)
-
-
-def gang_bytes(server: CoordinatorServer, gang_id: str) -> int:
-    def read() -> int:
-        gang = server.registry.get(gang_id)
-        return 0 if gang is None else server._gang_bytes(gang, server._budget(gang_id))
-
-    return server._on_loop(read)
 
 
 # ------------------------------------------------------------------ settings
@@ -156,7 +84,7 @@ def test_a_payload_over_the_limit_is_refused_before_sending_and_the_connection_s
             refused[rank] = info.value
         return [bytes(p) for p in client.collective("allGather", bytes([rank]) * (64 * KiB))]
 
-    out = Ranks(handle, body).join()
+    out = start_ranks(handle, body).results()
     assert out == {r: [b"\0" * 64 * KiB, b"\1" * 64 * KiB] for r in range(2)}
     error = refused[1]
     assert isinstance(error, PayloadTooLargeError) and isinstance(error, CoordinatorConnectionError)
@@ -174,18 +102,18 @@ def test_a_gang_over_its_buffer_limit_fails_clearly_and_other_gangs_run_on(
     server = make_server(max_gang_buffer_bytes=1 * MiB, max_payload_bytes=1 * MiB)
     big = server.add_gang(3, name="big")
     other = server.add_gang(2, name="other")
-    first = Ranks(big, lambda c, r: c.collective("allGather", b"a" * (400 * KiB), timeout=20), ranks=[0, 1])
-    wait_until(lambda: pending(server, big.gang_id) == {0, 1}, "ranks 0 and 1 wait with 800 KiB buffered")
+    first = start_ranks(big, lambda c, r: c.collective("allGather", b"a" * (400 * KiB), timeout=20), ranks=[0, 1])
+    wait_until(lambda: pending_ranks(server, big.gang_id) == {0, 1}, "ranks 0 and 1 wait with 800 KiB buffered")
     assert gang_bytes(server, big.gang_id) == 800 * KiB
 
-    third = join(big, 2)
+    third = joined(big, 2)
     with pytest.raises(PayloadError, match=r"a 'call' request with 409600 bytes of payload would take gang "
                                            rf"{big.gang_id[:8]} over its buffer limit in the coordinator: 819200 "
                                            r"bytes are buffered already and the limit is 1048576 "
                                            r"\(spark\.hydrogen\.coordinator\.maxGangBuffer\)"):
         third.collective("allGather", b"c" * (400 * KiB), timeout=20)
     third.close()
-    for outcome in first.join().values():
+    for outcome in first.results().values():
         assert isinstance(outcome, GangAbortedError), outcome
         assert outcome.failed_rank == 2 and outcome.cause is not None and outcome.cause.type == "PayloadError"
     assert gang_bytes(server, big.gang_id) == 0  # everything it held is released
@@ -193,7 +121,7 @@ def test_a_gang_over_its_buffer_limit_fails_clearly_and_other_gangs_run_on(
     assert failure is not None and failure.type == "PayloadError" and failure.rank == 2
 
     # the other gang, on the same coordinator, moves as much as its own limit allows
-    out = Ranks(other, gather_body(400 * KiB, rounds=5)).join()
+    out = start_ranks(other, gather_body(400 * KiB, rounds=5)).results()
     assert out == {r: [bytes([i, 4]) * (200 * KiB) for i in range(2)] for r in range(2)}
 
 
@@ -203,7 +131,7 @@ def test_queued_replies_count_once_however_many_ranks_they_go_to(
     """A 4-rank allGather of 256 KiB each: a 1 MiB reply to 4 ranks is held once, not four times."""
     server = make_server(max_gang_buffer_bytes=3 * MiB, max_payload_bytes=1 * MiB)
     handle = server.add_gang(4)
-    out = Ranks(handle, gather_body(256 * KiB, rounds=10)).join()
+    out = start_ranks(handle, gather_body(256 * KiB, rounds=10)).results()
     assert out == {r: [bytes([i, 9]) * (128 * KiB) for i in range(4)] for r in range(4)}
     assert gang_bytes(server, handle.gang_id) == 0
 
@@ -218,17 +146,17 @@ def test_gangs_beyond_max_gangs_are_refused_with_the_setting_to_change(
     running = [server.add_gang(2, name=f"running-{i}") for i in range(2)]
     late = server.add_gang(2, name="late")
     go = threading.Event()
-    first = [Ranks(h, lambda c, r: (go.wait(10), c.collective("barrier"))[1] == []) for h in running]
+    first = [start_ranks(h, lambda c, r: (go.wait(10), c.collective("barrier"))[1] == []) for h in running]
     wait_until(lambda: all(len(server.registry.gangs[h.gang_id].attempts) == 1 for h in running), "two gangs run")
     with pytest.raises(RegistrationError, match=rf"gang {late.gang_id[:8]} \(late\) cannot start: the coordinator "
                                                 r"already runs 2 gangs, its limit \(spark\.hydrogen\.coordinator\."
                                                 r"maxGangs=2\); wait for other gang jobs to finish or raise the limit"):
-        join(late, 0)
+        joined(late, 0)
     failure = server.last_failure(late.gang_id)
     assert failure is not None and "maxGangs=2" in failure.message  # the driver can name the cause
     go.set()
-    assert [r.join() for r in first] == [{0: True, 1: True}] * 2  # the running gangs were unaffected
-    assert Ranks(late, lambda c, r: c.collective("barrier") == []).join() == {0: True, 1: True}  # now it fits
+    assert [r.results() for r in first] == [{0: True, 1: True}] * 2  # the running gangs were unaffected
+    assert start_ranks(late, lambda c, r: c.collective("barrier") == []).results() == {0: True, 1: True}  # now it fits
 
 
 def test_connections_beyond_max_connections_get_a_clear_error(make_server: Callable[..., CoordinatorServer]) -> None:
@@ -236,7 +164,7 @@ def test_connections_beyond_max_connections_get_a_clear_error(make_server: Calla
     handle = server.add_gang(2)
     idle = socket.create_connection(server.address, timeout=5)  # an unauthenticated peer holds a slot
     try:
-        members = [join(handle, 0), join(handle, 1)]
+        members = [joined(handle, 0), joined(handle, 1)]
         with pytest.raises(CoordinatorConnectionError,
                            match=r"the coordinator already has 3 open connections, its limit "
                                  r"\(spark\.hydrogen\.coordinator\.maxConnections=3\)"):
@@ -252,7 +180,7 @@ def test_connections_beyond_max_connections_get_a_clear_error(make_server: Calla
     finally:
         idle.close()
     wait_until(lambda: server.stats()["connections"] == 0, "every connection closed")
-    join(server.add_gang(1), 0).close()  # slots are free again
+    joined(server.add_gang(1), 0).close()  # slots are free again
 
 
 # ------------------------------------------------------------------ a peer that does not read
@@ -281,20 +209,20 @@ def test_a_peer_that_stops_reading_stops_being_read_and_others_run_on(
         requests = 2000
         sock.sendall(encode_frame(Kind.REQUEST, {"op": "restore"}) * requests)
 
-        def hoarding() -> Optional[Any]:
+        def hoarding() -> Any | None:
             def read() -> Any:
                 conns = [c for c in server._connections if c.gang is not None and c.gang.gang_id == hoarder.gang_id]
-                return (conns[0]._read_paused, conns[0]._queued) if conns else None
+                return (conns[0].read_paused, conns[0].queued) if conns else None
 
             return server._on_loop(read)
 
         wait_until(lambda: (hoarding() or (False, 0))[0], "the coordinator stops reading the hoarder")
         paused, queued = hoarding()  # type: ignore[misc]
-        assert queued <= _READ_PAUSE_BYTES + len(state) + 1024  # bounded, not 128 MiB
+        assert queued <= READ_PAUSE_BYTES + len(state) + 1024  # bounded, not 128 MiB
 
         # meanwhile another gang is served normally
         other = server.add_gang(3)
-        assert Ranks(other, gather_body(10 * KiB, rounds=20)).join() == {
+        assert start_ranks(other, gather_body(10 * KiB, rounds=20)).results() == {
             r: [bytes([i, 19]) * (5 * KiB) for i in range(3)] for r in range(3)}
 
         # once the hoarder reads, every one of its requests is answered, in order
@@ -335,7 +263,7 @@ def test_a_frame_being_received_counts_before_it_has_arrived(make_server: Callab
         frame = encode_frame(Kind.REQUEST, {"op": "call", "kind": "allGather", "seq": 0}, b"p" * (900 * KiB))
         sock.sendall(frame[: len(frame) // 2])  # half of it, and then nothing
         wait_until(lambda: gang_bytes(server, handle.gang_id) == 900 * KiB, "the announced payload is reserved")
-        other = join(handle, 1)
+        other = joined(handle, 1)
         with pytest.raises(PayloadError, match=r"921600 bytes are buffered already and the limit is 1048576"):
             other.collective("allGather", b"q" * (200 * KiB), timeout=10)
         other.close()
@@ -345,10 +273,8 @@ def test_a_frame_being_received_counts_before_it_has_arrived(make_server: Callab
 
 
 def test_a_reply_going_to_many_ranks_is_counted_once_while_any_still_sends_it() -> None:
-    from sparkhydrogen.coordinator.server import _Budget, _Outgoing
-
-    budget = _Budget()
-    reply = _Outgoing(b"r" * 1000, budget)
+    budget = Budget()
+    reply = Outgoing(b"r" * 1000, budget)
     for _ in range(64):
         reply.hold()
     assert budget.sending == 1000
