@@ -13,7 +13,8 @@ CPY    := $(CVENV)/bin/python
 CSTAMP := $(CVENV)/.installed-$(COMPAT_PYSPARK)
 
 # the oldest and newest Python that requires-python claims: unit + core Spark tests (no torch) on each,
-# in their own environments; the interpreters come from scripts/find_python.sh (PATH, then pyenv)
+# in their own environments; the interpreters come from scripts/find_python.sh (PATH, then pyenv).
+# pip takes the newest pyspark each Python can have: 4.3.0 needs Python >= 3.11, so 3.10 gets 4.2.x
 P310   := .venv-py310
 P313   := .venv-py313
 CORE_TESTS := tests/unit tests/spark/test_spark_barrier.py tests/spark/test_spark_recovery.py \
