@@ -129,6 +129,31 @@ class Ranks:
         return {rank: outcome.result() for rank, outcome in sorted(self.join(timeout).items())}
 
 
+class in_thread:  # noqa: N801 - reads as a function at the call site
+    """``fn()`` on a thread; :meth:`get` joins it and returns its value or raises its exception in the test.
+
+    (An assertion that fails on a thread of its own is lost; this brings it back.)
+    """
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.outcome = Outcome()
+
+        def run() -> None:
+            try:
+                self.outcome.value = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by get()
+                self.outcome.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def get(self, timeout: float = JOIN_TIMEOUT) -> Any:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError(f"still running after {timeout} s")
+        return self.outcome.get()
+
+
 def start_ranks(handle: GangHandle, body: Body, ranks: Sequence[int] | None = None, *, finish: bool = True,
                 address: tuple[str, int] | None = None, **register: Any) -> Ranks:
     """Start ``body`` for ``ranks`` (default: every rank of the gang) on threads."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from kit import gather_body, run_gang, start_ranks
 
 from sparkhydrogen.config import CoordinatorConfig, HydrogenConfig, TlsConfig
 from sparkhydrogen.coordinator.client import CoordinatorClient
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 LOOPBACK = "127.0.0.1"
 
 
-def ipv6_loopback_problem() -> Optional[str]:
+def ipv6_loopback_problem() -> str | None:
     """Why ``::1`` cannot be used here, or ``None`` if it can."""
     if not socket.has_ipv6:
         return "this Python was built without IPv6 (socket.has_ipv6 is False)"
@@ -36,41 +37,9 @@ def ipv6_loopback_problem() -> Optional[str]:
 needs_ipv6 = pytest.mark.skipif(ipv6_loopback_problem() is not None, reason=str(ipv6_loopback_problem()))
 
 
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., CoordinatorServer]]:
-    servers: list[CoordinatorServer] = []
-
-    def make(**config: Any) -> CoordinatorServer:
-        server = CoordinatorServer(CoordinatorConfig(**config))
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-def run_gang(handle: GangHandle, host: Optional[str] = None) -> dict[int, Any]:
-    out: dict[int, Any] = {}
-
-    def rank(r: int) -> None:
-        try:
-            client = CoordinatorClient.connect((host or handle.host, handle.port), handle.gang_id, handle.secret,
-                                               timeout=10, tls_fingerprint=handle.tls_fingerprint)
-            client.register(r)
-            out[r] = [bytes(p) for p in client.collective("allGather", bytes([r]) * 3, timeout=20)]
-            client.finish()
-            client.close()
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            out[r] = exc
-
-    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(handle.world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    return out
+def gather_once(handle: GangHandle) -> dict[int, Any]:
+    """One allGather of ``bytes([rank]) * 3`` by every rank; each rank's result or exception."""
+    return run_gang(handle, gather_body(lambda r, i: bytes([r]) * 3))
 
 
 def free_port(host: str = LOOPBACK, family: int = socket.AF_INET) -> int:
@@ -83,7 +52,7 @@ class FakeConf:
     def __init__(self, values: dict[str, str]) -> None:
         self.values = values
 
-    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+    def get(self, key: str, default: str | None = None) -> str | None:
         return self.values.get(key, default)
 
 
@@ -92,6 +61,7 @@ class FakeContext:
 
     def __init__(self, values: dict[str, str]) -> None:
         self.conf = FakeConf(values)
+        self.sc = self  # read_config() takes a target holding the SparkContext as ``sc``
 
     def getConf(self) -> FakeConf:  # noqa: N802 - pyspark's name
         return self.conf
@@ -114,7 +84,7 @@ def test_it_binds_exactly_the_given_address(make_server: Callable[..., Coordinat
     # 127.0.0.2 is this machine too, but not the address the coordinator was given
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.2", port), timeout=5).close()
-    assert run_gang(server.add_gang(2)) == {0: [b"\0" * 3, b"\1" * 3], 1: [b"\0" * 3, b"\1" * 3]}
+    assert gather_once(server.add_gang(2)) == {0: [b"\0" * 3, b"\1" * 3], 1: [b"\0" * 3, b"\1" * 3]}
 
 
 def test_all_interfaces_only_when_asked_and_then_with_a_warning(
@@ -196,7 +166,7 @@ def test_an_ipv6_driver_address_works(make_server: Callable[..., CoordinatorServ
     server = make_server(host="::1", tls=TlsConfig(enabled=tls))
     handle = server.add_gang(3)
     assert handle.host == "::1" and server.listening == [("::1", handle.port)]
-    out = run_gang(handle)
+    out = gather_once(handle)
     assert out == {r: [b"\0" * 3, b"\1" * 3, b"\2" * 3] for r in range(3)}, out
 
 
@@ -225,18 +195,8 @@ def test_a_host_name_with_v4_and_v6_addresses_listens_on_both_with_one_port(
     port = server.address[1]
     assert sorted(server.listening) == sorted([(LOOPBACK, port), ("::1", port)])
     handle = server.add_gang(2)
-    results: dict[int, Any] = {}  # one rank over each address family, in one gang
-
-    def rank(r: int, host: str) -> None:
-        client = CoordinatorClient.connect((host, port), handle.gang_id, handle.secret, timeout=10)
-        client.register(r)
-        results[r] = [bytes(p) for p in client.collective("allGather", host.encode())]
-        client.finish()
-        client.close()
-
-    threads = [threading.Thread(target=rank, args=(0, LOOPBACK)), threading.Thread(target=rank, args=(1, "::1"))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
-    assert results == {r: [LOOPBACK.encode(), b"::1"] for r in range(2)}
+    # one rank over each address family, in one gang
+    body = gather_body(lambda r, i: (LOOPBACK if r == 0 else "::1").encode())
+    v4 = start_ranks(handle, body, ranks=[0], address=(LOOPBACK, port))
+    v6 = start_ranks(handle, body, ranks=[1], address=("::1", port))
+    assert {**v4.values(), **v6.values()} == {r: [LOOPBACK.encode(), b"::1"] for r in range(2)}

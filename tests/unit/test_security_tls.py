@@ -10,10 +10,12 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import pytest
+from kit import gather_body, run_gang, start_ranks
 
 from sparkhydrogen.config import CoordinatorConfig, HydrogenConfig, LaunchConfig, TlsConfig
 from sparkhydrogen.coordinator import tls as tls_mod
@@ -21,7 +23,7 @@ from sparkhydrogen.coordinator.client import CoordinatorClient
 from sparkhydrogen.coordinator.server import CoordinatorServer, GangHandle
 from sparkhydrogen.coordinator.tls import fingerprint, generate_certificate, server_tls
 from sparkhydrogen.errors import AuthenticationError, CoordinatorConnectionError, HydrogenError, ProtocolError
-from sparkhydrogen.launch.gang import DeclaredGang
+from sparkhydrogen.launch.runner import DeclaredGang
 from sparkhydrogen.launch.service import DriverService, encryption_required_by, read_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.timeout(60)
 LOOPBACK = "127.0.0.1"
 
 
-def generator_problem(name: str) -> Optional[str]:
+def generator_problem(name: str) -> str | None:
     if name == "cryptography":
         try:
             import cryptography  # noqa: F401
@@ -45,21 +47,6 @@ GENERATORS = [pytest.param(name, marks=pytest.mark.skipif(generator_problem(name
               for name in ("cryptography", "openssl")]
 
 
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., CoordinatorServer]]:
-    servers: list[CoordinatorServer] = []
-
-    def make(**config: Any) -> CoordinatorServer:
-        server = CoordinatorServer(CoordinatorConfig(host=LOOPBACK, **config))
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
 def peer_fingerprint(address: tuple[str, int]) -> str:
     """The certificate a plain TLS client sees at ``address``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -68,30 +55,9 @@ def peer_fingerprint(address: tuple[str, int]) -> str:
         return hashlib.sha256(sock.getpeercert(binary_form=True) or b"").hexdigest()
 
 
-def run_gang(handle: GangHandle, rounds: int = 20, size: int = 100_000) -> dict[int, Any]:
-    out: dict[int, Any] = {}
-
-    def rank(r: int) -> None:
-        try:
-            client = CoordinatorClient.connect((handle.host, handle.port), handle.gang_id, handle.secret, timeout=10,
-                                               tls_fingerprint=handle.tls_fingerprint)
-            client.register(r)
-            parts: list[bytes] = []
-            for i in range(rounds):
-                parts = [bytes(p) for p in client.collective("allGather", bytes([r, i % 256]) * (size // 2),
-                                                             timeout=30)]
-            client.finish()
-            client.close()
-            out[r] = parts
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            out[r] = exc
-
-    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(handle.world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(40)
-    return out
+def big_gang(handle: GangHandle, rounds: int = 20, size: int = 100_000) -> dict[int, Any]:
+    """``rounds`` allGathers of ``size`` bytes per rank over TLS; each rank's last result or exception."""
+    return run_gang(handle, gather_body(lambda r, i: bytes([r, i % 256]) * (size // 2), rounds=rounds, timeout=30))
 
 
 def expected(world: int, rounds: int = 20, size: int = 100_000) -> dict[int, Any]:
@@ -110,7 +76,7 @@ def test_a_generated_certificate_serves_a_gang_and_its_fingerprint_is_pinned(
     server = make_server(tls=TlsConfig(enabled=True))
     handle = server.add_gang(3)
     assert handle.tls_fingerprint == server.tls_fingerprint == peer_fingerprint(server.address)
-    assert run_gang(handle) == expected(3)
+    assert big_gang(handle) == expected(3)
 
 
 def test_each_coordinator_generates_its_own_key(make_server: Callable[..., CoordinatorServer]) -> None:
@@ -132,7 +98,7 @@ def test_a_user_supplied_certificate_is_served_and_pinned(
     server = make_server(tls=TlsConfig(enabled=True, cert_file=str(cert), key_file=None if combined else str(key)))
     der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
     assert server.tls_fingerprint == fingerprint(der) == peer_fingerprint(server.address)
-    assert run_gang(server.add_gang(2), rounds=3) == expected(2, rounds=3)
+    assert big_gang(server.add_gang(2), rounds=3) == expected(2, rounds=3)
 
 
 def test_an_unreadable_certificate_fails_at_start_and_nothing_listens(tmp_path: Path) -> None:
@@ -192,7 +158,7 @@ def test_a_coordinator_with_another_certificate_is_refused(make_server: Callable
                                                   rf"{server.tls_fingerprint}, but this task expects {'ab' * 32}"):
         CoordinatorClient.connect((handle.host, handle.port), handle.gang_id, handle.secret, timeout=5,
                                   tls_fingerprint="ab" * 32)
-    assert run_gang(handle, rounds=2) == expected(1, rounds=2)  # the coordinator is unaffected
+    assert big_gang(handle, rounds=2) == expected(1, rounds=2)  # the coordinator is unaffected
 
 
 def test_a_plaintext_task_cannot_talk_to_a_tls_coordinator(make_server: Callable[..., CoordinatorServer]) -> None:
@@ -224,7 +190,7 @@ def test_non_tls_bytes_on_a_tls_port_cost_one_connection(make_server: Callable[.
                     pass
             except ConnectionResetError:
                 pass
-    assert run_gang(handle, rounds=2) == expected(2, rounds=2)
+    assert big_gang(handle, rounds=2) == expected(2, rounds=2)
     assert server.internal_errors == 0
 
 
@@ -236,12 +202,8 @@ def test_tls_channel_is_safe_with_heartbeats_and_logs_on_other_threads(
     got: list[str] = []
     handle = server.add_gang(2, on_log=lambda record: got.append(record.text))
     stop = threading.Event()
-    out: dict[int, Any] = {}
 
-    def rank(r: int) -> None:
-        client = CoordinatorClient.connect((handle.host, handle.port), handle.gang_id, handle.secret, timeout=10,
-                                           tls_fingerprint=handle.tls_fingerprint)
-        client.register(r)
+    def body(client: CoordinatorClient, r: int) -> bool:
         client.start_heartbeat(0.001)
         chatter = threading.Thread(target=lambda: [client.log("stdout", f"{r} {i}\n") for i in range(2000)
                                                    if not stop.is_set()], daemon=True)
@@ -250,17 +212,12 @@ def test_tls_channel_is_safe_with_heartbeats_and_logs_on_other_threads(
             parts = client.collective("allGather", f"{r}:{i}".encode() * 500, timeout=30)
             assert [bytes(p) for p in parts] == [f"{k}:{i}".encode() * 500 for k in range(2)]
         chatter.join(20)
-        client.finish()
-        client.close()
-        out[r] = True
+        return not chatter.is_alive()
 
-    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(50)
-    stop.set()
-    assert out == {0: True, 1: True}
+    try:
+        assert start_ranks(handle, body).values(50) == {0: True, 1: True}
+    finally:
+        stop.set()
     assert len(got) == 4000 and server.internal_errors == 0
 
 
@@ -293,7 +250,7 @@ def test_tls_is_on_when_the_user_asks_or_gives_a_certificate() -> None:
     ({"spark.hydrogen.coordinator.tls.keyFile": "/k.pem"}, None, r"tls\.keyFile is set without .*tls\.certFile"),
     ({"spark.hydrogen.coordinator.tls.enabled": "maybe"}, None, r"tls\.enabled='maybe' is not a boolean"),
 ])
-def test_contradictory_tls_settings_are_refused(conf: dict[str, str], required: Optional[str], match: str) -> None:
+def test_contradictory_tls_settings_are_refused(conf: dict[str, str], required: str | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         HydrogenConfig.from_conf(conf.get, LOOPBACK, encryption_required_by=required)
 
@@ -316,13 +273,14 @@ class _FakeConf:
     def __init__(self, values: dict[str, str]) -> None:
         self.values = values
 
-    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+    def get(self, key: str, default: str | None = None) -> str | None:
         return self.values.get(key, default)
 
 
 class _FakeContext:
     def __init__(self, values: dict[str, str]) -> None:
         self.conf = _FakeConf(values)
+        self.sc = self  # read_config() takes a target holding the SparkContext as ``sc``
 
     def getConf(self) -> _FakeConf:  # noqa: N802 - pyspark's name
         return self.conf
@@ -346,7 +304,7 @@ def test_connections_still_in_their_tls_handshake_count_against_the_limit(
     while server.stats()["connections"]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert run_gang(handle, rounds=2) == expected(1, rounds=2)
+    assert big_gang(handle, rounds=2) == expected(1, rounds=2)
     assert server.internal_errors == 0
 
 

@@ -20,17 +20,19 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import pytest
+from kit import Body, gather_body, in_thread, pending_ranks, run_gang, wait_until
 
 import sparkhydrogen.coordinator as coordinator_pkg
-from sparkhydrogen.config import CoordinatorConfig, TlsConfig
+from sparkhydrogen.config import TlsConfig
 from sparkhydrogen.coordinator.client import CoordinatorClient
 from sparkhydrogen.coordinator.protocol import FrameDecoder, Kind, Limits, client_proof
 from sparkhydrogen.coordinator.server import CoordinatorServer, GangHandle
-from sparkhydrogen.errors import AuthenticationError, GangAbortedError, ProtocolError
+from sparkhydrogen.errors import AuthenticationError, ErrorInfo, GangAbortedError, ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,7 +58,7 @@ class RecordingProxy:
         while not self._stop.is_set():
             try:
                 client, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -97,47 +99,9 @@ class RecordingProxy:
             thread.join(5)
 
 
-@pytest.fixture
-def server_factory() -> Iterator[Callable[..., CoordinatorServer]]:
-    servers: list[CoordinatorServer] = []
-
-    def make(**config: Any) -> CoordinatorServer:
-        server = CoordinatorServer(CoordinatorConfig(host=LOOPBACK, **config))
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-def run_gang(handle: GangHandle, address: Optional[tuple[str, int]] = None, rounds: int = 3,
-             payload: Callable[[int, int], bytes] = lambda r, i: f"rank {r} round {i}".encode()) -> dict[int, Any]:
-    """Every rank on a thread: register, ``rounds`` allGathers, finish; returns each rank's last gather."""
-    out: dict[int, Any] = {}
-
-    def rank(r: int) -> None:
-        try:
-            client = CoordinatorClient.connect(address or (handle.host, handle.port), handle.gang_id, handle.secret,
-                                               timeout=10, tls_fingerprint=handle.tls_fingerprint)
-            client.register(r)
-            parts: list[bytes] = []
-            for i in range(rounds):
-                parts = [bytes(p) for p in client.collective("allGather", payload(r, i), timeout=20)]
-            client.finish()
-            client.close()
-            out[r] = parts
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            out[r] = exc
-
-    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(handle.world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not any(t.is_alive() for t in threads)
-    return out
+def rounds_of(rounds: int) -> Body:
+    """``rounds`` allGathers of ``rank R round I``."""
+    return gather_body(lambda r, i: f"rank {r} round {i}".encode(), rounds=rounds)
 
 
 def secret_forms(secret: bytes) -> list[bytes]:
@@ -149,15 +113,15 @@ def secret_forms(secret: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
-def test_the_secret_never_crosses_the_wire(server_factory: Callable[..., CoordinatorServer], tls: bool) -> None:
-    server = server_factory(tls=TlsConfig(enabled=tls))
+def test_the_secret_never_crosses_the_wire(make_server: Callable[..., CoordinatorServer], tls: bool) -> None:
+    server = make_server(tls=TlsConfig(enabled=tls))
     handle = server.add_gang(world_size=3)
     proxy = RecordingProxy(server.address)
     try:
-        results = run_gang(handle, proxy.address)
+        results = run_gang(handle, rounds_of(3), address=proxy.address)
     finally:
         proxy.close()
-    assert all(v == [f"rank {r} round 2".encode() for r in range(3)] for v in results.values()), results
+    assert results == {rank: [f"rank {r} round 2".encode() for r in range(3)] for rank in range(3)}
     assert len(proxy.to_server) == 3
     wire = b"".join(bytes(b) for b in proxy.to_server + proxy.to_client)
     for form in secret_forms(handle.secret):
@@ -171,15 +135,20 @@ def test_the_secret_never_crosses_the_wire(server_factory: Callable[..., Coordin
         assert len(auths) == 3 and len({a["proof"] for a in auths}) == 3 and len({a["nonce"] for a in auths}) == 3
 
 
-def test_a_recorded_handshake_replayed_gets_nothing(server_factory: Callable[..., CoordinatorServer]) -> None:
-    server = server_factory()
+def test_a_recorded_handshake_replayed_gets_nothing(make_server: Callable[..., CoordinatorServer]) -> None:
+    server = make_server()
     handle = server.add_gang(world_size=2)
     proxy = RecordingProxy(server.address)
     try:
-        assert all(isinstance(v, list) for v in run_gang(handle, proxy.address, rounds=1).values())
+        assert run_gang(handle, rounds_of(1), address=proxy.address) == {
+            rank: [b"rank 0 round 0", b"rank 1 round 0"] for rank in range(2)}
     finally:
         proxy.close()
-    registry_before = {gid: (len(g.attempts), g.failures) for gid, g in server.registry.gangs.items()}
+    def registry_now() -> dict[str, Any]:  # copies: comparing the live lists with themselves could never fail
+        return server._on_loop(lambda: {gid: (sorted(g.attempts), list(g.failures), g.checkpoint)
+                                        for gid, g in server.registry.gangs.items()})
+
+    registry_before = registry_now()
     for recorded in proxy.to_server:
         with socket.create_connection(server.address, timeout=5) as sock:
             sock.settimeout(5)
@@ -189,7 +158,7 @@ def test_a_recorded_handshake_replayed_gets_nothing(server_factory: Callable[...
                 received += chunk
         kinds = [f.kind for f in FrameDecoder(Limits(1 << 20, 1 << 20)).feed(received)]
         assert kinds == [Kind.HELLO], f"a replayed handshake got {kinds}"
-    assert {gid: (len(g.attempts), g.failures) for gid, g in server.registry.gangs.items()} == registry_before
+    assert registry_now() == registry_before
     assert server.stats()["connections"] == 0 or _settles(server)
 
 
@@ -212,8 +181,8 @@ def _settles(server: CoordinatorServer) -> bool:
 # ------------------------------------------------------------------ gang isolation
 
 
-def test_a_member_of_one_gang_cannot_join_or_touch_another(server_factory: Callable[..., CoordinatorServer]) -> None:
-    server = server_factory()
+def test_a_member_of_one_gang_cannot_join_or_touch_another(make_server: Callable[..., CoordinatorServer]) -> None:
+    server = make_server()
     gang_a = server.add_gang(world_size=2, name="a")
     gang_b = server.add_gang(world_size=2, name="b")
     assert gang_a.secret != gang_b.secret and gang_a.gang_id != gang_b.gang_id
@@ -230,7 +199,7 @@ def test_a_member_of_one_gang_cannot_join_or_touch_another(server_factory: Calla
     b_go = threading.Event()
     b_out: dict[int, Any] = {}
 
-    def b_rank(r: int) -> None:
+    def b_rank(r: int) -> None:  # its result (or nothing, if it failed) is checked in b_out below
         client = CoordinatorClient.connect((gang_b.host, gang_b.port), gang_b.gang_id, gang_b.secret, timeout=5)
         client.register(r)
         client.collective("barrier")
@@ -248,12 +217,11 @@ def test_a_member_of_one_gang_cannot_join_or_touch_another(server_factory: Calla
     a0 = CoordinatorClient.connect((gang_a.host, gang_a.port), gang_a.gang_id, gang_a.secret, timeout=5)
     a1 = CoordinatorClient.connect((gang_a.host, gang_a.port), gang_a.gang_id, gang_a.secret, timeout=5)
     assert a0.register(0) == 2 and a1.register(1) == 2  # rank 0 is taken in B, not in A
-    failed = threading.Thread(target=lambda: _expect_abort(a0), daemon=True)
-    failed.start()
-    from sparkhydrogen.errors import ErrorInfo
-
+    a0_waits = in_thread(lambda: a0.collective("barrier", timeout=10))
+    wait_until(lambda: 0 in pending_ranks(server, gang_a.gang_id), "A's rank 0 waits in a barrier")
     a1.fail(ErrorInfo("RuntimeError", "A's rank 1 fails on purpose", 1))
-    failed.join(10)
+    with pytest.raises(GangAbortedError, match="A's rank 1 fails on purpose"):
+        a0_waits.get()  # raised in the test, not on a thread where a failed assertion is lost
     # 3. a second AUTH on an authenticated connection (to switch to B) is a protocol error
     from sparkhydrogen.coordinator.protocol import encode_frame
 
@@ -276,11 +244,6 @@ def test_a_member_of_one_gang_cannot_join_or_touch_another(server_factory: Calla
     failure = server.last_failure(gang_a.gang_id)
     assert failure is not None and "A's rank 1 fails on purpose" in failure.message
     assert server.last_failure(gang_b.gang_id) is None
-
-
-def _expect_abort(client: CoordinatorClient) -> None:
-    with pytest.raises(GangAbortedError, match="A's rank 1 fails on purpose"):
-        client.collective("barrier", timeout=10)
 
 
 # ------------------------------------------------------------------ no pickle
