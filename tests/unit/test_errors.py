@@ -21,8 +21,10 @@ from sparkhydrogen.errors import (
     InsufficientSlotsError,
     LaunchError,
     NotInGangError,
+    PartitionClosedError,
     PayloadError,
     ProtocolError,
+    RankLostError,
     RegistrationError,
     from_info,
 )
@@ -38,6 +40,8 @@ pytestmark = pytest.mark.timeout(30)
         (CollectiveTimeoutError, (CollectiveError, TimeoutError)),
         (CollectiveMismatchError, (CollectiveError,)),
         (GangAbortedError, (CollectiveError,)),
+        (RankLostError, (CollectiveError,)),
+        (PartitionClosedError, (CollectiveError,)),
         (RegistrationError, (HydrogenError,)),
         (PayloadError, (HydrogenError, TypeError)),
         (CoordinatorConnectionError, (HydrogenError, ConnectionError)),
@@ -62,7 +66,8 @@ def test_errors_all_resolves() -> None:
 
 WIRE = [
     HydrogenError, CollectiveError, CollectiveTimeoutError, CollectiveMismatchError, RegistrationError,
-    PayloadError, CoordinatorConnectionError, AuthenticationError, ProtocolError,
+    PayloadError, CoordinatorConnectionError, AuthenticationError, ProtocolError, RankLostError,
+    PartitionClosedError,
 ]
 
 
@@ -139,3 +144,19 @@ def test_errors_with_details_survive_pickling(cls: type[GangAbortedError] | type
 def test_plain_errors_survive_pickling(cls: type[HydrogenError]) -> None:
     exc = pickle.loads(pickle.dumps(cls("message")))
     assert type(exc) is cls and str(exc) == "message"
+
+
+def test_a_lost_rank_is_described_by_what_happened_not_as_raising() -> None:
+    lost = ErrorInfo("RankLostError", "rank 3's process died or lost its connection to the coordinator (host h, "
+                     "pid 7, last heard 2.0 s ago)", rank=3)
+    assert lost.describe() == ("rank 3's process died or lost its connection to the coordinator (host h, pid 7, "
+                               "last heard 2.0 s ago)")
+    closed = ErrorInfo("PartitionClosedError", "gang x: rank 1's partition was closed early by its consumer", rank=1)
+    assert closed.describe() == "gang x: rank 1's partition was closed early by its consumer"
+    with pytest.raises(RankLostError, match=r"^rank 3's process died or lost its connection"):
+        raise from_info(lost)
+    aborted = from_info(ErrorInfo("GangAbortedError", f"gang g aborted: {lost.describe()}", rank=3,
+                                  extra={"failed_rank": 3, "cause": lost.to_json()}))
+    assert isinstance(aborted, GangAbortedError) and aborted.cause == lost
+    with pytest.raises(GangAbortedError, match=r"aborted: rank 3's process died"):
+        raise aborted

@@ -14,17 +14,28 @@ from sparkhydrogen.coordinator.protocol import (
     PREAUTH_LIMITS,
     PREFIX,
     VERSION,
+    CallRequest,
+    Fail,
+    Finish,
     Frame,
     FrameDecoder,
     Kind,
     Limits,
+    LogLines,
+    Ping,
+    Register,
+    RequestError,
+    Restore,
     client_proof,
+    collective_reply,
     decode_header,
     decode_prefix,
+    decode_request,
     encode_frame,
     server_proof,
 )
-from sparkhydrogen.errors import CoordinatorConnectionError, ProtocolError
+from sparkhydrogen.coordinator.state import Call, MemberInfo, Op
+from sparkhydrogen.errors import CoordinatorConnectionError, ErrorInfo, ProtocolError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -71,7 +82,8 @@ def test_decoder_accepts_one_byte_at_a_time() -> None:
         got += decoder.feed(raw[i : i + 1])
         if i < len(raw) - 1:
             assert got == [], f"a frame came out after only {i + 1} of {len(raw)} bytes"
-    assert [(f.kind, f.header, f.payload) for f in got] == [(Kind.REPLY, {"op": "allGather", "sizes": [3, 4]}, b"abcdefg")]
+    assert [(f.kind, f.header, f.payload) for f in got] == [
+        (Kind.REPLY, {"op": "allGather", "sizes": [3, 4]}, b"abcdefg")]
     assert decoder.buffered() == 0
 
 
@@ -243,7 +255,65 @@ def test_any_chunking_of_any_frames_decodes_to_the_same_frames(
     points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
     decoder = FrameDecoder(Limits(max_header_bytes=1 << 20, max_payload_bytes=1 << 20))
     got: list[Frame] = []
-    for start, end in zip(points, points[1:]):
+    for start, end in zip(points, points[1:], strict=False):
         got += decoder.feed(stream[start:end])
     assert [(f.kind, f.header, f.payload) for f in got] == frames
     assert decoder.buffered() == 0
+
+
+# ------------------------------------------------------------------ requests
+
+
+def request(header: dict[str, object], payload: bytes = b"") -> Frame:
+    return next(iter(FrameDecoder(Limits(1 << 16, 1 << 16)).feed(encode_frame(Kind.REQUEST, header, payload))))
+
+
+def test_every_request_decodes_into_its_typed_record() -> None:
+    register = {"op": "register", "gang_attempt": 2, "stage_id": 5, "rank": 1, "host": "h" * 300, "pid": 42,
+                "task_attempt_id": 9}
+    assert decode_request(request(register)) == Register(2, 5, 1, MemberInfo("h" * 256, 42, 9))
+    assert decode_request(request({"op": "register", "gang_attempt": 0, "stage_id": 0, "rank": 0})) == Register(
+        0, 0, 0, MemberInfo("?", 0, -1))
+    call = {"op": "call", "kind": "broadcast", "seq": 3, "root": 1, "timeout": 2}
+    assert decode_request(request(call, b"pay")) == CallRequest(Call(Op.BROADCAST, 3, b"pay", 1, 2.0))
+    error = {"type": "ValueError", "message": "bad", "traceback": "tb", "rank": 99, "extra": {"k": 1}}
+    assert decode_request(request({"op": "fail", "error": error})) == Fail(
+        ErrorInfo("ValueError", "bad", None, "tb", {"k": 1}))  # the rank comes from the connection, not the peer
+    assert decode_request(request({"op": "finish"})) == Finish(closed_early=False)
+    assert decode_request(request({"op": "finish", "closed_early": True})) == Finish(closed_early=True)
+    assert decode_request(request({"op": "log", "stream": "stderr", "dropped": 3}, "ü\n".encode())) == LogLines(
+        "stderr", "ü\n", 3)
+    assert decode_request(request({"op": "ping"})) == Ping()
+    assert decode_request(request({"op": "restore"})) == Restore()
+
+
+@pytest.mark.parametrize(("header", "match"), [
+    ({"op": "call", "kind": "barrier", "seq": -1}, r"seq must be a non-negative integer, got -1"),
+    ({"op": "call", "kind": "barrier", "seq": True}, r"seq must be a non-negative integer, got True"),
+    ({"op": "call", "kind": "reduce", "seq": 0}, r"kind must be one of barrier, allGather, .* got 'reduce'"),
+    ({"op": "call", "kind": "broadcast", "seq": 0, "root": "0"}, r"root must be an integer, got '0'"),
+    ({"op": "call", "kind": "barrier", "seq": 0, "timeout": 0}, r"timeout must be a positive number of seconds"),
+    ({"op": "fail", "error": "boom"}, r"'error' must be an object, got str"),
+    ({"op": "finish", "closed_early": "yes"}, r"closed_early must be true or false, got 'yes'"),
+    ({"op": "register", "stage_id": 0, "rank": 0}, r"missing field 'gang_attempt'"),
+])
+def test_a_known_request_with_bad_arguments_is_a_request_error(header: dict[str, object], match: str) -> None:
+    with pytest.raises(RequestError, match=match):
+        decode_request(request(header))
+
+
+@pytest.mark.parametrize(("frame", "match"), [
+    (Frame(Kind.REQUEST, {"op": "shutdown"}), r"unknown request op 'shutdown'"),
+    (Frame(Kind.AUTH, {"op": "ping"}), r"expected a REQUEST frame, got AUTH"),
+    (Frame(Kind.REQUEST, {"op": "register", "gang_attempt": "0", "stage_id": 0, "rank": 0}),
+     r"gang_attempt must be an integer, got '0'"),
+])
+def test_a_request_that_breaks_the_protocol_is_a_protocol_error(frame: Frame, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_request(frame)
+
+
+def test_a_collective_reply_carries_every_payload_once_with_their_sizes() -> None:
+    [frame] = FrameDecoder(Limits(1 << 16, 1 << 16)).feed(collective_reply(Op.ALLGATHER, 4, [b"ab", b"", b"cde"]))
+    assert frame.kind is Kind.REPLY and frame.header == {"op": "allGather", "seq": 4, "sizes": [2, 0, 3]}
+    assert frame.payload == b"abcde"
