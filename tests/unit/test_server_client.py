@@ -707,7 +707,8 @@ def test_context_default_timeout_applies_to_every_call(server: CoordinatorServer
     client = joined(handle, 0)
     try:
         ctx = BarrierTaskContext(client, 0, 2, default_timeout=0.3)
-        with pytest.raises(CollectiveTimeoutError, match=r"timed out after 0\.3 s on rank 0; rank\(s\) 1 never arrived"):
+        with pytest.raises(CollectiveTimeoutError,
+                           match=r"timed out after 0\.3 s on rank 0; rank\(s\) 1 never arrived"):
             ctx.barrier()
     finally:
         client.close()
@@ -957,7 +958,8 @@ def test_thousands_of_gangs_declared_run_and_removed_leave_nothing_behind(server
             continue
         else:
             assert _run_one(handle, checkpoint=b"c" * 10 if n % 7 == 0 else b"") == [b"solo"]
-        wait_until(lambda: server.gang_settled(handle.gang_id), f"gang {n} finished or aborted")
+        gang_id = handle.gang_id
+        wait_until(lambda: server.gang_settled(gang_id), f"gang {n} finished or aborted")  # noqa: B023 - now
         server.remove_gang(handle.gang_id)
     wait_until(lambda: server.footprint()["connections"] == 0, "every rank hung up", timeout=30)
     assert server.footprint() == before

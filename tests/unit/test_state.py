@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 
@@ -12,10 +12,10 @@ from sparkhydrogen.coordinator.state import (
     AttemptState,
     Call,
     Complete,
+    FailureKind,
     Gang,
     Log,
     MemberInfo,
-    FailureKind,
     Op,
     Registry,
     Reject,
@@ -45,8 +45,8 @@ def make_attempt(world_size: int = 4, registered: Iterable[int] | None = None, n
     return attempt
 
 
-def call(op: Op, seq: int, payload: bytes = b"", root: Optional[int] = None,
-         timeout: Optional[float] = None) -> Call:
+def call(op: Op, seq: int, payload: bytes = b"", root: int | None = None,
+         timeout: float | None = None) -> Call:
     return Call(op=op, seq=seq, payload=payload, root=root, timeout=timeout)
 
 
@@ -156,7 +156,8 @@ def test_different_ops_at_the_same_seq_abort_naming_both_ranks_and_ops() -> None
     assert reject.ranks == (0, 1, 2)  # every pending rank, and the one that just called
     assert reject.error.type == "CollectiveMismatchError"
     with pytest.raises(CollectiveMismatchError,
-                       match=r"mismatched collective call #1: rank\(s\) 0, 1 called barrier; rank\(s\) 2 called allGather"):
+                       match=r"mismatched collective call #1: rank\(s\) 0, 1 called barrier; "
+                             r"rank\(s\) 2 called allGather"):
         raise from_info(reject.error)
     assert attempt.state is AttemptState.ABORTED
     assert attempt.failure == reject.error
@@ -309,7 +310,8 @@ def test_fail_aborts_the_gang_for_the_others_with_failed_rank_and_cause() -> Non
     assert reject.error.type == "GangAbortedError"
     assert reject.error.extra["failed_rank"] == 2
     assert reject.error.extra["cause"] == cause.to_json()
-    with pytest.raises(GangAbortedError, match=r"aborted: rank 2 raised ValueError: bad input\n--- traceback of rank 2 ---") as info:
+    with pytest.raises(GangAbortedError,
+                       match=r"aborted: rank 2 raised ValueError: bad input\n--- traceback of rank 2 ---") as info:
         raise from_info(reject.error)
     assert info.value.failed_rank == 2
     assert info.value.cause == cause
