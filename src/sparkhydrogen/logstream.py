@@ -281,11 +281,22 @@ class _FdPump:
             self._feed(decoder, chunk)
 
     def stop(self, linger: float = STOP_LINGER_SECONDS) -> None:
+        _stop_pumps([self], linger)
+
+    # the three steps of a stop, so that several pumps share one linger (see _stop_pumps)
+    def _release(self) -> None:
+        """Give the fd back; from now on the reader's byte budget counts down."""
         _flush_c_stdio()
+        # The rank's own last output is at most a pipe's worth (writers block on a full pipe),
+        # far below the budget: only a process that outlives the capture can exhaust it.
         self._stopping.set()
         os.dup2(self._saved, self.fd)  # our end of the pipe is gone: the reader sees EOF
         os.close(self._saved)
-        self._thread.join(linger)
+
+    def _wait(self, timeout: float) -> None:
+        self._thread.join(max(timeout, 0.0))
+
+    def _cut_off(self) -> None:
         if self._thread.is_alive():  # some child process still holds the write end
             os.write(self._stop_w, b"x")
             self._thread.join(DRAIN_MAX_SECONDS + 5.0)  # the drain is bounded; this only guards against a bug
@@ -293,6 +304,17 @@ class _FdPump:
             return
         os.close(self._stop_r)
         os.close(self._stop_w)
+
+
+def _stop_pumps(pumps: list[_FdPump], linger: float = STOP_LINGER_SECONDS) -> None:
+    """Stop pumps together: one ``linger`` for all (a child that holds fd 1 usually holds fd 2 too)."""
+    for pump in pumps:
+        pump._release()
+    deadline = time.monotonic() + linger
+    for pump in pumps:
+        pump._wait(deadline - time.monotonic())
+    for pump in pumps:
+        pump._cut_off()
 
 
 def _decoder() -> Any:
@@ -388,8 +410,7 @@ class OutputCapture:
             if sys.stderr is self._writers[1]:
                 sys.stderr = self._saved_sys[1]
             self._saved_sys = None
-        for pump in self._pumps:
-            pump.stop()
+        _stop_pumps(self._pumps)
         self._pumps = []
         self.buffer.close()
         if self._sender is not None:

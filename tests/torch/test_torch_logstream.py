@@ -259,5 +259,6 @@ def test_stop_is_bounded_when_a_silent_grandchild_holds_the_pipe() -> None:
         if holder is not None:
             holder.kill()
             holder.wait()
-    assert elapsed < logstream.STOP_LINGER_SECONDS + logstream.DRAIN_MAX_SECONDS + 2.0
+    # one linger for fds 1 and 2 together (the holder has both), not one after the other
+    assert elapsed < logstream.STOP_LINGER_SECONDS + 1.5, f"stop() took {elapsed:.1f} s"
     assert sent.lines("stdout") == ["started"]
