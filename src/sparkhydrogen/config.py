@@ -22,6 +22,8 @@ Spark conf keys (all optional)::
     spark.hydrogen.heartbeat.timeout           silence after which a rank counts as failed (default 8s)
     spark.hydrogen.checkpoint.maxSize          driver memory for one gang's checkpoint (default 512m)
     spark.hydrogen.checkpoint.dir              ranks write checkpoint state here, commit only paths
+    spark.hydrogen.embedded.lingerTimeout      Spark Connect: how long rank 0 keeps serving its peers after its
+                                               own work is done (default 10min)
 
 Sizes accept Spark's suffixes (``64k``, ``256m``, ``1g``); durations accept
 seconds or Spark's ``500ms``/``30s``/``5min`` forms.
@@ -171,10 +173,12 @@ class LaunchConfig:
     slot_wait_timeout: float = 0.0
     heartbeat_interval: float = 1.0
     checkpoint_dir: Optional[str] = None
+    embedded_linger: float = 600.0
 
     def __post_init__(self) -> None:
         _check_positive("connect_timeout", self.connect_timeout)
         _check_positive("heartbeat_interval", self.heartbeat_interval)
+        _check_positive("embedded_linger", self.embedded_linger)
         if self.collective_timeout is not None:
             _check_positive("collective_timeout", self.collective_timeout)
         if self.slot_wait_timeout < 0:
@@ -187,6 +191,15 @@ class HydrogenConfig:
 
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        timeout = self.coordinator.liveness_timeout
+        if timeout is not None and self.launch.heartbeat_interval >= timeout:
+            raise ValueError(
+                f"spark.hydrogen.heartbeat.interval ({self.launch.heartbeat_interval:g} s) must be below "
+                f"spark.hydrogen.heartbeat.timeout ({timeout:g} s), or every rank would be declared dead between "
+                "two heartbeats; lower the interval or raise the timeout"
+            )
 
     @classmethod
     def from_conf(cls, get: Callable[[str], Optional[str]], driver_host: str,
@@ -219,6 +232,7 @@ class HydrogenConfig:
             "slot_wait_timeout": ("launch.slotWaitTimeout", parse_duration),
             "heartbeat_interval": ("heartbeat.interval", parse_duration),
             "checkpoint_dir": ("checkpoint.dir", _parse_dir),
+            "embedded_linger": ("embedded.lingerTimeout", parse_duration),
         }
 
         def build(cls: type, fields: dict[str, tuple[str, Callable[[str, str], object]]],

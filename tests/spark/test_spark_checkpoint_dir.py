@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytest
@@ -17,7 +18,9 @@ def test_checkpoint_dir_keeps_large_state_off_the_driver(tmp_path: Any) -> None:
     ckpt = str(tmp_path / "ckpt")
     with spark_session("local[2]", **{"spark.hydrogen.checkpoint.dir": ckpt,
                                        "spark.hydrogen.checkpoint.maxSize": "1k"}) as spark:
-        def train() -> tuple[int, int]:
+        def train() -> tuple[int, int, list[str]]:
+            import pathlib
+
             ctx = h2.BarrierTaskContext.get()
             state = ctx.restore() or {"step": 0, "blob": b""}
             while state["step"] < 4:
@@ -25,8 +28,16 @@ def test_checkpoint_dir_keeps_large_state_off_the_driver(tmp_path: Any) -> None:
                     raise RuntimeError("crash after two checkpoints")
                 state = {"step": state["step"] + 1, "blob": os.urandom(100_000)}  # far above maxSize
                 ctx.checkpoint(state)
-            return state["step"], len(state["blob"])
+            ctx.barrier()  # every rank has dropped its superseded file
+            files = sorted(p.name for p in pathlib.Path(ckpt).rglob("*.pkl"))
+            return state["step"], len(state["blob"]), files
 
-        assert h2.run(train, 2, max_retries=1, retry_backoff=0.1, spark=spark) == [(4, 100_000)] * 2
-        files = sorted(p.name for p in (tmp_path / "ckpt").rglob("*.pkl"))
+        results = h2.run(train, 2, max_retries=1, retry_backoff=0.1, spark=spark)
+        assert [r[:2] for r in results] == [(4, 100_000)] * 2
+        files = results[0][2]
         assert len(files) == 2 and all(f.startswith(("rank0-", "rank1-")) for f in files)  # only the last commit
+        # released with its gang: the gang's folder goes (on the service's releaser thread, bounded)
+        deadline = time.monotonic() + 30
+        while list((tmp_path / "ckpt").glob("gang-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list((tmp_path / "ckpt").glob("gang-*")) == []

@@ -64,6 +64,24 @@ def test_failure_over_connect_names_the_rank(spark: Any) -> None:
         h2.barrier(spark.range(40), num_tasks=4).mapInPandas(body, "rank long").collect()
 
 
-def test_connect_requires_an_explicit_gang_size(spark: Any) -> None:
-    with pytest.raises(ValueError, match="pass sparkhydrogen.barrier\\(df, num_tasks=N\\)"):
-        h2.barrier(spark.range(10)).mapInPandas(lambda it: it, "id long")
+def test_gang_size_from_the_plan_or_the_stage(spark: Any) -> None:
+    """No num_tasks: a trailing repartition(n) states the size; otherwise the ranks count the stage's tasks."""
+    import pandas as pd
+
+    from sparkhydrogen.launch.dataframe import planned_partitions
+
+    assert planned_partitions(spark.range(100).repartition(3)) == 3
+    assert planned_partitions(spark.range(100).repartition(3).select("id")) == 3
+    assert planned_partitions(spark.range(0, 10, 1, 2)) == 2
+    assert planned_partitions(spark.range(100).groupBy("id").count()) is None
+
+    def sizes(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ctx = h2.BarrierTaskContext.get()
+        n = sum(len(b) for b in batches)
+        yield pd.DataFrame({"rank": [ctx.rank()], "world": [ctx.worldSize()], "rows": [sum(ctx.allGather(n))]})
+
+    rows = h2.barrier(spark.range(100).repartition(3)).mapInPandas(sizes, "rank long, world long, rows long")
+    assert sorted(tuple(r) for r in rows.collect()) == [(0, 3, 100), (1, 3, 100), (2, 3, 100)]
+    unstated = h2.barrier(spark.range(0, 60, 1, 2).filter("id % 2 = 0")).mapInPandas(
+        sizes, "rank long, world long, rows long")
+    assert sorted(tuple(r) for r in unstated.collect()) == [(0, 2, 30), (1, 2, 30)]

@@ -2,9 +2,10 @@
 
 Each barrier task runs ``fn`` in its own Python worker with everything Horovod's gloo
 controller needs already in the environment, so ``fn`` just calls ``hvd.init()``.
-The rendezvous gloo performs is served by a token-guarded key-value store on the driver
-(:mod:`.rendezvous`); ranks, local ranks and cross ranks come from where Spark placed
-the tasks (:mod:`.topology`).
+The rendezvous gloo performs is served by a token-guarded key-value store that rank 0
+hosts for the attempt (:mod:`.rendezvous`), so it works the same on classic Spark and
+on Spark Connect; ranks, local ranks and cross ranks come from where Spark placed the
+tasks (:mod:`.topology`).
 
 Example:
     >>> def train():                                                   # doctest: +SKIP
@@ -23,9 +24,10 @@ import socket
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..context import BarrierTaskContext
-from ..launch.retry import retry
-from ..launch.run import _run_once, _spark_context
-from ..launch.service import service_for
+from ..launch.placement import RankCall
+from ..launch.run import run_gang
+from ..launch.runner import check_retries
+from ..launch.session import resolve
 from .rendezvous import RendezvousServer
 from .topology import HorovodLayout, layout
 
@@ -54,35 +56,52 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Optional[Mappi
         raise TypeError("env must map str to str")
     if isinstance(gloo_timeout, bool) or not isinstance(gloo_timeout, int) or gloo_timeout < 1:
         raise ValueError(f"gloo_timeout must be a positive number of seconds, got {gloo_timeout!r}")
-    sc = _spark_context(spark)
+    check_retries(max_retries, retry_backoff)
+    target = resolve(spark)
     if num_proc is None:
-        num_proc = int(sc.defaultParallelism)
+        num_proc = _default_parallelism(target)
     if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
         raise ValueError(f"num_proc must be a positive int, got {num_proc!r}")
-    server = RendezvousServer(service_for(sc).config.coordinator.host)
-    server.start()
     extra = dict(env or {})
     extra["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(gloo_timeout)
-    frozen_args, frozen_kwargs = tuple(args), dict(kwargs or {})
-
-    def attempt() -> list[Any]:
-        token = server.new_attempt()
-        addr, port = server.address_for_tasks(token)
-        task_args = (fn, frozen_args, frozen_kwargs, addr, port, extra)
-        return _run_once(_horovod_rank, num_proc, args=task_args, kwargs={}, sc=sc)
-
-    try:
-        return retry(attempt, max_retries=max_retries, retry_backoff=retry_backoff)
-    finally:
-        server.stop()
+    call = RankCall(_horovod_rank, (fn, tuple(args), dict(kwargs or {}), extra))
+    name = f"horovod.run({getattr(fn, '__qualname__', type(fn).__name__)})"
+    return run_gang(call, num_proc, target=target, max_retries=max_retries, retry_backoff=retry_backoff, name=name)
 
 
-def _horovod_rank(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], addr: str, port: int,
+def _default_parallelism(target: Any) -> int:
+    if target.sc is not None:
+        return int(target.sc.defaultParallelism)
+    value = target.conf("spark.default.parallelism")
+    if value is None:
+        raise ValueError("num_proc is required under Spark Connect (spark.default.parallelism is not set)")
+    return int(value)
+
+
+def _horovod_rank(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                   extra: dict[str, str]) -> Any:
-    """Task body: export Horovod's environment, run ``fn``, shut Horovod down, restore the environment."""
+    """Task body: rank 0 serves the rendezvous; export Horovod's environment, run ``fn``, clean up."""
     ctx = BarrierTaskContext.get()
     hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
     mine = layout(hosts, ctx.rank())
+    server: Optional[RendezvousServer] = None
+    offer: Optional[tuple[str, int]] = None
+    if ctx.rank() == 0:
+        server = RendezvousServer(hosts[0])
+        server.start()
+        offer = server.address_for_tasks(server.new_attempt())
+    try:
+        addr, port = ctx.broadcast(offer, root=0)
+        result = _run_with_horovod(fn, args, kwargs, mine, addr, port, extra)
+        ctx.barrier()  # every rank is done with the rendezvous before it goes away
+        return result
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_with_horovod(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], mine: HorovodLayout,
+                      addr: str, port: int, extra: dict[str, str]) -> Any:
     env = {
         **mine.env(),
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr,

@@ -1,4 +1,7 @@
-"""Driver side: declare gangs, preflight slots, launch barrier stages, translate failures."""
+"""Driver side: declare gangs, preflight slots, place and launch them, translate failures, retry, release.
+
+Nothing here runs inside a task; the executor side is :mod:`sparkhydrogen.task`.
+"""
 
 from .rdd import RDDBarrier, barrier
 from .retry import retry

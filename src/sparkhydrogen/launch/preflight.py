@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import InsufficientSlotsError, LaunchError
+from .session import SparkTarget, dynamic_allocation_enabled, task_cpus
 
 __all__ = ["SlotReport", "shortfall_message", "cluster_slots", "ensure_slots"]
 
@@ -75,8 +76,10 @@ def _startup_pending(needed: int, report: SlotReport) -> bool:
     return expected is not None and report.slots < expected and needed <= expected
 
 
-def cluster_slots(sc: Any) -> SlotReport:
+def cluster_slots(target: Any) -> SlotReport:
     """Ask the JVM scheduler how many tasks of the default resource profile can run concurrently."""
+    target = target if isinstance(target, SparkTarget) else SparkTarget(sc=target)
+    sc = target.sc
     try:
         jsc = sc._jsc.sc()
         profile = jsc.resourceProfileManager().defaultResourceProfile()
@@ -87,13 +90,13 @@ def cluster_slots(sc: Any) -> SlotReport:
     master = sc.master or "?"
     if not master.startswith("local") or master.startswith("local-cluster"):
         executors = max(executors - 1, 0)  # the driver is listed too
-    task_cpus = int(sc._conf.get("spark.task.cpus") or 1)  # _conf: no copy of the whole conf over Py4J
-    return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus, master=master)
+    return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus(target), master=master)
 
 
-def ensure_slots(sc: Any, needed: int, wait: float = 0.0) -> SlotReport:
+def ensure_slots(target: Any, needed: int, wait: float = 0.0) -> SlotReport:
     """Raise :class:`InsufficientSlotsError` unless ``needed`` slots exist (waiting up to ``wait`` s)."""
-    if str(sc._conf.get("spark.dynamicAllocation.enabled") or "false").lower() == "true":
+    target = target if isinstance(target, SparkTarget) else SparkTarget(sc=target)
+    if dynamic_allocation_enabled(target):
         raise LaunchError(
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages under dynamic allocation "
             "(SPARK-24942); disable it for this application or use a fixed number of executors"
@@ -103,7 +106,7 @@ def ensure_slots(sc: Any, needed: int, wait: float = 0.0) -> SlotReport:
     pause = threading.Event()
     last_log = 0.0
     while True:
-        report = cluster_slots(sc)
+        report = cluster_slots(target)
         problem = shortfall_message(needed, report)
         if problem is None:
             return report

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
-from .gang import declare_gang
-from .task import run_rank
+from ..task.lifecycle import gang_body, run_partition
+from .runner import declare, release_with
+from .session import SparkTarget
 
 __all__ = ["RDDBarrier", "barrier"]
 
@@ -22,7 +23,8 @@ class RDDBarrier(Generic[T]):
     """Wraps an RDD so that the next ``mapPartitions`` runs as a spark-hydrogen gang.
 
     The result is an ordinary RDD: narrow transformations chained after it run in
-    the same tasks and still see :class:`~sparkhydrogen.BarrierTaskContext`.
+    the same tasks and still see :class:`~sparkhydrogen.BarrierTaskContext`. Outside
+    :func:`~sparkhydrogen.retry`, the gang lives as long as that RDD does.
     """
 
     def __init__(self, rdd: Any) -> None:
@@ -42,9 +44,10 @@ class RDDBarrier(Generic[T]):
         return self._launch(f, preservesPartitioning, _name(f))
 
     def _launch(self, f: Callable[[int, Iterable[Any]], Iterable[Any]], preserves: bool, name: str) -> Any:
-        gang, attempt = declare_gang(self.rdd.context, self.rdd.getNumPartitions(), name)
-        body = functools.partial(run_rank, gang.spec(attempt), f)
-        return self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
+        gang, attempt = declare(SparkTarget(sc=self.rdd.context), self.rdd.getNumPartitions(), name)
+        body = gang_body(functools.partial(run_partition, gang.spec(attempt), f))
+        out = self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
+        return release_with(out, gang)
 
 
 def _name(f: Callable[..., Any]) -> str:
@@ -55,7 +58,8 @@ def barrier(data: Any, num_tasks: Optional[int] = None) -> Any:
     """Gang-schedule the next stage of ``data`` (an RDD or a DataFrame): all partitions start together.
 
     ``num_tasks`` sets the gang size by repartitioning first (for DataFrames it also
-    spares planning the query to count partitions).
+    spares planning the query to count partitions; under Spark Connect it is needed
+    only when the plan does not end in ``repartition(n)`` or ``range(..., numPartitions)``).
 
     Example:
         >>> import sparkhydrogen as h2                                     # doctest: +SKIP

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import threading
-import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .. import serde
 from ..logstream import LogPrinter
-from .gang import DeclaredGang, declare_gang, job_error
-from .retry import retry
-from .task import run_rank
+from .placement import Placement, RankCall, placement_for
+from .runner import attempts, check_retries
+from .session import SparkTarget, resolve
 
-__all__ = ["run"]
+__all__ = ["run", "run_gang"]
 
 log = logging.getLogger("sparkhydrogen.launch")
-
-
-def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], index: int,
-          rows: Iterable[Any]) -> Iterator[tuple[int, bytes]]:
-    result = fn(*args, **kwargs)
-    yield index, serde.dumps(result, f"return value of rank {index}")
 
 
 def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
@@ -38,9 +28,13 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
     its last checkpointed state. Finally this raises :class:`GangFailedError`
     naming each attempt's failing rank, its exception and traceback.
 
+    ``spark`` is a SparkSession (classic or Spark Connect) or SparkContext; by
+    default the active one. Under Spark Connect the coordinator runs inside rank
+    0's task (see ``docs/connect.md``).
+
     With ``stream_logs=True`` every rank's stdout and stderr (``print``, ``logging``,
     output of C extensions and child processes) is printed on the driver as it is
-    written, each line prefixed ``[rank N]``.
+    written, each line prefixed ``[rank N]`` (classic Spark).
 
     Example:
         >>> def hello():                                              # doctest: +SKIP
@@ -61,51 +55,23 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
         raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
     if not isinstance(stream_logs, bool):
         raise TypeError(f"stream_logs must be a bool, got {type(stream_logs).__name__}")
-    sc = _spark_context(spark)
-    frozen_args, frozen_kwargs = tuple(args), dict(kwargs or {})
-    printer = LogPrinter() if stream_logs else None
+    check_retries(max_retries, retry_backoff)
+    target = resolve(spark)
+    return run_gang(RankCall(fn, tuple(args), dict(kwargs or {})), num_tasks, target=target,
+                    max_retries=max_retries, retry_backoff=retry_backoff, stream_logs=stream_logs)
+
+
+def run_gang(call: RankCall, num_tasks: int, *, target: SparkTarget, max_retries: int = 0,
+             retry_backoff: float = 0.5, stream_logs: bool = False, name: Optional[str] = None,
+             placement: Optional[Placement] = None) -> list[Any]:
+    """``run()`` after validation, for launchers: ``call`` on ``num_tasks`` ranks with retries; results by rank."""
+    chosen = placement if placement is not None else placement_for(target)
+    label = name or call.name
+    printer = LogPrinter() if stream_logs and (placement is not None or not target.connect) else None
+    log.debug("gang %s: %d ranks on %s", label, num_tasks, chosen.name)
     try:
-        return retry(lambda: _run_once(fn, num_tasks, args=frozen_args, kwargs=frozen_kwargs, sc=sc, on_log=printer),
-                     max_retries=max_retries, retry_backoff=retry_backoff)
+        return attempts(lambda: chosen.run(call, num_tasks, name=label, on_log=printer),
+                        max_retries=max_retries, retry_backoff=retry_backoff, target=target)
     finally:
         if printer is not None:
             printer.close()
-
-
-def settle_logs(gang: DeclaredGang, timeout: float = 5.0) -> None:
-    """Return once every rank's 'finish' has reached the coordinator (bounded by ``timeout``).
-
-    A rank streams its output before it reports 'finish' on the same connection, so
-    by then the log hook has been handed every line: none is lost when the gang is released.
-    """
-    server = gang.service.server
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while server.running and not server.gang_settled(gang.handle.gang_id) and time.monotonic() < deadline:
-        pause.wait(0.005)
-
-
-def _spark_context(spark: Any) -> Any:
-    if spark is not None:
-        return getattr(spark, "sparkContext", spark)
-    from pyspark import SparkContext
-
-    sc = SparkContext._active_spark_context
-    if sc is None:
-        raise ValueError("no active SparkContext: create a SparkSession first, or pass spark=")
-    return sc
-
-
-def _run_once(fn: Callable[..., Any], num_tasks: int, *, args: tuple[Any, ...], kwargs: dict[str, Any],
-              sc: Any, on_log: Optional[LogPrinter] = None) -> list[Any]:
-    name = getattr(fn, "__qualname__", type(fn).__name__)
-    gang, attempt = declare_gang(sc, num_tasks, name, on_log=on_log)
-    body = functools.partial(run_rank, gang.spec(attempt), functools.partial(_call, fn, args, kwargs))
-    rdd = sc.parallelize(range(num_tasks), num_tasks).barrier().mapPartitionsWithIndex(body)
-    try:
-        pairs = rdd.collect()
-    except Exception as exc:
-        raise job_error(gang, exc, attempt) from exc
-    if on_log is not None:
-        settle_logs(gang)
-    return [serde.loads(payload, "return value") for _, payload in sorted(pairs, key=lambda kv: kv[0])]

@@ -1,85 +1,127 @@
-"""One coordinator per SparkContext: started lazily on first use, stopped with the SparkContext."""
+"""One coordinator per application: started lazily on first use, stopped with the SparkContext.
+
+Classic PySpark: one per SparkContext, bound to ``spark.driver.host``. Under Spark
+Connect the driver side only needs one for ranks that run on this machine (the
+torch launcher's local mode); gangs on executors bring their own (see
+:mod:`sparkhydrogen.task.embedded`).
+"""
 
 from __future__ import annotations
 
 import atexit
 import functools
 import logging
+import queue
+import shutil
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 from ..config import HydrogenConfig
 from ..coordinator.server import CoordinatorServer
+from .session import SparkTarget, encryption_required_by, read_config, resolve
 
-__all__ = ["DriverService", "service_for", "stop_all", "read_config", "encryption_required_by", "ENCRYPTION_KEYS"]
+__all__ = ["DriverService", "service_for", "stop_all", "read_config", "encryption_required_by"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
 _lock = threading.Lock()
 _services: dict[str, "DriverService"] = {}
 
+#: How long a released gang may take for its last ranks' reports to arrive before it is removed anyway.
+SETTLE_TIMEOUT = 10.0
+
 
 @dataclass(frozen=True)
 class DriverService:
-    """The running coordinator of one SparkContext and the settings read from its conf."""
+    """The running coordinator of one application and the settings read from its conf."""
 
     app_id: str
     config: HydrogenConfig
     server: CoordinatorServer
+    releaser: Optional["_Releaser"] = field(default=None, repr=False, compare=False)
+
+    def release(self, gang_id: str, checkpoint_dir: Optional[str] = None) -> None:
+        """Forget a gang once its ranks have all reported (bounded), and remove its checkpoint folder.
+
+        Safe from any thread, including a garbage-collector finalizer: the work is
+        done on the service's releaser thread.
+        """
+        if self.releaser is not None:
+            self.releaser.put(gang_id, checkpoint_dir)
+        elif self.server.running:
+            self.server.remove_gang(gang_id)
 
 
-#: Spark settings that say the application's network traffic must be encrypted. When one
-#: is true, the coordinator serves TLS too (and refuses to be told otherwise).
-ENCRYPTION_KEYS = (
-    "spark.network.crypto.enabled",  # AES-based RPC encryption
-    "spark.authenticate.enableSaslEncryption",  # SASL-encrypted RPC (legacy)
-    "spark.ssl.rpc.enabled",  # TLS for RPC (Spark 4)
-    "spark.ssl.enabled",  # TLS for every Spark protocol that supports it
-)
+class _Releaser:
+    """A daemon thread removing released gangs after they settle (no spurious aborts of late finishes)."""
+
+    def __init__(self, server: CoordinatorServer) -> None:
+        self._server = server
+        self._queue: "queue.SimpleQueue[Optional[tuple[str, Optional[str]]]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sparkhydrogen-releaser", daemon=True)
+        self._thread.start()
+
+    def put(self, gang_id: str, checkpoint_dir: Optional[str]) -> None:
+        self._queue.put((gang_id, checkpoint_dir))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        pause = threading.Event()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            gang_id, checkpoint_dir = item
+            deadline = time.monotonic() + SETTLE_TIMEOUT
+            try:
+                while self._server.running and not self._server.gang_settled(gang_id) \
+                        and time.monotonic() < deadline:
+                    pause.wait(0.01)
+                if self._server.running:
+                    self._server.remove_gang(gang_id)
+            except Exception as exc:  # the coordinator is stopping: nothing left to release
+                log.debug("could not release gang %s: %s", gang_id[:8], exc)
+            if checkpoint_dir is not None:
+                shutil.rmtree(_gang_folder(checkpoint_dir, gang_id), ignore_errors=True)
 
 
-def encryption_required_by(get: Callable[[str], Optional[str]]) -> Optional[str]:
-    """The first of :data:`ENCRYPTION_KEYS` set to true, as ``"key=true"``; ``None`` if none is."""
-    for key in ENCRYPTION_KEYS:
-        value = get(key)
-        if value is not None and str(value).strip().lower() == "true":
-            return f"{key}=true"
-    return None
+def _gang_folder(checkpoint_dir: str, gang_id: str) -> str:
+    import os
+
+    return os.path.join(checkpoint_dir.removeprefix("file://"), f"gang-{gang_id}")
 
 
-def read_config(sc: Any) -> HydrogenConfig:
-    """All ``spark.hydrogen.*`` settings of ``sc``'s conf, and whether Spark requires encryption
-    (the one place Spark conf is read)."""
-    conf = sc.getConf()
-    driver_host = conf.get("spark.driver.host") or "127.0.0.1"
-    return HydrogenConfig.from_conf(conf.get, driver_host=driver_host,
-                                    encryption_required_by=encryption_required_by(conf.get))
-
-
-def service_for(sc: Any) -> DriverService:
-    """The coordinator of ``sc``, starting it (once) if needed."""
-    if getattr(sc, "_jsc", None) is None:
+def service_for(spark: Any) -> DriverService:
+    """The coordinator of ``spark`` (a SparkContext, SparkSession or :class:`SparkTarget`), starting it once."""
+    target = spark if isinstance(spark, SparkTarget) else resolve(spark)
+    if target.sc is not None and getattr(target.sc, "_jsc", None) is None:
         raise ValueError("the SparkContext has been stopped; create a new SparkSession first")
-    app_id = sc.applicationId
+    app_id = target.key
     with _lock:
         service = _services.get(app_id)
         if service is not None and service.server.running:
             return service
-        for other in [s for a, s in _services.items() if a != app_id]:  # contexts stopped without stop()
-            _stop(other)
-        config = read_config(sc)
+        if target.sc is not None:
+            for other in [s for a, s in _services.items() if a != app_id and not a.startswith("connect-")]:
+                _stop(other)  # contexts stopped without stop()
+        config = read_config(target)
+        if target.connect:  # only ranks on this machine (local mode) connect to a Connect client's coordinator
+            config = replace(config, coordinator=replace(config.coordinator, host="127.0.0.1"))
         server = CoordinatorServer(config.coordinator)
         server.start()
-        service = DriverService(app_id, config, server)
+        service = DriverService(app_id, config, server, _Releaser(server))
         _services[app_id] = service
-        _stop_with(sc, app_id)
+        _stop_with(target.sc if target.sc is not None else target.spark, app_id)
         return service
 
 
-def _stop_with(sc: Any, app_id: str) -> None:
-    """Make ``sc.stop()`` (and so ``SparkSession.stop()``) stop our coordinator first."""
-    original = sc.stop
+def _stop_with(owner: Any, app_id: str) -> None:
+    """Make ``owner.stop()`` (a SparkContext's, so also ``SparkSession.stop()``) stop our coordinator first."""
+    original = owner.stop
     if getattr(original, "_sparkhydrogen_app", None) == app_id:
         return
 
@@ -88,16 +130,22 @@ def _stop_with(sc: Any, app_id: str) -> None:
         with _lock:
             service = _services.pop(app_id, None)
         if service is not None:
-            service.server.stop()
+            _shutdown(service)
         return original(*args, **kwargs)
 
     stop._sparkhydrogen_app = app_id  # type: ignore[attr-defined]
-    sc.stop = stop
+    owner.stop = stop
+
+
+def _shutdown(service: DriverService) -> None:
+    if service.releaser is not None:
+        service.releaser.close()
+    service.server.stop()
 
 
 def _stop(service: DriverService) -> None:
     _services.pop(service.app_id, None)
-    service.server.stop()
+    _shutdown(service)
 
 
 def stop_all() -> None:

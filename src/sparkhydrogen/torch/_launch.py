@@ -1,13 +1,14 @@
 """Driver side of ``sparkhydrogen.torch.run``: check the arguments, then launch the ranks.
 
-Distributed mode hands one rank per barrier task to :func:`sparkhydrogen.run`
-(gang scheduling, slot preflight, retries, log streaming come from there). Local
-mode starts the ranks as processes on the driver that join the same coordinator.
+Both modes go through the one gang runner (:mod:`sparkhydrogen.launch.run`): distributed
+mode places one rank per barrier task (a native barrier stage, or under Spark Connect a
+stage whose rank 0 hosts the coordinator); local mode is a placement of its own,
+:class:`LocalProcesses`, starting the ranks as processes on the driver that join the
+driver's coordinator.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -25,14 +26,13 @@ try:
 except ImportError:  # shipped with --py-files to a cluster that only has pyspark
     from pyspark import cloudpickle  # type: ignore[no-redef]
 
+from ..coordinator.handles import LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
-from ..launch.gang import DeclaredGang
-from ..launch.retry import current_scope, retry
-from ..launch.run import run as run_gang
-from ..launch.run import _spark_context, settle_logs
-from ..launch.service import DriverService, service_for
-from ..logstream import LogPrinter
+from ..launch.placement import RankCall
+from ..launch.run import run_gang
+from ..launch.runner import DeclaredGang, check_retries, declare
+from ..launch.session import SparkTarget, resolve
 from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
 from ._local import LocalRank, error_path, result_path
 from ._rank import ENTRY_MODULE, PARENT_PID_ENV, RankJob, describe_exit, run_job
@@ -97,23 +97,19 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
             raise TypeError(f"{name} must be True or False, got {value!r}")
     if backend is not None and (not isinstance(backend, str) or not backend.strip()):
         raise ValueError(f"backend must be a torch.distributed backend name such as 'gloo' or 'nccl', got {backend!r}")
-    sc = _spark_context(spark)
+    check_retries(max_retries, retry_backoff)
+    target = resolve(spark)
     if isinstance(job_train, str) and not os.path.isfile(job_train) and local_mode:
         raise ValueError(f"training script {train} does not exist")
     driver_gpus: tuple[str, ...] = ()
     if use_gpu:
-        driver_gpus = _gpu_preflight(sc, num_processes, local_mode)
+        driver_gpus = _gpu_preflight(target, num_processes, local_mode)
     job = RankJob(train=job_train, args=tuple(args), kwargs=dict(kwargs), backend=backend or default_backend(use_gpu),
                   use_gpu=use_gpu, use_subprocess=use_subprocess, return_all=return_all, driver_gpus=driver_gpus)
     name = f"torch.run({_train_name(job_train)})"
-    if local_mode:
-        results = _run_local(job, num_processes, sc, name=name, max_retries=max_retries,
-                             retry_backoff=retry_backoff, stream_logs=stream_logs)
-    else:
-        body = functools.partial(run_job, job)
-        body.__qualname__ = name  # type: ignore[attr-defined]  # names the gang in errors and logs
-        results = run_gang(body, num_processes, max_retries=max_retries, retry_backoff=retry_backoff, spark=sc,
-                           stream_logs=stream_logs)
+    placement = LocalProcesses(target, job) if local_mode else None
+    results = run_gang(RankCall(run_job, (job,)), num_processes, target=target, max_retries=max_retries,
+                       retry_backoff=retry_backoff, stream_logs=stream_logs, name=name, placement=placement)
     return results if return_all else results[0]
 
 
@@ -149,16 +145,16 @@ def _train_name(train: Union[Callable[..., Any], str]) -> str:
     return getattr(train, "__qualname__", None) or type(train).__name__
 
 
-def _gpu_preflight(sc: Any, num_processes: int, local_mode: bool) -> tuple[str, ...]:
+def _gpu_preflight(target: SparkTarget, num_processes: int, local_mode: bool) -> tuple[str, ...]:
     """Fail on the driver, before launching, when Spark will give the ranks no GPU."""
-    gpu = (sc.resources or {}).get("gpu")
+    sc = target.sc
+    gpu = (sc.resources or {}).get("gpu") if sc is not None else None
     driver_gpus = tuple(gpu.addresses) if gpu is not None else ()
     if local_mode:
         return tuple(local_mode_gpus(driver_gpus, num_processes))
-    conf = sc.getConf()
-    master = sc.master or ""
+    master = (sc.master if sc is not None else target.conf("spark.master")) or ""
     local_master = master.startswith("local") and not master.startswith("local-cluster")
-    if conf.get("spark.task.resource.gpu.amount"):
+    if target.conf("spark.task.resource.gpu.amount"):
         return driver_gpus if local_master else ()
     if local_master and len(driver_gpus) >= num_processes:
         return driver_gpus  # local[N]: tasks run in the driver's JVM; rank i takes the driver's i-th GPU
@@ -174,63 +170,42 @@ def _gpu_preflight(sc: Any, num_processes: int, local_mode: bool) -> tuple[str, 
 # local mode -----------------------------------------------------------------------
 
 
-def _run_local(job: RankJob, num_processes: int, sc: Any, *, name: str, max_retries: int, retry_backoff: float,
-               stream_logs: bool) -> list[Any]:
-    printer = LogPrinter() if stream_logs else None
-    launcher = _LocalLauncher(service_for(sc), job, num_processes, name, printer)
-    try:
-        return retry(launcher.attempt, max_retries=max_retries, retry_backoff=retry_backoff)
-    finally:
-        launcher.kill_all()
-        if printer is not None:
-            printer.close()
+class LocalProcesses:
+    """Placement of local mode: every rank is a process on the driver's machine, joining the driver's coordinator.
 
+    Starts, supervises and stops the rank processes of one attempt at a time; a rank
+    process that fails (or a coordinator abort) stops the others at once.
+    """
 
-class _LocalLauncher:
-    """Starts, supervises and stops the rank processes of one local-mode run (one attempt at a time)."""
+    name = "local processes"
 
-    def __init__(self, service: DriverService, job: RankJob, num_processes: int, name: str,
-                 printer: Optional[LogPrinter]) -> None:
-        self.service = service
+    def __init__(self, target: SparkTarget, job: RankJob) -> None:
+        self.target = target
         self.job = job
-        self.num_processes = num_processes
-        self.name = name
-        self.printer = printer
         self._lock = threading.Lock()
         self._procs: dict[int, list["subprocess.Popen[bytes]"]] = {}
 
-    def _gang(self) -> tuple[DeclaredGang, int]:
-        """This attempt's gang: declared once, the same gang (new attempt number) on every retry."""
-        scope = current_scope()
-        if scope is None:
-            raise RuntimeError("local-mode attempts run inside sparkhydrogen.retry")
-        if scope.next_index < len(scope.gangs):
-            gang = scope.gangs[scope.next_index]
-        else:
-            handle = self.service.server.add_gang(self.num_processes, self.name, on_abort=self._on_abort,
-                                                  on_log=self.printer)
-            gang = DeclaredGang(self.service, handle, self.name, stream_logs=self.printer is not None)
-            scope.gangs.append(gang)
-        scope.next_index += 1
-        return gang, scope.attempt
-
-    def attempt(self) -> list[Any]:
-        gang, attempt = self._gang()
+    def run(self, call: RankCall, world_size: int, *, name: str,
+            on_log: Optional[Callable[[LogRecord], None]] = None) -> list[Any]:
+        gang, attempt = declare(self.target, world_size, name, on_log=on_log, on_abort=self._on_abort,
+                                preflight=False)
         spec = gang.spec(attempt)
-        with tempfile.TemporaryDirectory(prefix="sparkhydrogen-local-") as out:
-            procs = []
-            try:
-                for rank in range(self.num_processes):
-                    procs.append(self._start(LocalRank(spec, self.job, rank, out)))
-            finally:
-                with self._lock:
-                    self._procs[attempt] = procs
-            exits = self._wait(procs)
-            if all(code == 0 for code in exits.values()):
-                if self.printer is not None:
-                    settle_logs(gang)
-                return [self._load(result_path(out, rank)) for rank in range(self.num_processes)]
-            raise self._failure(gang, attempt, exits, out)
+        try:
+            with tempfile.TemporaryDirectory(prefix="sparkhydrogen-local-") as out:
+                procs = []
+                try:
+                    for rank in range(world_size):
+                        procs.append(self._start(LocalRank(spec, self.job, rank, out)))
+                finally:
+                    with self._lock:
+                        self._procs[attempt] = procs
+                exits = self._wait(procs)
+                if all(code == 0 for code in exits.values()):
+                    gang.settle()
+                    return [self._load(result_path(out, rank)) for rank in range(world_size)]
+                raise self._failure(gang, attempt, exits, out, name)
+        finally:
+            self.kill_all()
 
     def _start(self, task: LocalRank) -> "subprocess.Popen[bytes]":
         env = dict(os.environ)
@@ -271,7 +246,7 @@ class _LocalLauncher:
                 _kill(proc)
         return exits
 
-    def _failure(self, gang: DeclaredGang, attempt: int, exits: dict[int, int], out: str) -> LaunchError:
+    def _failure(self, gang: DeclaredGang, attempt: int, exits: dict[int, int], out: str, name: str) -> LaunchError:
         failure = gang.last_failure(attempt)
         if failure is None:
             for rank, code in exits.items():  # in the order they ended
@@ -280,12 +255,12 @@ class _LocalLauncher:
                         failure = ErrorInfo.from_json(json.load(fh))
                     break
         if failure is not None:
-            text = f"gang {self.name!r} failed: {failure.describe()}"
+            text = f"gang {name!r} failed: {failure.describe()}"
             if failure.traceback:
                 text += f"\n--- traceback of rank {failure.rank} ---\n{failure.traceback.rstrip()}"
             return GangFailedError(text, failure.rank, failure)
         rank, code = next((r, c) for r, c in exits.items() if c != 0)
-        return GangFailedError(f"gang {self.name!r} failed: local rank {rank}'s process ended with "
+        return GangFailedError(f"gang {name!r} failed: local rank {rank}'s process ended with "
                                f"{describe_exit(code)} before it reported an error", rank)
 
     def _on_abort(self, key: AttemptKey, cause: ErrorInfo) -> None:
@@ -304,6 +279,8 @@ class _LocalLauncher:
         for proc in procs:
             _kill(proc)
             proc.wait()
+        with self._lock:
+            self._procs.clear()
 
 
 def _kill(proc: "subprocess.Popen[bytes]") -> None:

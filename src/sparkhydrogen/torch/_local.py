@@ -8,22 +8,20 @@ the rank's job (:func:`._rank.run_job`) and writes its result to ``out_dir``.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import pickle
-import socket
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any
 
-import cloudpickle
+try:
+    import cloudpickle
+except ImportError:  # shipped with --py-files to a cluster that only has pyspark
+    from pyspark import cloudpickle  # type: ignore[no-redef]
 
-from ..context import BarrierTaskContext
-from ..coordinator.client import CoordinatorClient
-from ..errors import CollectiveError, ErrorInfo
-from ..launch.task import TaskSpec
-from ..logstream import OutputCapture
+from ..task.lifecycle import RankSession
+from ..task.spec import TaskSpec
 from ._child import die_with_parent
 from ._rank import RankJob, run_job
 
@@ -50,40 +48,21 @@ def error_path(out_dir: str, rank: int) -> str:
 
 
 def _run(task: LocalRank) -> int:
-    spec = task.spec
-    fingerprint = getattr(spec, "tls_fingerprint", None)  # the coordinator may serve TLS: pin its certificate
-    pinned = {"tls_fingerprint": fingerprint} if fingerprint is not None else {}
-    client = CoordinatorClient.connect((spec.host, spec.port), spec.gang_id, spec.secret, spec.connect_timeout,
-                                       **pinned)
+    """Join the gang as ``task.rank`` (outside Spark: no native task), run the job, leave the result for the driver."""
     try:
-        world = client.register(task.rank, gang_attempt=spec.gang_attempt, stage_id=0, host=socket.gethostname(),
-                                task_attempt_id=spec.gang_attempt * spec.world_size + task.rank)
-        if spec.heartbeat_interval is not None:
-            client.start_heartbeat(spec.heartbeat_interval)
-        ctx = BarrierTaskContext(client, task.rank, world, None, spec.gang_attempt, spec.collective_timeout,
-                                 spec.checkpoint_dir)
-        BarrierTaskContext._set(ctx)
-        capture = OutputCapture(client.log) if spec.stream_logs else contextlib.nullcontext()
-        try:
-            with capture:
-                result = run_job(task.job, local_host=LOCAL_HOST)
-        except BaseException as exc:
-            info = ErrorInfo.from_exception(exc, task.rank, traceback.format_exc())
-            with open(error_path(task.out_dir, task.rank), "w", encoding="utf-8") as fh:
-                import json
+        with RankSession(task.spec, task.rank) as _ctx:
+            result = run_job(task.job, local_host=LOCAL_HOST)
+            with open(result_path(task.out_dir, task.rank), "wb") as fh:
+                cloudpickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:
+        from ..errors import ErrorInfo
 
-                json.dump(info.to_json(), fh)
-            if not isinstance(exc, CollectiveError):
-                client.fail(info)
-            traceback.print_exc()
-            return 1
-        with open(result_path(task.out_dir, task.rank), "wb") as fh:
-            cloudpickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        client.finish()
-        return 0
-    finally:
-        BarrierTaskContext._set(None)
-        client.close()
+        info = ErrorInfo.from_exception(exc, task.rank, traceback.format_exc())
+        with open(error_path(task.out_dir, task.rank), "w", encoding="utf-8") as fh:
+            json.dump(info.to_json(), fh)
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def main() -> int:

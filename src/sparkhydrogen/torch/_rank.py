@@ -14,7 +14,6 @@ process on the driver) with a :class:`~sparkhydrogen.BarrierTaskContext` install
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import signal
@@ -22,12 +21,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from ..context import BarrierTaskContext
-from ..errors import CollectiveError, ErrorInfo, NotInGangError
+from ..errors import NotInGangError
+from ..task.lifecycle import environment, report_failure
 from ._layout import (
     DEVICE_ENV,
     DevicePlan,
@@ -170,29 +169,6 @@ def _own_gpus(ctx: BarrierTaskContext, job: RankJob, rank: int, local: bool) -> 
 # in process ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration (Python workers are reused: put them back after)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-def _report_first(ctx: BarrierTaskContext, exc: BaseException) -> None:
-    """Tell the coordinator this rank failed *before* tearing down torch, so peers that then lose
-    their connections are not blamed for the failure."""
-    if isinstance(exc, CollectiveError):
-        return
-    ctx._client.fail(ErrorInfo.from_exception(exc, ctx.rank(), traceback.format_exc()))
-
-
 def _select_device(plan: DevicePlan) -> None:
     if plan.ordinal is None:
         return
@@ -215,7 +191,7 @@ def _run_in_process(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], 
     train = job.train
     if not callable(train):
         raise TypeError(f"a script ({train}) cannot run in process")
-    with _environ(env):
+    with environment(env):
         try:
             _select_device(plan)
             if store is None:
@@ -228,12 +204,12 @@ def _run_in_process(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], 
             dist.init_process_group(job.backend, store=store, rank=int(env["RANK"]),
                                     world_size=int(env["WORLD_SIZE"]))
         except BaseException as exc:
-            _report_first(ctx, exc)
+            report_failure(exc)
             raise
         try:
             return train(*job.args, **job.kwargs)
         except BaseException as exc:
-            _report_first(ctx, exc)
+            report_failure(exc)
             raise
         finally:
             if dist.is_initialized():
@@ -294,7 +270,7 @@ def _run_child(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan:
             try:
                 raise exc
             except BaseException as raised:
-                _report_first(ctx, raised)
+                report_failure(raised)
                 raise
         return None if job.is_script else _child.read_result(tmp)
 

@@ -1,0 +1,81 @@
+"""Job identity by Spark job tags: ours sit beside the user's job group, tags and local properties.
+
+Each gang attempt's Spark jobs carry one tag (``SparkContext.addJobTag``, or the
+Connect session's ``addTag``), so spark-hydrogen can cancel exactly them
+(``cancelJobsWithTag``) while the user's own job group stays in force: cancelling the
+user's group cancels a gang started inside it. Every local property set here is put
+back as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from types import TracebackType
+from typing import Optional
+
+from .session import SparkTarget
+
+__all__ = ["AttemptTag", "is_cancellation"]
+
+log = logging.getLogger("sparkhydrogen.launch")
+
+_INTERRUPT = "spark.job.interruptOnCancel"
+#: How Spark words a job cancelled from outside (DAGScheduler), and how Connect reports an interrupted operation.
+_CANCELLED = re.compile(r"Job \d+ cancelled|OPERATION_CANCELED|operation was interrupted|INTERRUPTED")
+
+
+class AttemptTag:
+    """``with AttemptTag(target, tag):`` tags the Spark jobs this thread starts; :meth:`cancel` stops them.
+
+    Inside, jobs also interrupt their task threads when cancelled, so ranks busy
+    outside a collective stop at once; the user's previous setting is restored after.
+    """
+
+    def __init__(self, target: SparkTarget, tag: str) -> None:
+        self.target = target
+        self.tag = tag
+        self._interrupt: Optional[str] = None
+        self._entered = False
+
+    def __enter__(self) -> "AttemptTag":
+        sc = self.target.sc
+        if sc is not None:
+            self._interrupt = sc.getLocalProperty(_INTERRUPT)
+            sc.addJobTag(self.tag)
+            sc.setLocalProperty(_INTERRUPT, "true")
+        else:
+            self.target.spark.addTag(self.tag)
+        self._entered = True
+        return self
+
+    def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        if not self._entered:
+            return
+        self._entered = False
+        sc = self.target.sc
+        if sc is not None:
+            sc.removeJobTag(self.tag)
+            sc.setLocalProperty(_INTERRUPT, self._interrupt)  # type: ignore[arg-type]  # None removes it
+        else:
+            self.target.spark.removeTag(self.tag)
+
+    def cancel(self, why: str) -> None:
+        """Cancel every running job carrying this tag (from any thread)."""
+        try:
+            if self.target.sc is not None:
+                self.target.sc.cancelJobsWithTag(self.tag)
+            else:
+                self.target.spark.interruptTag(self.tag)
+            log.info("cancelled the Spark jobs tagged %s after: %s", self.tag, why)
+        except Exception as exc:  # the context may be stopping; nothing else to cancel then
+            log.debug("could not cancel jobs tagged %s: %s", self.tag, exc)
+
+
+def is_cancellation(exc: BaseException) -> Optional[str]:
+    """The line saying a failed Spark action was cancelled from outside (job group, tag, interrupt), if it was."""
+    for line in str(exc).splitlines():
+        if _CANCELLED.search(line):
+            return line.strip()
+    return None

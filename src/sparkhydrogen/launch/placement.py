@@ -1,0 +1,138 @@
+"""Placement: where a gang's ranks run and who guarantees they start all together.
+
+* :class:`NativeBarrierStage` (classic Spark): one Spark barrier stage, placed
+  all-or-nothing by Spark's scheduler; the coordinator runs in the driver.
+* :class:`EmbeddedCoordinator` (Spark Connect): one DataFrame barrier stage
+  (``mapInArrow(..., barrier=True)``); the coordinator runs inside rank 0's task.
+* Launchers may bring their own (the torch launcher's local mode starts processes
+  on the driver's machine).
+
+Everything above placement (collectives, aborts, retries, checkpoints, logs) is the
+same code for all of them. :func:`placement_for` picks one for a target.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol
+
+from .. import serde
+from ..coordinator.handles import LogRecord
+from ..task.embedded import EmbeddedGang, embedded_partition, parse_failure_marker
+from ..task.lifecycle import gang_body, run_partition
+from .runner import current_scope, declare, failure_error, translate
+from .session import SparkTarget
+
+__all__ = ["RankCall", "Placement", "NativeBarrierStage", "EmbeddedCoordinator", "placement_for", "embedded_gang"]
+
+log = logging.getLogger("sparkhydrogen.launch")
+
+OnLog = Optional[Callable[[LogRecord], None]]
+
+
+@dataclass(frozen=True)
+class RankCall:
+    """``fn(*args, **kwargs)`` on every rank: what ``run()`` and the launchers hand to a placement."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args, **self.kwargs)
+
+
+def _result_rows(call: RankCall, rank: int, rows: Iterable[Any]) -> Iterator[tuple[int, bytes]]:
+    yield rank, serde.dumps(call(), f"return value of rank {rank}")
+
+
+def _result_batches(call: RankCall, rank: int, batches: Iterable[Any]) -> Iterator[Any]:
+    import pyarrow as pa
+
+    payload = serde.dumps(call(), f"return value of rank {rank}")
+    yield pa.RecordBatch.from_pydict({"rank": [rank], "value": [payload]},
+                                     schema=pa.schema([("rank", pa.int64()), ("value", pa.binary())]))
+
+
+def _by_rank(pairs: Iterable[tuple[int, bytes]]) -> list[Any]:
+    return [serde.loads(payload, "return value") for _, payload in sorted(pairs, key=lambda kv: kv[0])]
+
+
+class Placement(Protocol):
+    """Starts every rank of one gang attempt together and returns their results in rank order."""
+
+    name: str
+
+    def run(self, call: RankCall, world_size: int, *, name: str, on_log: OnLog = None) -> list[Any]:
+        ...
+
+
+class NativeBarrierStage:
+    """Classic Spark: the gang is one Spark barrier stage of ``world_size`` tasks."""
+
+    name = "native barrier stage"
+
+    def __init__(self, target: SparkTarget) -> None:
+        self.target = target
+
+    def run(self, call: RankCall, world_size: int, *, name: str, on_log: OnLog = None) -> list[Any]:
+        sc = self.target.sc
+        gang, attempt = declare(self.target, world_size, name, on_log=on_log)
+        body = gang_body(functools.partial(run_partition, gang.spec(attempt), functools.partial(_result_rows, call)))
+        rdd = sc.parallelize(range(world_size), world_size).barrier().mapPartitionsWithIndex(body)
+        try:
+            pairs = rdd.collect()
+        except Exception as exc:
+            raise translate(gang, exc, attempt) from exc
+        gang.settle()  # every rank's finish (and streamed output) has arrived
+        return _by_rank(pairs)
+
+
+def embedded_gang(target: SparkTarget, world_size: Optional[int]) -> EmbeddedGang:
+    """A new gang for rank 0 to host, numbered as the current attempt of the enclosing scope."""
+    scope = current_scope()
+    if scope is not None:
+        scope.launched = True
+    return EmbeddedGang(gang_id=uuid.uuid4().hex, secret=secrets.token_bytes(32), world_size=world_size,
+                        config=target.config(), gang_attempt=scope.attempt if scope is not None else 0)
+
+
+def embedded_error(name: str, exc: BaseException) -> Exception:
+    """Our error for a failed Connect gang job, from the root cause its failing task named."""
+    return failure_error(name, parse_failure_marker(str(exc)), exc)
+
+
+class EmbeddedCoordinator:
+    """Spark Connect: one DataFrame barrier stage; rank 0's task hosts the coordinator."""
+
+    name = "embedded coordinator (Spark Connect)"
+
+    def __init__(self, target: SparkTarget) -> None:
+        self.target = target
+
+    def run(self, call: RankCall, world_size: int, *, name: str, on_log: OnLog = None) -> list[Any]:
+        if on_log is not None:
+            log.info("stream_logs: under Spark Connect the ranks' output stays in the executors' logs")
+        gang = embedded_gang(self.target, world_size)
+        body = gang_body(functools.partial(embedded_partition, gang, functools.partial(_result_batches, call)))
+        df = self.target.spark.range(0, world_size, 1, world_size)
+        try:
+            rows = df.mapInArrow(body, "rank long, value binary", barrier=True).collect()
+        except Exception as exc:
+            raise embedded_error(name, exc) from exc
+        return _by_rank((int(row["rank"]), bytes(row["value"])) for row in rows)
+
+
+def placement_for(target: SparkTarget) -> Placement:
+    """The placement a target supports: a native barrier stage, or an embedded coordinator under Connect."""
+    if target.connect:
+        return EmbeddedCoordinator(target)
+    return NativeBarrierStage(target)

@@ -1,0 +1,317 @@
+"""The one driver-side gang runner: declare -> preflight -> attempt -> translate the failure -> retry -> release.
+
+Every entry point (``run()``, ``barrier(rdd|df)``, ``retry()``, the torch and Horovod
+launchers, transparent mode) goes through these functions:
+
+* :func:`attempts` runs an action as attempts of a :class:`GangScope`: every gang the
+  action declares keeps its identity (and checkpoints) across attempts, each attempt
+  gets a new number and one Spark job tag, and a failed attempt is translated into
+  our error and retried while that can help;
+* :func:`declare` makes the gang a launch needs (the n-th gang of an attempt is the
+  n-th gang of the first attempt again), after the slot preflight;
+* :func:`translate` turns a failed Spark action into :class:`GangFailedError` naming
+  the rank that failed first, :class:`GangCancelledError`, or :class:`LaunchError`;
+* a gang declared outside any scope (a bare ``barrier(rdd)`` job) is released when
+  the Spark object built on it is garbage-collected (:func:`release_with`).
+
+*Where* the ranks run is a placement (:mod:`.placement`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, TypeVar
+
+from ..coordinator.handles import GangHandle, LogRecord
+from ..coordinator.state import AttemptKey
+from ..errors import ErrorInfo, GangCancelledError, GangFailedError, InsufficientSlotsError, LaunchError
+from ..task.spec import TaskSpec
+from .jobs import AttemptTag, is_cancellation
+from .preflight import STARTUP_WAIT, ensure_slots
+from .service import DriverService, service_for
+from .session import SparkTarget
+
+__all__ = ["GangScope", "DeclaredGang", "current_scope", "declare", "attempts", "translate", "release_with",
+           "backoff_delay", "check_retries", "failure_error"]
+
+log = logging.getLogger("sparkhydrogen.launch")
+R = TypeVar("R")
+
+_local = threading.local()
+
+
+@dataclass
+class GangScope:
+    """The attempts of one retried action on one driver thread (owned by this module)."""
+
+    scope_id: str
+    target: Optional[SparkTarget] = None
+    attempt: int = 0
+    gangs: list["DeclaredGang"] = field(default_factory=list)  # in declaration order
+    next_index: int = 0
+    launched: bool = False  # some placement started ranks (embedded gangs are not declared on the driver)
+    tag: Optional[AttemptTag] = None
+
+    @property
+    def job_tag(self) -> str:
+        return f"sparkhydrogen-{self.scope_id}-{self.attempt}"
+
+
+def current_scope() -> Optional[GangScope]:
+    return getattr(_local, "scope", None)
+
+
+@dataclass(frozen=True)
+class DeclaredGang:
+    """A gang registered with the driver's coordinator, and what its tasks need to join it."""
+
+    service: DriverService
+    handle: GangHandle
+    name: str
+    stream_logs: bool = False
+
+    def spec(self, gang_attempt: int = 0) -> TaskSpec:
+        launch = self.service.config.launch
+        return TaskSpec(
+            gang_id=self.handle.gang_id,
+            secret=self.handle.secret,
+            host=self.handle.host,
+            port=self.handle.port,
+            world_size=self.handle.world_size,
+            gang_attempt=gang_attempt,
+            connect_timeout=launch.connect_timeout,
+            collective_timeout=launch.collective_timeout,
+            heartbeat_interval=launch.heartbeat_interval,
+            checkpoint_dir=launch.checkpoint_dir,
+            stream_logs=self.stream_logs,
+            tls_fingerprint=self.handle.tls_fingerprint,
+        )
+
+    def last_failure(self, gang_attempt: Optional[int] = None) -> Optional[ErrorInfo]:
+        return self.service.server.last_failure(self.handle.gang_id, gang_attempt)
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Return once every rank's outcome has reached the coordinator (bounded by ``timeout``).
+
+        A rank streams its output before it reports on the same connection, so by
+        then the log hook has been handed every line.
+        """
+        import time
+
+        server = self.service.server
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()
+        while server.running and not server.gang_settled(self.handle.gang_id) and time.monotonic() < deadline:
+            pause.wait(0.005)
+
+    def release(self) -> None:
+        """Forget the gang (after its last reports arrived) and its checkpoint folder."""
+        self.service.release(self.handle.gang_id, self.service.config.launch.checkpoint_dir)
+
+
+def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Optional[Callable[[LogRecord], None]] = None,
+            on_abort: Optional[Callable[[AttemptKey, ErrorInfo], None]] = None,
+            preflight: bool = True) -> tuple[DeclaredGang, int]:
+    """Check slots, make sure the coordinator runs, and register a gang of ``world_size`` ranks.
+
+    Inside a scope (:func:`attempts`), the n-th gang an attempt declares is the n-th
+    gang of the first attempt again (same id and checkpoints), so tasks learn which
+    attempt they are in and stale tasks are refused. Returns the gang and the attempt
+    number its tasks must use. Outside a scope the gang is ephemeral: the caller ties
+    its release to what it builds (:func:`release_with`). ``on_abort(key, cause)`` is
+    called (on a short-lived thread) when an attempt aborts, after the attempt's Spark
+    jobs have been cancelled.
+    """
+    scope = current_scope()
+    service = service_for(target)
+    wait = service.config.launch.slot_wait_timeout
+    if scope is not None and scope.attempt > 0:
+        wait = max(wait, STARTUP_WAIT)  # lost executors are usually being replaced
+    if scope is not None:
+        scope.launched = True
+    if scope is not None and scope.next_index < len(scope.gangs):
+        gang = scope.gangs[scope.next_index]
+        if gang.handle.world_size == world_size:
+            scope.next_index += 1
+            if preflight:
+                ensure_slots(target, world_size, wait)
+            return gang, scope.attempt
+    report = ensure_slots(target, world_size, wait) if preflight else None
+    hook = _canceller(scope, on_abort) if scope is not None else on_abort
+    handle = service.server.add_gang(world_size, name, on_abort=hook, on_log=on_log, ephemeral=scope is None)
+    log.info("gang %s (%s): %d ranks, %s, coordinator %s:%d", handle.gang_id[:8], name, world_size,
+             f"{report.slots} slots free" if report is not None else "no slot preflight", handle.host, handle.port)
+    gang = DeclaredGang(service, handle, name, stream_logs=on_log is not None)
+    if scope is not None:
+        scope.gangs.append(gang)
+        scope.next_index = len(scope.gangs)
+    return gang, scope.attempt if scope is not None else 0
+
+
+def release_with(owner: Any, gang: DeclaredGang) -> Any:
+    """Release an ephemeral gang when ``owner`` (the RDD or DataFrame built on it) is garbage-collected.
+
+    Inside a scope, the scope releases its gangs when it ends instead.
+    """
+    if current_scope() is None:
+        weakref.finalize(owner, gang.release)
+    return owner
+
+
+def _canceller(scope: GangScope, then: Optional[Callable[[AttemptKey, ErrorInfo], None]]
+               ) -> Callable[[AttemptKey, ErrorInfo], None]:
+    """Cancel the Spark jobs of an aborted attempt so ranks busy outside collectives stop too."""
+
+    def cancel(key: AttemptKey, cause: ErrorInfo) -> None:
+        tag = scope.tag
+        if tag is not None and scope.attempt == key[0]:
+            tag.cancel(cause.describe())
+        if then is not None:
+            then(key, cause)
+
+    return cancel
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 30.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): ``base * 2**(attempt-1)``, capped.
+
+    >>> [backoff_delay(a, 0.5) for a in (1, 2, 3)]
+    [0.5, 1.0, 2.0]
+    """
+    if attempt <= 0 or base <= 0:
+        return 0.0
+    return float(min(base * (2 ** (attempt - 1)), cap))
+
+
+def check_retries(max_retries: Any, backoff: Any) -> None:
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+        raise TypeError(f"max_retries must be an int, got {type(max_retries).__name__}")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 0:
+        raise ValueError(f"retry_backoff must be a number of seconds >= 0, got {backoff!r}")
+
+
+def _spark_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed Spark action (Py4J or a pyspark/Connect error), as opposed to a bug in the action."""
+    try:
+        from py4j.protocol import Py4JJavaError
+    except ImportError:  # pragma: no cover - py4j ships with pyspark
+        Py4JJavaError = ()  # type: ignore[assignment,misc]
+    try:
+        from pyspark.errors import PySparkException
+    except ImportError:  # pragma: no cover
+        PySparkException = ()  # type: ignore[assignment,misc]
+    return isinstance(exc, (Py4JJavaError, PySparkException))
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Retry decides on explicit classes: a gang that failed, or a Spark job that failed, is retried."""
+    if isinstance(exc, (GangCancelledError, InsufficientSlotsError)):
+        return False
+    return isinstance(exc, (GangFailedError, LaunchError))
+
+
+def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
+             target: Optional[SparkTarget] = None) -> R:
+    """Run ``action()`` as attempt 0, 1, ... of one scope until it succeeds or ``max_retries`` are used."""
+    check_retries(max_retries, retry_backoff)
+    if current_scope() is not None:
+        return action()  # nested: the outer scope retries
+    scope = GangScope(scope_id=uuid.uuid4().hex[:12], target=target)
+    _local.scope = scope
+    errors: list[LaunchError] = []
+    pause = threading.Event()  # never set: a bounded wait between attempts
+    try:
+        for attempt in range(max_retries + 1):
+            scope.attempt, scope.next_index = attempt, 0
+            if attempt:
+                delay = backoff_delay(attempt, retry_backoff)
+                log.warning("gang attempt %d of %d starts in %.1f s (attempt %d failed: %s)", attempt,
+                            max_retries, delay, attempt - 1, str(errors[-1]).splitlines()[0])
+                pause.wait(delay)
+            try:
+                return _tagged(scope, action)
+            except Exception as exc:
+                if not scope.launched:
+                    raise  # nothing was launched: retrying would not help
+                error = exc if isinstance(exc, LaunchError) else (
+                    _translate_scope(scope, exc) if _spark_failure(exc) else None)
+                if error is None:
+                    raise  # a bug in the action, not a failed gang
+                if not _retryable(error) or attempt == max_retries:
+                    errors.append(error)
+                    break
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _exhausted(errors)
+    finally:
+        _local.scope = None
+        for gang in scope.gangs:
+            gang.release()
+
+
+def _tagged(scope: GangScope, action: Callable[[], R]) -> R:
+    target = scope.target
+    if target is None:
+        return action()
+    tag = AttemptTag(target, scope.job_tag)
+    scope.tag = tag
+    with tag:
+        return action()
+
+
+def _translate_scope(scope: GangScope, exc: BaseException) -> LaunchError:
+    for gang in reversed(scope.gangs):
+        if gang.last_failure(scope.attempt) is not None:
+            return translate(gang, exc, scope.attempt)
+    if scope.gangs:
+        return translate(scope.gangs[-1], exc, scope.attempt)
+    return failure_error("gang", None, exc)
+
+
+def failure_error(name: str, failure: Optional[ErrorInfo], exc: BaseException) -> LaunchError:
+    """Our error for a failed gang job: the first failing rank if known, else cancellation or Spark's word."""
+    if failure is not None:
+        text = f"gang {name!r} failed: {failure.describe()}"
+        if failure.traceback:
+            text += f"\n--- traceback of rank {failure.rank} ---\n{failure.traceback.rstrip()}"
+        return GangFailedError(text, failure.rank, failure)
+    first = str(exc).strip().splitlines()
+    summary = first[0] if first else type(exc).__name__
+    cancelled = is_cancellation(exc)
+    if cancelled is not None:
+        return GangCancelledError(f"gang {name!r} was cancelled from outside spark-hydrogen (its Spark job was "
+                                  f"cancelled by job group, tag or interrupt): {cancelled}")
+    return LaunchError(f"gang {name!r} failed in Spark before any rank reported an error: {summary}")
+
+
+def translate(gang: DeclaredGang, exc: BaseException, gang_attempt: Optional[int] = None) -> LaunchError:
+    """Translate a failed Spark job into our error, naming the rank that failed first."""
+    return failure_error(gang.name, gang.last_failure(gang_attempt), exc)
+
+
+def _exhausted(errors: list[LaunchError]) -> LaunchError:
+    summaries = tuple(str(err).splitlines()[0] for err in errors)
+    lines = [f"gang failed on all {len(errors)} attempts:"]
+    lines += [f"  attempt {number}: {summary}" for number, summary in enumerate(summaries)]
+    last = errors[-1]
+    if isinstance(last, GangCancelledError):
+        lines[0] = f"gang was cancelled on attempt {len(errors) - 1} after {len(errors) - 1} failed attempt(s):"
+    detail = str(last).split("\n", 1)
+    if len(detail) > 1:
+        lines.append(detail[1])
+    cls = GangCancelledError if isinstance(last, GangCancelledError) else GangFailedError
+    error: LaunchError
+    if cls is GangFailedError:
+        error = GangFailedError("\n".join(lines), getattr(last, "failed_rank", None), getattr(last, "cause", None),
+                                attempts=summaries)
+    else:
+        error = GangCancelledError("\n".join(lines))
+    error.__cause__ = last
+    return error

@@ -1,0 +1,9 @@
+"""Executor side: what runs inside a rank (a Spark task, or a process a launcher started).
+
+Nothing here imports the driver-side :mod:`sparkhydrogen.launch`.
+"""
+
+from .lifecycle import RankSession, gang_body, is_gang_body, report_failure, run_partition
+from .spec import TaskSpec
+
+__all__ = ["RankSession", "TaskSpec", "gang_body", "is_gang_body", "report_failure", "run_partition"]

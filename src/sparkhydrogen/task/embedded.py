@@ -1,0 +1,150 @@
+"""The coordinator inside rank 0's task, for drivers that executors cannot reach (Spark Connect).
+
+Rank 0 starts a coordinator on its executor's address and declares the gang with
+the id and secret the client generated; its address (and TLS pin) reaches the other
+ranks once, through Spark's native ``allGather`` (Spark's own, encrypted where Spark
+encrypts); from then on every rank runs exactly as under classic Spark, through
+:class:`~sparkhydrogen.task.lifecycle.RankSession`. Rank 0 keeps serving until every
+peer has reported (bounded by ``spark.hydrogen.embedded.lingerTimeout``).
+
+A failing rank's task error carries one marker line with the root cause (rank,
+type, message) so the client can name it: there is no driver-side coordinator to ask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from ..config import HydrogenConfig
+from ..errors import CollectiveError, ErrorInfo, GangAbortedError, HydrogenError, LaunchError
+from .lifecycle import RankSession, native_barrier_context
+from .spec import TaskSpec
+
+__all__ = ["EmbeddedGang", "embedded_partition", "failure_marker", "parse_failure_marker", "RankTaskError"]
+
+log = logging.getLogger("sparkhydrogen.task")
+
+_MARKER = "[sparkhydrogen-failure]"
+_MARKER_RE = re.compile(re.escape(_MARKER) + r" (\{.*?\})\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class EmbeddedGang:
+    """A gang whose coordinator rank 0 will host: what the client decides, carried in the task closure."""
+
+    gang_id: str
+    secret: bytes
+    world_size: Optional[int]  # None: as many ranks as the barrier stage has tasks
+    config: HydrogenConfig
+    gang_attempt: int = 0
+
+    def __repr__(self) -> str:  # keep the secret out of logs
+        return f"EmbeddedGang(gang_id={self.gang_id!r}, world_size={self.world_size}, attempt={self.gang_attempt})"
+
+
+class RankTaskError(HydrogenError):
+    """A rank's task failed; the message ends with a marker line the client parses (see :func:`failure_marker`)."""
+
+
+def failure_marker(info: ErrorInfo) -> str:
+    """One line describing a root cause, for the client to find in Spark's task error text."""
+    data = {"rank": info.rank, "type": info.type, "message": info.message[:2000]}
+    return f"{_MARKER} {json.dumps(data, separators=(',', ':'))}"
+
+
+def parse_failure_marker(text: str) -> Optional[ErrorInfo]:
+    """The root cause a rank's task error names, if the text carries a marker (the first one wins)."""
+    match = _MARKER_RE.search(text)
+    if match is None:
+        return None
+    try:
+        data = json.loads(match.group(1))
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return ErrorInfo.from_json(data)
+
+
+def _root_cause(exc: BaseException, rank: int) -> ErrorInfo:
+    if isinstance(exc, GangAbortedError) and exc.cause is not None:
+        return exc.cause
+    if isinstance(exc, CollectiveError):  # the coordinator's verdict (mismatch, timeout), not this rank's bug
+        return ErrorInfo(type(exc).__name__, str(exc))
+    return ErrorInfo.from_exception(exc, rank, traceback.format_exc())
+
+
+def _host_coordinator(gang: EmbeddedGang, world_size: int, host: str) -> Any:
+    from ..coordinator.server import CoordinatorServer
+
+    coordinator = replace(gang.config.coordinator, host=host)
+    server = CoordinatorServer(coordinator)
+    server.start()
+    server.add_gang(world_size, "embedded", gang_id=gang.gang_id, secret=gang.secret)
+    return server
+
+
+def _linger(server: Any, gang_id: str, timeout: float) -> None:
+    """Rank 0 keeps serving until the other ranks are done: reported, or told of an abort and gone."""
+    deadline = time.monotonic() + timeout
+    next_note = time.monotonic() + 30.0
+    pause = threading.Event()
+    while not (server.gang_settled(gang_id) and server.stats()["connections"] == 0):
+        now = time.monotonic()
+        if now > deadline:
+            log.warning("rank 0 stops the embedded coordinator after %.0f s with ranks still connected "
+                        "(spark.hydrogen.embedded.lingerTimeout)", timeout)
+            return
+        if now > next_note:
+            next_note = now + 30.0
+            log.info("rank 0 keeps serving its peers (%d still connected)", server.stats()["connections"])
+        pause.wait(0.02)
+
+
+def embedded_partition(gang: EmbeddedGang, fn: Callable[[int, Iterable[Any]], Iterable[Any]],
+                       rows: Iterable[Any]) -> Iterator[Any]:
+    """Body of one barrier task whose gang's coordinator runs in rank 0 (``mapInArrow``/``mapInPandas`` signature)."""
+    native = native_barrier_context()
+    rank = native.partitionId()
+    infos = native.getTaskInfos()
+    world_size = len(infos)
+    if gang.world_size is not None and gang.world_size != world_size:
+        raise LaunchError(
+            f"this barrier stage has {world_size} tasks but the gang was declared with {gang.world_size} ranks "
+            "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
+        )
+    server = None
+    offer = ""
+    if rank == 0:
+        host = infos[0].address.rsplit(":", 1)[0]
+        server = _host_coordinator(gang, world_size, host)
+        offer = f"{host}:{server.address[1]}#{server.tls_fingerprint or ''}"
+    try:
+        address, _, pin = native.allGather(offer)[0].partition("#")  # once per gang: the ~1 s native round
+        host, port_text = address.rsplit(":", 1)
+        launch = gang.config.launch
+        spec = TaskSpec(gang_id=gang.gang_id, secret=gang.secret, host=host, port=int(port_text),
+                        world_size=world_size, gang_attempt=gang.gang_attempt,
+                        connect_timeout=launch.connect_timeout, collective_timeout=launch.collective_timeout,
+                        heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
+                        tls_fingerprint=pin or None)
+        try:
+            with RankSession(spec, rank, native=native, stage_id=native.stageId(),
+                             task_attempt_id=native.taskAttemptId()):
+                yield from fn(rank, rows)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            cause = _root_cause(exc, rank)
+            raise RankTaskError(f"rank {rank} failed: {cause.describe()}\n{failure_marker(cause)}") from exc
+    finally:
+        if server is not None:
+            _linger(server, gang.gang_id, gang.config.launch.embedded_linger)
+            server.stop()

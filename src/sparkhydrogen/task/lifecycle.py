@@ -1,0 +1,211 @@
+"""One rank's life in its gang, the same for every entry point.
+
+Every way spark-hydrogen runs a rank (an RDD or DataFrame barrier task, a rank of
+``run()``, a torch or Horovod rank, a local-mode process on the driver) goes
+through :class:`RankSession`: connect to the coordinator, register, start the
+heartbeat, install the :class:`~sparkhydrogen.BarrierTaskContext`, stream output
+if asked, run the body, and report its outcome to the coordinator exactly once
+(finished, closed early by its consumer, or failed), then clean up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import traceback
+from types import TracebackType
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Sequence, TypeVar
+
+from ..context import BarrierTaskContext
+from ..coordinator.client import CoordinatorClient
+from ..errors import CollectiveError, ErrorInfo, LaunchError
+from .spec import TaskSpec
+
+__all__ = ["RankSession", "run_partition", "report_failure", "gang_body", "is_gang_body", "native_barrier_context",
+           "launch_window_id"]
+
+log = logging.getLogger("sparkhydrogen.task")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MARK = "_sparkhydrogen_gang_body"
+
+
+def gang_body(fn: F) -> F:
+    """Mark ``fn`` as a task body spark-hydrogen hands to Spark (transparent mode passes such bodies through)."""
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def is_gang_body(fn: Any) -> bool:
+    """Whether ``fn`` is a task body built by spark-hydrogen itself (see :func:`gang_body`)."""
+    return bool(getattr(fn, _MARK, False))
+
+
+def launch_window_id(gang_attempt: int, world_size: int, rank: int) -> int:
+    """Task id of a rank launched outside Spark (local-mode processes): one window of ``world_size`` ids per attempt.
+
+    The coordinator tells launches apart by task ids: the ranks of one launch have ids
+    from one window of ``world_size`` consecutive numbers, later launches higher ones
+    (as Spark numbers the tasks of a barrier stage attempt).
+
+    >>> [launch_window_id(1, 2, r) for r in (0, 1)]
+    [2, 3]
+    """
+    return gang_attempt * world_size + rank
+
+
+class RankSession:
+    """Context manager: this process is rank ``rank`` of the gang ``spec`` describes, for the ``with`` body.
+
+    Example:
+        >>> with RankSession(spec, rank=0, native=native) as ctx:     # doctest: +SKIP
+        ...     result = train()
+    """
+
+    _active: ClassVar[Optional["RankSession"]] = None
+
+    def __init__(self, spec: TaskSpec, rank: int, *, native: Any = None, stage_id: int = 0,
+                 task_attempt_id: Optional[int] = None, task_infos: Optional[Sequence[str]] = None) -> None:
+        self.spec = spec
+        self.rank = rank
+        self.native = native
+        self.stage_id = stage_id
+        self.task_attempt_id = (launch_window_id(spec.gang_attempt, spec.world_size, rank)
+                                if task_attempt_id is None else task_attempt_id)
+        self.task_infos = task_infos
+        self.client: Optional[CoordinatorClient] = None
+        self.context: Optional[BarrierTaskContext] = None
+        self._capture: Any = None
+        self._reported = False
+
+    def __enter__(self) -> BarrierTaskContext:
+        spec = self.spec
+        client = CoordinatorClient.connect((spec.host, spec.port), spec.gang_id, spec.secret, spec.connect_timeout,
+                                           tls_fingerprint=spec.tls_fingerprint)
+        self.client = client
+        try:
+            world = client.register(self.rank, gang_attempt=spec.gang_attempt, stage_id=self.stage_id,
+                                    host=socket.gethostname(), task_attempt_id=self.task_attempt_id)
+            if spec.heartbeat_interval is not None:
+                client.start_heartbeat(spec.heartbeat_interval)
+            extra = {"task_infos": list(self.task_infos)} if self.task_infos is not None else {}
+            self.context = BarrierTaskContext(client, self.rank, world, self.native, spec.gang_attempt,
+                                              spec.collective_timeout, spec.checkpoint_dir, **extra)
+            BarrierTaskContext._set(self.context)
+            RankSession._active = self
+            if spec.stream_logs:
+                from ..logstream import OutputCapture
+
+                self._capture = OutputCapture(client.log).start()
+        except BaseException:
+            self._teardown()
+            raise
+        return self.context
+
+    def report_failure(self, exc: BaseException, text: Optional[str] = None) -> None:
+        """Tell the coordinator this rank failed with ``exc`` (once; later reports are ignored).
+
+        Call it before tearing down what peers depend on (a process group, a store),
+        so that peers who then lose their connections are not blamed for the failure.
+        A :class:`CollectiveError` is the coordinator's own verdict: nothing to report.
+        """
+        if self._reported or self.client is None:
+            return
+        self._reported = True
+        if isinstance(exc, CollectiveError):
+            return
+        self.client.fail(ErrorInfo.from_exception(exc, self.rank, text if text is not None else traceback.format_exc()))
+
+    def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        try:
+            self._stop_capture()  # every line reaches the driver before the outcome does
+            if self.client is not None and not self._reported:
+                if exc is None:
+                    self._reported = True
+                    self.client.finish()
+                elif isinstance(exc, GeneratorExit):  # the consumer stopped reading: done, not failed
+                    self._reported = True
+                    self.client.finish(closed_early=True)
+                else:
+                    self.report_failure(exc, "".join(traceback.format_exception(kind, exc, tb)))
+        finally:
+            self._teardown()
+
+    def _stop_capture(self) -> None:
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.stop()
+
+    def _teardown(self) -> None:
+        self._stop_capture()
+        if RankSession._active is self:
+            RankSession._active = None
+        if self.context is not None and BarrierTaskContext._current is self.context:
+            BarrierTaskContext._set(None)
+        if self.client is not None:
+            self.client.close()
+
+
+def report_failure(exc: BaseException) -> None:
+    """Report ``exc`` as the failure of the rank running in this process, if one is (see :meth:`RankSession.report_failure`)."""
+    session = RankSession._active
+    if session is not None:
+        session.report_failure(exc)
+
+
+def native_barrier_context() -> Any:
+    """pyspark's own context of the running barrier task; :class:`LaunchError` outside one."""
+    from pyspark.taskcontext import BarrierTaskContext as NativeBarrierTaskContext
+    from pyspark.taskcontext import TaskContext
+
+    native = TaskContext.get()
+    if isinstance(native, BarrierTaskContext):  # transparent mode installed ours over pyspark's
+        native = native._native
+    if not isinstance(native, NativeBarrierTaskContext):
+        raise LaunchError(
+            "spark-hydrogen tasks must run in a Spark barrier stage; this task is not in one "
+            "(was the function called outside sparkhydrogen.barrier()/run()?)"
+        )
+    return native
+
+
+def run_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], index: Optional[int],
+                  rows: Iterable[Any]) -> Iterator[Any]:
+    """Generator run as the body of one barrier task (``mapPartitionsWithIndex`` signature).
+
+    The context stays installed for the life of the partition, so narrow
+    transformations chained after the barrier see it too. ``index=None`` takes the
+    partition id from Spark (DataFrame bodies are not told their index).
+    """
+    native = native_barrier_context()
+    partition = native.partitionId()
+    if index is not None and partition != index:
+        raise LaunchError(f"partition index {index} differs from the task's partition id {partition}")
+    stage_tasks = len(native.getTaskInfos())
+    if stage_tasks != spec.world_size:
+        raise LaunchError(
+            f"this barrier stage has {stage_tasks} tasks but the gang was declared with {spec.world_size} ranks "
+            "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
+        )
+    with RankSession(spec, partition, native=native, stage_id=native.stageId(),
+                     task_attempt_id=native.taskAttemptId()):
+        yield from fn(partition, rows)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration (Python workers are reused: put them back after)."""
+    import os
+
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old

@@ -1,0 +1,34 @@
+"""What a rank needs to join its gang; built on the driver, carried inside the task closure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["TaskSpec"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a rank needs to join its gang; travels inside the task closure.
+
+    The secret authenticates this gang's ranks to the coordinator; it is never
+    sent on the coordinator's socket (only an HMAC of a fresh nonce is).
+    """
+
+    gang_id: str
+    secret: bytes
+    host: str
+    port: int
+    world_size: int
+    gang_attempt: int = 0
+    connect_timeout: float = 30.0
+    collective_timeout: Optional[float] = None
+    heartbeat_interval: Optional[float] = 1.0
+    checkpoint_dir: Optional[str] = None
+    stream_logs: bool = False
+    tls_fingerprint: Optional[str] = None  # SHA-256 of the coordinator's TLS certificate; None: plaintext
+
+    def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
+        return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
+                f"world_size={self.world_size}, gang_attempt={self.gang_attempt})")
