@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from sparkhydrogen.coordinator.protocol import (
     NONCE_BYTES,
@@ -129,11 +129,11 @@ class GangRun:
     secret: bytes
     world: int
     address: tuple[str, int]
-    fingerprint: Optional[str]
+    fingerprint: str | None
     op: str
     rounds: int
     progress_every: int = 0
-    ranks: list["SimRank"] = field(default_factory=list)
+    ranks: list[SimRank] = field(default_factory=list)
     registered: int = 0
     finished: int = 0
     started_at: dict[int, float] = field(default_factory=dict)
@@ -378,7 +378,7 @@ class Child:
         self.proc.stdin.write(json.dumps(obj) + "\n")
         self.proc.stdin.flush()
 
-    def read(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    def read(self, timeout: float | None = None) -> dict[str, Any]:
         """The next JSON line, waiting at most ``timeout`` seconds."""
         assert self.proc.stdout is not None
         box: list[str] = []
@@ -391,7 +391,7 @@ class Child:
                                  f"stderr: {''.join(self._stderr)[-3000:]}")
         return json.loads(box[0])
 
-    def ask(self, obj: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
+    def ask(self, obj: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         self.send(obj)
         return self.read(timeout)
 

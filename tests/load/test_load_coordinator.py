@@ -12,10 +12,10 @@ import json
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-
 from loadkit import Child
 
 pytestmark = [pytest.mark.load, pytest.mark.timeout(240)]
