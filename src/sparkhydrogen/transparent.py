@@ -211,11 +211,11 @@ def _rdd_barrier_method(name: str, original: Callable[..., Any]) -> Callable[...
         origin = getattr(self.rdd, _ORIGIN, None)
         if origin is not None:  # df.mapInPandas(g, schema).rdd.barrier().mapPartitions(f): the gang runs g
             parent, method_name, func, schema = origin
-            gang_df = getattr(sparkhydrogen.barrier(parent), method_name)(func, schema)
+            gang_df = getattr(sparkhydrogen.barrier(parent), method_name)(_naming_rank(func), schema)
             out = getattr(gang_df.rdd, name)(f, preservesPartitioning)
             setattr(out, _KEEP, gang_df)  # the gang lives as long as the DataFrame it was declared for
             return out
-        return getattr(sparkhydrogen.barrier(self.rdd), name)(f, preservesPartitioning)
+        return getattr(sparkhydrogen.barrier(self.rdd), name)(_naming_rank(f), preservesPartitioning)
 
     return method
 
@@ -244,7 +244,7 @@ def _map_in_method(name: str, connect: bool, original: Callable[..., Any]) -> Ca
             )
         import sparkhydrogen
 
-        return getattr(sparkhydrogen.barrier(self), name)(func, schema)
+        return getattr(sparkhydrogen.barrier(self), name)(_naming_rank(func), schema)
 
     return method
 
@@ -260,3 +260,55 @@ def _rdd_property(original: Any) -> property:
         return out
 
     return property(rdd, doc=getattr(original, "__doc__", None))
+
+
+def _naming_rank(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``f`` whose failures say which rank raised them, in the error Spark reports to the driver.
+
+    The job's action (``collect()`` in xgboost.spark, TorchDistributor, ...) runs in the
+    caller's code, where Spark's own error is all there is. So a failing rank reports its
+    error to the coordinator at once (peers blocked in a collective fail within
+    milliseconds, naming it) and adds a note naming its rank -- and, when the coordinator
+    had already heard of an earlier failure of another rank, that rank and its error too.
+    """
+
+    def body(*args: Any) -> Iterator[Any]:
+        try:
+            yield from f(*args)
+        except Exception as exc:
+            _report_and_note(exc)
+            raise
+
+    body.__name__ = getattr(f, "__name__", type(f).__name__)
+    body.__qualname__ = getattr(f, "__qualname__", body.__name__)
+    return body
+
+
+_VERDICT_TIMEOUT = 10.0  # our own report aborts the attempt, so the verdict comes at once; a bound all the same
+
+
+def _report_and_note(exc: Exception) -> None:
+    from .context import BarrierTaskContext
+    from .errors import CollectiveError, GangAbortedError
+
+    ctx = BarrierTaskContext._current
+    if ctx is None or isinstance(exc, CollectiveError):  # not a rank, or already the coordinator's verdict
+        return
+    notes = [f"spark-hydrogen: raised by rank {ctx.rank()} of {ctx.worldSize()} (gang attempt {ctx.gangAttempt()}): "
+             f"{type(exc).__name__}: {exc}"]
+    try:
+        from .task.lifecycle import report_failure
+    except ImportError:  # a launch layer without early reports: the note is all we add
+        report_failure = None
+    if report_failure is not None:
+        report_failure(exc)  # aborts the attempt, naming this rank unless a peer's report came first
+        try:
+            ctx.barrier(timeout=_VERDICT_TIMEOUT)  # the attempt is aborted: this raises the verdict at once
+        except GangAbortedError as verdict:
+            if verdict.failed_rank is not None and verdict.failed_rank != ctx.rank():
+                notes.append(f"spark-hydrogen: the gang had already failed: {verdict}")
+        except Exception:  # noqa: BLE001 - no verdict to be had (connection gone ...): the rank's own note stands
+            pass
+    if hasattr(exc, "add_note"):  # Python >= 3.11
+        for note in notes:
+            exc.add_note(note)
