@@ -94,6 +94,7 @@ def test_cancelling_the_users_job_group_stops_run_promptly(sc: Any, tmp_path: An
         thread.join(timeout=20)
         assert not thread.is_alive(), "h2.run kept running 20 s after the user's job group was cancelled"
         assert "error" in outcome, f"h2.run returned {outcome.get('result')!r} instead of raising"
+        assert isinstance(outcome["error"], h2.GangCancelledError), repr(outcome["error"])
         assert outcome["ended"] - cancelled < 20
         assert not any("attempt1" in name for name in os.listdir(folder)), "a cancelled run was retried"
         _wait_until(lambda: _spark_jobs_settle(sc), 20, "the gang's Spark job ending")
