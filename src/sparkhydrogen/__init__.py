@@ -26,8 +26,10 @@ from .errors import (
     InsufficientSlotsError,
     LaunchError,
     NotInGangError,
+    PartitionClosedError,
     PayloadError,
     ProtocolError,
+    RankLostError,
     RegistrationError,
 )
 from .launch import RDDBarrier, barrier, retry, run
@@ -65,9 +67,11 @@ __all__ = [
     "LaunchConfig",
     "LaunchError",
     "NotInGangError",
+    "PartitionClosedError",
     "PayloadError",
     "ProtocolError",
     "RDDBarrier",
+    "RankLostError",
     "RegistrationError",
     "barrier",
     "retry",

@@ -30,6 +30,10 @@ PUBLIC = {
     "LaunchError",
     "InsufficientSlotsError",
     "GangFailedError",
+    "GangCancelledError",
+    "CheckpointError",
+    "RankLostError",
+    "PartitionClosedError",
     "ErrorInfo",
     # settings
     "CoordinatorConfig",

@@ -24,7 +24,7 @@ from .. import serde
 from ..coordinator.handles import LogRecord
 from ..task.embedded import EmbeddedGang, embedded_partition, parse_failure_marker
 from ..task.lifecycle import gang_body, run_partition
-from .runner import current_scope, declare, failure_error, translate
+from .runner import declare, failure_error, launching, translate
 from .session import SparkTarget
 
 __all__ = ["RankCall", "Placement", "NativeBarrierStage", "EmbeddedCoordinator", "placement_for", "embedded_gang"]
@@ -98,11 +98,8 @@ class NativeBarrierStage:
 
 def embedded_gang(target: SparkTarget, world_size: Optional[int]) -> EmbeddedGang:
     """A new gang for rank 0 to host, numbered as the current attempt of the enclosing scope."""
-    scope = current_scope()
-    if scope is not None:
-        scope.launched = True
     return EmbeddedGang(gang_id=uuid.uuid4().hex, secret=secrets.token_bytes(32), world_size=world_size,
-                        config=target.config(), gang_attempt=scope.attempt if scope is not None else 0)
+                        config=target.config(), gang_attempt=launching())
 
 
 def embedded_error(name: str, exc: BaseException) -> Exception:

@@ -35,7 +35,7 @@ from .preflight import STARTUP_WAIT, ensure_slots
 from .service import DriverService, service_for
 from .session import SparkTarget
 
-__all__ = ["GangScope", "DeclaredGang", "current_scope", "declare", "attempts", "translate", "release_with",
+__all__ = ["GangScope", "DeclaredGang", "current_scope", "launching", "declare", "attempts", "translate", "release_with",
            "backoff_delay", "check_retries", "failure_error"]
 
 log = logging.getLogger("sparkhydrogen.launch")
@@ -63,6 +63,15 @@ class GangScope:
 
 def current_scope() -> Optional[GangScope]:
     return getattr(_local, "scope", None)
+
+
+def launching() -> int:
+    """Note that a placement starts ranks now; returns the gang attempt number they must use (0 outside a scope)."""
+    scope = current_scope()
+    if scope is None:
+        return 0
+    scope.launched = True
+    return scope.attempt
 
 
 @dataclass(frozen=True)
@@ -131,8 +140,7 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Optional
     wait = service.config.launch.slot_wait_timeout
     if scope is not None and scope.attempt > 0:
         wait = max(wait, STARTUP_WAIT)  # lost executors are usually being replaced
-    if scope is not None:
-        scope.launched = True
+    launching()
     if scope is not None and scope.next_index < len(scope.gangs):
         gang = scope.gangs[scope.next_index]
         if gang.handle.world_size == world_size:

@@ -1,0 +1,86 @@
+"""The one task lifecycle on real Spark: outcomes reported once, early close, release after every finish."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Iterable, Iterator
+
+import pytest
+
+import sparkhydrogen as h2
+from sparkhydrogen.launch.service import service_for
+from tests.sparkutil import spark_session
+
+pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def sc() -> Iterator[Any]:
+    with spark_session("local[4]") as spark:
+        yield spark.sparkContext
+
+
+def _two_rows_with_a_barrier_between() -> Any:
+    def body(rows: Iterable[int]) -> Iterator[int]:  # nested: pickled by value (tests are not importable on executors)
+        ctx = h2.BarrierTaskContext.get()
+        yield ctx.rank()
+        ctx.barrier()
+        yield 100 + ctx.rank()
+
+    return body
+
+
+def test_every_consumer_stopping_early_completes_the_gang(sc: Any) -> None:
+    out = (h2.barrier(sc.parallelize(range(4), 2)).mapPartitions(_two_rows_with_a_barrier_between())
+           .mapPartitions(lambda it: itertools.islice(it, 1)).collect())
+    assert sorted(out) == [0, 1]
+
+
+def test_one_consumer_stopping_early_is_named_to_its_peers(sc: Any) -> None:
+    def first_only_on_rank_0(rows: Iterator[int]) -> Iterator[int]:
+        from pyspark import TaskContext  # called before the rank's generator starts (and installs our context)
+
+        return itertools.islice(rows, 1) if TaskContext.get().partitionId() == 0 else rows
+
+    rdd = h2.barrier(sc.parallelize(range(4), 2)).mapPartitions(_two_rows_with_a_barrier_between())
+    with pytest.raises(Exception, match=r"rank 0's partition was closed early by its consumer") as info:
+        rdd.mapPartitions(first_only_on_rank_0).collect()
+    assert "CollectiveMismatchError" not in str(info.value)
+
+
+def test_successful_gangs_release_quietly(sc: Any, caplog: Any) -> None:
+    """Release waits for every rank's finish: no 'aborted' logs, no abort hooks, for successful runs."""
+    def quick() -> int:
+        ctx = h2.BarrierTaskContext.get()
+        ctx.barrier()
+        return ctx.rank()
+
+    with caplog.at_level(logging.INFO, logger="sparkhydrogen"):
+        for _ in range(15):
+            assert h2.run(quick, 3) == [0, 1, 2]
+    noisy = [r.getMessage() for r in caplog.records if "abort" in r.getMessage().lower()
+             or "cancelled" in r.getMessage().lower()]
+    assert noisy == []
+
+
+def test_bare_jobs_hold_no_gangs_after_their_rdds_are_gone(sc: Any) -> None:
+    import gc
+
+    def total(rows: Iterable[int]) -> Iterator[int]:
+        yield sum(h2.BarrierTaskContext.get().allGather(sum(rows)))
+
+    for _ in range(40):
+        assert h2.barrier(sc.parallelize(range(4), 2)).mapPartitions(total).collect() == [6, 6]
+    gc.collect()
+    server = service_for(sc).server
+    kept = h2.barrier(sc.parallelize(range(4), 2)).mapPartitions(total)  # alive: its gang stays (dormant after use)
+    assert kept.collect() == [6, 6] and kept.collect() == [6, 6]  # re-evaluated as a new generation
+    import time
+
+    deadline = time.monotonic() + 30
+    while server.stats()["gangs"] > 1 and time.monotonic() < deadline:  # the releaser thread works in the background
+        time.sleep(0.05)
+    assert server.stats()["gangs"] == 1
+    footprint = server.footprint()
+    assert footprint["checkpoint_bytes"] == 0 and footprint["attempts"] <= 1
