@@ -141,12 +141,28 @@ def test_from_conf_reads_every_key() -> None:
         "spark.hydrogen.heartbeat.interval": "250ms",
         "spark.hydrogen.heartbeat.timeout": "20s",
         "spark.hydrogen.checkpoint.maxSize": "1g",
+        "spark.hydrogen.embedded.lingerTimeout": "90s",
     })
     assert cfg.coordinator == CoordinatorConfig(host="0.0.0.0", port=7100, port_max_retries=4,
                                                 max_payload_bytes=64 * MiB, liveness_timeout=20.0,
                                                 checkpoint_max_bytes=GiB)
     assert cfg.launch == LaunchConfig(connect_timeout=0.5, collective_timeout=300.0, slot_wait_timeout=45.0,
-                                      heartbeat_interval=0.25)
+                                      heartbeat_interval=0.25, embedded_linger=90.0)
+
+
+@pytest.mark.parametrize("interval, timeout", [("8s", "8s"), ("10s", "8s"), ("9", None)])
+def test_heartbeat_interval_must_be_below_its_timeout(interval: str, timeout: str | None) -> None:
+    conf = {"spark.hydrogen.heartbeat.interval": interval}
+    if timeout is not None:
+        conf["spark.hydrogen.heartbeat.timeout"] = timeout
+    with pytest.raises(ValueError, match=r"spark\.hydrogen\.heartbeat\.interval .* must be below "
+                                         r"spark\.hydrogen\.heartbeat\.timeout"):
+        from_conf(conf)
+
+
+def test_heartbeat_interval_below_its_timeout_is_accepted() -> None:
+    cfg = from_conf({"spark.hydrogen.heartbeat.interval": "2s", "spark.hydrogen.heartbeat.timeout": "3s"})
+    assert (cfg.launch.heartbeat_interval, cfg.coordinator.liveness_timeout) == (2.0, 3.0)
 
 
 def test_from_conf_treats_blank_values_as_unset() -> None:
