@@ -1,0 +1,101 @@
+"""``jax.distributed`` from a gang layout: the coordinator on a port rank 0 reserved, gloo for CPU collectives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .api import Framework, FrameworkError, GangLayout
+
+__all__ = ["JaxDistributed"]
+
+
+@dataclass(frozen=True)
+class JaxDistributed(Framework):
+    """``jax.distributed.initialize(coordinator_address, num_processes, process_id)`` before ``fn``, shutdown after.
+
+    On CPU (a rank without GPUs) cross-process collectives need
+    ``jax_cpu_collectives_implementation="gloo"`` set before the backend starts; it is.
+    A reused Python worker that ran JAX before has its backends cleared first (JAX
+    can only be initialised before its backend exists), and again after shutdown.
+
+    >>> JaxDistributed().initialize_arguments(GangLayout(rank=1, hosts=("h", "h"), ports=((4001,), ())))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'coordinator_address': 'h:4001', 'num_processes': 2, 'process_id': 1, 'local_device_ids': None,
+     'cluster_detection_method': 'deactivate', 'initialization_timeout': 300, 'heartbeat_timeout_seconds': 100,
+     'shutdown_timeout_seconds': 60}
+    """
+
+    initialization_timeout: int = 300
+    heartbeat_timeout: int = 100
+    shutdown_timeout: int = 60
+    cpu_collectives: str = "gloo"
+
+    name = "jax"
+
+    def __post_init__(self) -> None:
+        for field_name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field_name} must be a positive number of seconds, got {value!r}")
+        if self.cpu_collectives not in ("gloo", "mpi"):
+            raise ValueError(f"cpu_collectives must be 'gloo' or 'mpi', got {self.cpu_collectives!r}")
+
+    def ports(self, rank: int, world_size: int) -> int:
+        return 1 if rank == 0 else 0
+
+    def environment(self, layout: GangLayout) -> dict[str, str]:
+        return {"JAX_COORDINATOR_ADDRESS": layout.address(0), "JAX_NUM_PROCESSES": str(layout.world_size),
+                "JAX_PROCESS_ID": str(layout.rank)}
+
+    def initialize_arguments(self, layout: GangLayout) -> dict[str, Any]:
+        """Pure: the keyword arguments of ``jax.distributed.initialize`` for this rank."""
+        gpus = layout.own_gpus
+        try:
+            devices = [int(g) for g in gpus] if gpus else None
+        except ValueError:
+            raise FrameworkError(f"JAX needs integer GPU ids, Spark gave {list(gpus)}") from None
+        return {
+            "coordinator_address": layout.address(0),
+            "num_processes": layout.world_size,
+            "process_id": layout.rank,
+            "local_device_ids": devices,
+            "cluster_detection_method": "deactivate",  # never probe cloud metadata servers
+            "initialization_timeout": self.initialization_timeout,
+            "heartbeat_timeout_seconds": self.heartbeat_timeout,
+            "shutdown_timeout_seconds": self.shutdown_timeout,
+        }
+
+    def start(self, layout: GangLayout, holds: Sequence[Any]) -> None:
+        import jax
+
+        _fresh_backends()
+        if jax.distributed.is_initialized():
+            raise FrameworkError(
+                "jax.distributed is already initialised in this Python worker (earlier code never called "
+                "jax.distributed.shutdown()); call it there")
+        if not layout.own_gpus:
+            jax.config.update("jax_cpu_collectives_implementation", self.cpu_collectives)
+        jax.distributed.initialize(**self.initialize_arguments(layout))
+
+    def stop(self, layout: GangLayout, failed: bool) -> None:
+        import sys
+
+        jax = sys.modules.get("jax")
+        if jax is None:
+            return
+        try:
+            if jax.distributed.is_initialized():
+                jax.distributed.shutdown()
+        finally:
+            _fresh_backends()
+
+
+def _fresh_backends() -> None:
+    """Drop JAX's backends (and compiled caches) so the next ``initialize`` in this process may run."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        from jax.extend.backend import clear_backends
+
+        clear_backends()
