@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pytest
+from tests.sparkutil import spark_session
 
 import sparkhydrogen as h2
 from sparkhydrogen.launch.service import service_for
-from tests.sparkutil import spark_session
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 

@@ -6,7 +6,8 @@ Under Connect the client is not reachable from executors: rank 0's task hosts th
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 

@@ -13,8 +13,9 @@ import os
 import select
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sparkutil import spark_session

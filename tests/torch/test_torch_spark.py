@@ -12,8 +12,9 @@ import socket
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sparkutil import spark_session
@@ -170,8 +171,8 @@ def test_a_failing_script_is_named_with_its_exit_code(sc: Any, tmp_path: Path) -
             sys.exit(3)  # before joining: rank 0 would wait for it in init_process_group
         dist.init_process_group("gloo")
     """))
-    with pytest.raises(h2.GangFailedError, match=r"rank 1 raised sparkhydrogen.torch.TorchLaunchError: rank 1's training script "
-                                                r".*fails.py ended with exit code 3") as info:
+    with pytest.raises(h2.GangFailedError, match=r"rank 1 raised sparkhydrogen.torch.TorchLaunchError: "
+                                                r"rank 1's training script .*fails.py ended with exit code 3") as info:
         h2torch.run(str(script), num_processes=2)
     assert info.value.failed_rank == 1
 

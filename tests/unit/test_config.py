@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import pytest
 
@@ -174,7 +173,7 @@ def test_from_conf_treats_blank_values_as_unset() -> None:
 def test_from_conf_reads_through_the_getter_only() -> None:
     asked: list[str] = []
 
-    def get(key: str) -> Optional[str]:
+    def get(key: str) -> str | None:
         asked.append(key)
         return None
 
@@ -190,10 +189,12 @@ def test_from_conf_reads_through_the_getter_only() -> None:
         ("spark.hydrogen.coordinator.port", "71.5", r"spark\.hydrogen\.coordinator\.port='71\.5' is not an integer"),
         ("spark.hydrogen.coordinator.portMaxRetries", "many",
          r"spark\.hydrogen\.coordinator\.portMaxRetries='many' is not an integer"),
-        ("spark.hydrogen.coordinator.maxPayload", "huge", r"spark\.hydrogen\.coordinator\.maxPayload='huge' is not a size"),
+        ("spark.hydrogen.coordinator.maxPayload", "huge",
+         r"spark\.hydrogen\.coordinator\.maxPayload='huge' is not a size"),
         ("spark.hydrogen.coordinator.connectTimeout", "soon",
          r"spark\.hydrogen\.coordinator\.connectTimeout='soon' is not a duration"),
-        ("spark.hydrogen.collective.timeout", "forever", r"spark\.hydrogen\.collective\.timeout='forever' is not a duration"),
+        ("spark.hydrogen.collective.timeout", "forever",
+         r"spark\.hydrogen\.collective\.timeout='forever' is not a duration"),
         ("spark.hydrogen.launch.slotWaitTimeout", "-1s",
          r"spark\.hydrogen\.launch\.slotWaitTimeout='-1s' is not a duration"),
     ],

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..task.embedded import embedded_partition
-from ..task.lifecycle import gang_body, run_partition
+from ..task.lifecycle import gang_body, run_gated_partition, run_partition
+from .coordinated import stage_canceller, uses_coordinated
 from .placement import embedded_gang
 from .runner import declare, release_with
 from .session import SparkTarget, is_connect
@@ -26,7 +28,7 @@ _NARROW = {"Project", "Filter", "WithColumns", "WithColumnsRenamed", "Drop", "To
            "Sample", "WithWatermark"}
 
 
-def planned_partitions(df: Any) -> Optional[int]:
+def planned_partitions(df: Any) -> int | None:
     """Partitions a Spark Connect DataFrame's plan states (``repartition(n)``, ``range(..., numPartitions)``).
 
     ``None`` when the plan does not say (the size is then the stage's task count, read in the tasks).
@@ -64,7 +66,7 @@ class DataFrameBarrier:
         >>> h2.barrier(df, num_tasks=4).mapInPandas(train, "rank long, rows long").show()  # doctest: +SKIP
     """
 
-    def __init__(self, df: Any, num_tasks: Optional[int] = None) -> None:
+    def __init__(self, df: Any, num_tasks: int | None = None) -> None:
         self._df = df if num_tasks is None else df.repartition(num_tasks)
         self._num_tasks = num_tasks
 
@@ -86,7 +88,12 @@ class DataFrameBarrier:
             body = gang_body(functools.partial(embedded_partition, embedded_gang(target, size), rank_fn))
             return getattr(self._df, method)(body, schema, barrier=True)
         world = self._num_tasks if self._num_tasks is not None else int(self._df.rdd.getNumPartitions())
-        gang, attempt = declare(SparkTarget(sc=self._df.sparkSession.sparkContext), world,
-                                getattr(fn, "__qualname__", method))
+        target = SparkTarget(sc=self._df.sparkSession.sparkContext)
+        if uses_coordinated(target):  # dynamic allocation: an ordinary stage, its start gated by the coordinator
+            gang, attempt = declare(target, world, getattr(fn, "__qualname__", method), gated=True,
+                                    on_abort=stage_canceller(target))
+            body = gang_body(functools.partial(run_gated_partition, gang.spec(attempt), rank_fn, None))
+            return release_with(getattr(self._df, method)(body, schema), gang)
+        gang, attempt = declare(target, world, getattr(fn, "__qualname__", method))
         body = gang_body(functools.partial(run_partition, gang.spec(attempt), rank_fn, None))
         return release_with(getattr(self._df, method)(body, schema, barrier=True), gang)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 from types import TracebackType
-from typing import Optional
 
 from .session import SparkTarget
 
@@ -35,10 +34,10 @@ class AttemptTag:
     def __init__(self, target: SparkTarget, tag: str) -> None:
         self.target = target
         self.tag = tag
-        self._interrupt: Optional[str] = None
+        self._interrupt: str | None = None
         self._entered = False
 
-    def __enter__(self) -> "AttemptTag":
+    def __enter__(self) -> AttemptTag:
         sc = self.target.sc
         if sc is not None:
             self._interrupt = sc.getLocalProperty(_INTERRUPT)
@@ -49,15 +48,15 @@ class AttemptTag:
         self._entered = True
         return self
 
-    def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if not self._entered:
             return
         self._entered = False
         sc = self.target.sc
         if sc is not None:
             sc.removeJobTag(self.tag)
-            sc.setLocalProperty(_INTERRUPT, self._interrupt)  # type: ignore[arg-type]  # None removes it
+            sc.setLocalProperty(_INTERRUPT, self._interrupt)  # None removes it
         else:
             self.target.spark.removeTag(self.tag)
 
@@ -73,7 +72,7 @@ class AttemptTag:
             log.debug("could not cancel jobs tagged %s: %s", self.tag, exc)
 
 
-def is_cancellation(exc: BaseException) -> Optional[str]:
+def is_cancellation(exc: BaseException) -> str | None:
     """The line saying a failed Spark action was cancelled from outside (job group, tag, interrupt), if it was."""
     for line in str(exc).splitlines():
         if _CANCELLED.search(line):

@@ -4,6 +4,9 @@
   all-or-nothing by Spark's scheduler; the coordinator runs in the driver.
 * :class:`EmbeddedCoordinator` (Spark Connect): one DataFrame barrier stage
   (``mapInArrow(..., barrier=True)``); the coordinator runs inside rank 0's task.
+* :class:`~.coordinated.CoordinatedStage` (classic Spark, dynamic allocation): an
+  ordinary stage whose ranks wait at the coordinator's start gate until all have
+  joined (all-or-nothing by the coordinator, not the scheduler).
 * Launchers may bring their own (the torch launcher's local mode starts processes
   on the driver's machine).
 
@@ -17,21 +20,24 @@ import functools
 import logging
 import secrets
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from .. import serde
 from ..coordinator.handles import LogRecord
 from ..task.embedded import EmbeddedGang, embedded_partition, parse_failure_marker
 from ..task.lifecycle import gang_body, run_partition
+from .coordinated import CoordinatedStage, placement_reason, uses_coordinated
 from .runner import declare, failure_error, launching, translate
 from .session import SparkTarget
 
-__all__ = ["RankCall", "Placement", "NativeBarrierStage", "EmbeddedCoordinator", "placement_for", "embedded_gang"]
+__all__ = ["RankCall", "Placement", "NativeBarrierStage", "EmbeddedCoordinator", "CoordinatedStage", "placement_for",
+           "embedded_gang"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
-OnLog = Optional[Callable[[LogRecord], None]]
+OnLog = Optional[Callable[[LogRecord], None]]  # noqa: UP045  (a runtime alias: keep it valid on Python 3.10)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class NativeBarrierStage:
         return _by_rank(pairs)
 
 
-def embedded_gang(target: SparkTarget, world_size: Optional[int]) -> EmbeddedGang:
+def embedded_gang(target: SparkTarget, world_size: int | None) -> EmbeddedGang:
     """A new gang for rank 0 to host, numbered as the current attempt of the enclosing scope."""
     return EmbeddedGang(gang_id=uuid.uuid4().hex, secret=secrets.token_bytes(32), world_size=world_size,
                         config=target.config(), gang_attempt=launching())
@@ -129,7 +135,13 @@ class EmbeddedCoordinator:
 
 
 def placement_for(target: SparkTarget) -> Placement:
-    """The placement a target supports: a native barrier stage, or an embedded coordinator under Connect."""
+    """The placement for a target: an embedded coordinator under Connect; else a native barrier stage, or a
+    coordinated stage when Spark would refuse a barrier stage (dynamic allocation) or
+    ``spark.hydrogen.launch.placement=coordinated`` says so.
+    """
     if target.connect:
         return EmbeddedCoordinator(target)
+    if uses_coordinated(target):
+        log.info("spark-hydrogen: gangs run as coordinated stages (%s)", placement_reason(target))
+        return CoordinatedStage(target)
     return NativeBarrierStage(target)

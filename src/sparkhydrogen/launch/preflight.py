@@ -7,12 +7,13 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import InsufficientSlotsError, LaunchError
 from .session import SparkTarget, dynamic_allocation_enabled, task_cpus
 
-__all__ = ["SlotReport", "shortfall_message", "cluster_slots", "ensure_slots"]
+__all__ = ["SlotReport", "shortfall_message", "cluster_slots", "ensure_slots", "barrier_refused", "GangCapacity",
+           "capacity_message", "gang_capacity", "ensure_gang_fits", "ClusterSnapshot", "cluster_snapshot"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -27,7 +28,7 @@ class SlotReport:
     master: str
 
 
-def shortfall_message(needed: int, report: SlotReport) -> Optional[str]:
+def shortfall_message(needed: int, report: SlotReport) -> str | None:
     """``None`` when ``needed`` tasks fit at once, else an actionable explanation (pure).
 
     >>> shortfall_message(8, SlotReport(slots=4, executors=2, task_cpus=1, master="spark://m:7077"))[:52]
@@ -54,7 +55,7 @@ def shortfall_message(needed: int, report: SlotReport) -> Optional[str]:
 STARTUP_WAIT = 60.0
 
 
-def expected_slots(master: str, task_cpus: int) -> Optional[int]:
+def expected_slots(master: str, task_cpus: int) -> int | None:
     """Slots a master promises once started, where the master string says (``local-cluster[N,C,M]``).
 
     >>> expected_slots("local-cluster[2,1,1024]", 1)
@@ -93,13 +94,31 @@ def cluster_slots(target: Any) -> SlotReport:
     return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus(target), master=master)
 
 
-def ensure_slots(target: Any, needed: int, wait: float = 0.0) -> SlotReport:
-    """Raise :class:`InsufficientSlotsError` unless ``needed`` slots exist (waiting up to ``wait`` s)."""
+def barrier_refused(master: str, dynamic_allocation: bool) -> bool:
+    """Whether Spark refuses a barrier stage: dynamic allocation on, and a master that honours it (pure).
+
+    Spark ignores dynamic allocation on ``local``/``local[N]`` masters (not ``local-cluster``).
+
+    >>> barrier_refused("spark://m:7077", True), barrier_refused("local[4]", True), barrier_refused("yarn", False)
+    (True, False, False)
+    """
+    text = master.strip()
+    local = text == "local" or text.startswith("local[")
+    return dynamic_allocation and not local
+
+
+def ensure_slots(target: Any, needed: int, wait: float = 0.0, *, coordinated: bool = False) -> SlotReport:
+    """Raise :class:`InsufficientSlotsError` unless ``needed`` slots exist (waiting up to ``wait`` s).
+
+    ``coordinated``: the slots are for an ordinary stage gated by the coordinator, which
+    Spark accepts under dynamic allocation too (see :func:`ensure_gang_fits` for that case).
+    """
     target = target if isinstance(target, SparkTarget) else SparkTarget(sc=target)
-    if dynamic_allocation_enabled(target):
+    if not coordinated and barrier_refused(target.sc.master or "", dynamic_allocation_enabled(target)):
         raise LaunchError(
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages under dynamic allocation "
-            "(SPARK-24942); disable it for this application or use a fixed number of executors"
+            "(SPARK-24942); leave spark.hydrogen.launch.placement at auto (or set it to coordinated) to run the "
+            "gang as a coordinated stage, or disable dynamic allocation for this application"
         )
     started = time.monotonic()
     deadline = started + wait
@@ -121,3 +140,136 @@ def ensure_slots(target: Any, needed: int, wait: float = 0.0) -> SlotReport:
             last_log = now
             log.warning("waiting up to %.0f s more for slots: %s", deadline - now, problem)
         pause.wait(min(0.25, deadline - now))
+
+
+# -- coordinated gangs under dynamic allocation -------------------------------------------
+
+#: Custom resources whose per-task and per-executor amounts bound the slots of an executor.
+RESOURCES = ("gpu", "fpga")
+
+
+@dataclass(frozen=True)
+class GangCapacity:
+    """The most tasks the cluster can ever run at once under dynamic allocation, from its settings."""
+
+    max_executors: int | None  # spark.dynamicAllocation.maxExecutors (None: unbounded)
+    executor_cores: int | None  # spark.executor.cores (None: unknown, e.g. standalone's whole worker)
+    task_cpus: int
+    resources: tuple[tuple[str, float, float], ...] = ()  # (name, per executor, per task)
+
+    @property
+    def slots_per_executor(self) -> int | None:
+        if self.executor_cores is None:
+            return None
+        slots = self.executor_cores // max(self.task_cpus, 1)
+        for _, per_executor, per_task in self.resources:
+            if per_task > 0:
+                slots = min(slots, int(per_executor // per_task + 1e-9))
+        return slots
+
+    @property
+    def slots(self) -> int | None:
+        """``maxExecutors x slots per executor``; ``None`` when either is unbounded or unknown."""
+        per = self.slots_per_executor
+        if self.max_executors is None or per is None:
+            return None
+        return self.max_executors * per
+
+
+def capacity_message(needed: int, cap: GangCapacity) -> str | None:
+    """``None`` when ``needed`` ranks can ever run at once, else why not, with the numbers (pure).
+
+    >>> capacity_message(5, GangCapacity(max_executors=2, executor_cores=2, task_cpus=1))[:60]
+    'coordinated gang needs 5 slots at once but the cluster can n'
+    """
+    slots = cap.slots
+    if slots is None or needed <= slots:
+        return None
+    arithmetic = (f"spark.dynamicAllocation.maxExecutors={cap.max_executors} x "
+                  f"(spark.executor.cores={cap.executor_cores} / spark.task.cpus={cap.task_cpus}")
+    for name, per_executor, per_task in cap.resources:
+        arithmetic += (f", limited by spark.executor.resource.{name}.amount={per_executor:g} / "
+                       f"spark.task.resource.{name}.amount={per_task:g}")
+    arithmetic += f") = {slots} slots"
+    return (f"coordinated gang needs {needed} slots at once but the cluster can never hold more than {slots} "
+            f"under dynamic allocation: {arithmetic}. Lower the number of tasks to at most {slots}, or raise "
+            "spark.dynamicAllocation.maxExecutors (or the cores/resources per executor)")
+
+
+def _number(text: str | None, key: str) -> float | None:
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{key}={text!r} is not a number") from None
+
+
+def gang_capacity(target: SparkTarget) -> GangCapacity:
+    """Read the settings that bound a coordinated gang under dynamic allocation (through the target's conf)."""
+    max_executors = _number(target.conf("spark.dynamicAllocation.maxExecutors"), "spark.dynamicAllocation.maxExecutors")
+    cores = _number(target.conf("spark.executor.cores"), "spark.executor.cores")
+    resources = []
+    for name in RESOURCES:
+        per_task = _number(target.conf(f"spark.task.resource.{name}.amount"), f"spark.task.resource.{name}.amount")
+        if per_task:
+            per_executor = _number(target.conf(f"spark.executor.resource.{name}.amount"),
+                                   f"spark.executor.resource.{name}.amount") or 0.0
+            resources.append((name, per_executor, per_task))
+    unbounded = max_executors is None or max_executors >= 2**31 - 1
+    return GangCapacity(max_executors=None if unbounded else int(max_executors),  # type: ignore[arg-type]
+                        executor_cores=None if cores is None else int(cores), task_cpus=task_cpus(target),
+                        resources=tuple(resources))
+
+
+def ensure_gang_fits(target: SparkTarget, needed: int, wait: float = 0.0) -> SlotReport | None:
+    """The coordinated placement's preflight, in milliseconds.
+
+    Under dynamic allocation: refuse a gang the cluster can never hold (its settings'
+    arithmetic, :func:`capacity_message`); executors that are not there yet are what
+    the start gate waits for. Without dynamic allocation: the slots must be there now,
+    as for a barrier stage (:func:`ensure_slots`).
+    """
+    if not dynamic_allocation_enabled(target):
+        return ensure_slots(target, needed, wait, coordinated=True)
+    problem = capacity_message(needed, gang_capacity(target))
+    if problem is not None:
+        raise InsufficientSlotsError(problem)
+    return None
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """What the cluster has right now, for progress lines and start-timeout errors."""
+
+    executors: int
+    requested: int | None
+    slots: int
+    busy: int = 0  # tasks running on those executors (this gang's waiting ranks included)
+
+    def describe(self) -> str:
+        requested = f", {self.requested} requested" if self.requested is not None else ""
+        return (f"{self.executors} executor(s) alive{requested}, {self.slots} slot(s), "
+                f"{self.busy} task(s) running")
+
+
+def cluster_snapshot(target: SparkTarget) -> ClusterSnapshot:
+    """Executors alive and requested (dynamic allocation's target), slots and running tasks (Py4J)."""
+    report = cluster_slots(target)
+    jsc = target.sc._jsc.sc()
+    requested: int | None = None
+    busy = 0
+    try:
+        totals = jsc.schedulerBackend().getRequestedTotalExecutors().valuesIterator()
+        requested = 0
+        while totals.hasNext():
+            requested += int(totals.next())
+    except Exception as exc:  # not a coarse-grained backend (local mode): nothing is requested
+        log.debug("could not read the requested executors: %s", exc)
+        requested = None
+    try:
+        for info in jsc.statusTracker().getExecutorInfos():
+            busy += int(info.numRunningTasks())
+    except Exception as exc:
+        log.debug("could not read the running tasks: %s", exc)
+    return ClusterSnapshot(executors=report.executors, requested=requested, slots=report.slots, busy=busy)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
-from ..task.lifecycle import gang_body, run_partition
+from ..task.lifecycle import gang_body, run_gated_partition, run_partition
+from .coordinated import stage_canceller, uses_coordinated
 from .runner import declare, release_with
 from .session import SparkTarget
 
@@ -44,7 +46,13 @@ class RDDBarrier(Generic[T]):
         return self._launch(f, preservesPartitioning, _name(f))
 
     def _launch(self, f: Callable[[int, Iterable[Any]], Iterable[Any]], preserves: bool, name: str) -> Any:
-        gang, attempt = declare(SparkTarget(sc=self.rdd.context), self.rdd.getNumPartitions(), name)
+        target = SparkTarget(sc=self.rdd.context)
+        if uses_coordinated(target):  # dynamic allocation: an ordinary stage, its start gated by the coordinator
+            gang, attempt = declare(target, self.rdd.getNumPartitions(), name, gated=True,
+                                    on_abort=stage_canceller(target))
+            body = gang_body(functools.partial(run_gated_partition, gang.spec(attempt), f))
+            return release_with(self.rdd.mapPartitionsWithIndex(body, preservesPartitioning=preserves), gang)
+        gang, attempt = declare(target, self.rdd.getNumPartitions(), name)
         body = gang_body(functools.partial(run_partition, gang.spec(attempt), f))
         out = self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
         return release_with(out, gang)
@@ -54,7 +62,7 @@ def _name(f: Callable[..., Any]) -> str:
     return getattr(f, "__qualname__", None) or type(f).__name__
 
 
-def barrier(data: Any, num_tasks: Optional[int] = None) -> Any:
+def barrier(data: Any, num_tasks: int | None = None) -> Any:
     """Gang-schedule the next stage of ``data`` (an RDD or a DataFrame): all partitions start together.
 
     ``num_tasks`` sets the gang size by repartitioning first (for DataFrames it also

@@ -9,7 +9,8 @@ it runs ``action()`` again. Gangs declared inside keep their identity across att
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .runner import attempts, backoff_delay
 from .session import resolve

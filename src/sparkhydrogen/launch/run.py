@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..logstream import LogPrinter
 from .placement import Placement, RankCall, placement_for
@@ -16,7 +17,7 @@ log = logging.getLogger("sparkhydrogen.launch")
 
 
 def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
-        kwargs: Optional[Mapping[str, Any]] = None, max_retries: int = 0, retry_backoff: float = 0.5,
+        kwargs: Mapping[str, Any] | None = None, max_retries: int = 0, retry_backoff: float = 0.5,
         spark: Any = None, stream_logs: bool = False) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled tasks; return the results by rank.
 
@@ -62,8 +63,8 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
 
 
 def run_gang(call: RankCall, num_tasks: int, *, target: SparkTarget, max_retries: int = 0,
-             retry_backoff: float = 0.5, stream_logs: bool = False, name: Optional[str] = None,
-             placement: Optional[Placement] = None) -> list[Any]:
+             retry_backoff: float = 0.5, stream_logs: bool = False, name: str | None = None,
+             placement: Placement | None = None) -> list[Any]:
     """``run()`` after validation, for launchers: ``call`` on ``num_tasks`` ranks with retries; results by rank."""
     chosen = placement if placement is not None else placement_for(target)
     label = name or call.name

@@ -23,19 +23,21 @@ import logging
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 from ..coordinator.handles import GangHandle, LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangCancelledError, GangFailedError, InsufficientSlotsError, LaunchError
 from ..task.spec import TaskSpec
 from .jobs import AttemptTag, is_cancellation
-from .preflight import STARTUP_WAIT, ensure_slots
+from .preflight import STARTUP_WAIT, ensure_gang_fits, ensure_slots
 from .service import DriverService, service_for
 from .session import SparkTarget
 
-__all__ = ["GangScope", "DeclaredGang", "current_scope", "launching", "declare", "attempts", "translate", "release_with",
+__all__ = ["GangScope", "DeclaredGang", "current_scope", "launching", "declare", "attempts", "translate",
+           "release_with",
            "backoff_delay", "check_retries", "failure_error"]
 
 log = logging.getLogger("sparkhydrogen.launch")
@@ -49,19 +51,19 @@ class GangScope:
     """The attempts of one retried action on one driver thread (owned by this module)."""
 
     scope_id: str
-    target: Optional[SparkTarget] = None
+    target: SparkTarget | None = None
     attempt: int = 0
-    gangs: list["DeclaredGang"] = field(default_factory=list)  # in declaration order
+    gangs: list[DeclaredGang] = field(default_factory=list)  # in declaration order
     next_index: int = 0
     launched: bool = False  # some placement started ranks (embedded gangs are not declared on the driver)
-    tag: Optional[AttemptTag] = None
+    tag: AttemptTag | None = None
 
     @property
     def job_tag(self) -> str:
         return f"sparkhydrogen-{self.scope_id}-{self.attempt}"
 
 
-def current_scope() -> Optional[GangScope]:
+def current_scope() -> GangScope | None:
     return getattr(_local, "scope", None)
 
 
@@ -82,6 +84,7 @@ class DeclaredGang:
     handle: GangHandle
     name: str
     stream_logs: bool = False
+    gated: bool = False  # coordinated placement: the coordinator's start gate, not a barrier stage
 
     def spec(self, gang_attempt: int = 0) -> TaskSpec:
         launch = self.service.config.launch
@@ -98,9 +101,11 @@ class DeclaredGang:
             checkpoint_dir=launch.checkpoint_dir,
             stream_logs=self.stream_logs,
             tls_fingerprint=self.handle.tls_fingerprint,
+            gated=self.gated,
+            start_timeout=launch.start_timeout if self.gated else None,
         )
 
-    def last_failure(self, gang_attempt: Optional[int] = None) -> Optional[ErrorInfo]:
+    def last_failure(self, gang_attempt: int | None = None) -> ErrorInfo | None:
         return self.service.server.last_failure(self.handle.gang_id, gang_attempt)
 
     def settle(self, timeout: float = 5.0) -> None:
@@ -117,14 +122,23 @@ class DeclaredGang:
         while server.running and not server.gang_settled(self.handle.gang_id) and time.monotonic() < deadline:
             pause.wait(0.005)
 
-    def release(self) -> None:
-        """Forget the gang (after its last reports arrived) and its checkpoint folder."""
-        self.service.release(self.handle.gang_id, self.service.config.launch.checkpoint_dir)
+    def release(self, wait: bool = False) -> None:
+        """Forget the gang (after its last reports arrived) and its checkpoint folder.
+
+        ``wait=True`` does it now, on this thread (the end of a scope: when ``run()``
+        returns its gang is gone); otherwise on the service's releaser thread (safe from
+        a garbage-collector finalizer).
+        """
+        if wait:
+            self.settle()
+            self.service.release_now(self.handle.gang_id, self.service.config.launch.checkpoint_dir)
+        else:
+            self.service.release(self.handle.gang_id, self.service.config.launch.checkpoint_dir)
 
 
-def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Optional[Callable[[LogRecord], None]] = None,
-            on_abort: Optional[Callable[[AttemptKey, ErrorInfo], None]] = None,
-            preflight: bool = True) -> tuple[DeclaredGang, int]:
+def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable[[LogRecord], None] | None = None,
+            on_abort: Callable[[AttemptKey, ErrorInfo], None] | None = None,
+            preflight: bool = True, gated: bool = False) -> tuple[DeclaredGang, int]:
     """Check slots, make sure the coordinator runs, and register a gang of ``world_size`` ranks.
 
     Inside a scope (:func:`attempts`), the n-th gang an attempt declares is the n-th
@@ -133,7 +147,9 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Optional
     number its tasks must use. Outside a scope the gang is ephemeral: the caller ties
     its release to what it builds (:func:`release_with`). ``on_abort(key, cause)`` is
     called (on a short-lived thread) when an attempt aborts, after the attempt's Spark
-    jobs have been cancelled.
+    jobs have been cancelled. ``gated``: the gang runs as an ordinary stage whose ranks
+    wait at the coordinator's start gate (the coordinated placement); its preflight is
+    :func:`~.preflight.ensure_gang_fits`.
     """
     scope = current_scope()
     service = service_for(target)
@@ -143,21 +159,27 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Optional
     launching()
     if scope is not None and scope.next_index < len(scope.gangs):
         gang = scope.gangs[scope.next_index]
-        if gang.handle.world_size == world_size:
+        if gang.handle.world_size == world_size and gang.gated == gated:
             scope.next_index += 1
             if preflight:
-                ensure_slots(target, world_size, wait)
+                _preflight(target, world_size, wait, gated)
             return gang, scope.attempt
-    report = ensure_slots(target, world_size, wait) if preflight else None
+    report = _preflight(target, world_size, wait, gated) if preflight else None
     hook = _canceller(scope, on_abort) if scope is not None else on_abort
-    handle = service.server.add_gang(world_size, name, on_abort=hook, on_log=on_log, ephemeral=scope is None)
+    handle = service.server.add_gang(world_size, name, on_abort=hook, on_log=on_log, ephemeral=scope is None,
+                                     gated=gated, start_timeout=service.config.launch.start_timeout)
     log.info("gang %s (%s): %d ranks, %s, coordinator %s:%d", handle.gang_id[:8], name, world_size,
-             f"{report.slots} slots free" if report is not None else "no slot preflight", handle.host, handle.port)
-    gang = DeclaredGang(service, handle, name, stream_logs=on_log is not None)
+             f"{report.slots} slots free" if report is not None else
+             ("gated start, executors on demand" if gated else "no slot preflight"), handle.host, handle.port)
+    gang = DeclaredGang(service, handle, name, stream_logs=on_log is not None, gated=gated)
     if scope is not None:
         scope.gangs.append(gang)
         scope.next_index = len(scope.gangs)
     return gang, scope.attempt if scope is not None else 0
+
+
+def _preflight(target: SparkTarget, world_size: int, wait: float, gated: bool) -> Any:
+    return ensure_gang_fits(target, world_size, wait) if gated else ensure_slots(target, world_size, wait)
 
 
 def release_with(owner: Any, gang: DeclaredGang) -> Any:
@@ -170,7 +192,7 @@ def release_with(owner: Any, gang: DeclaredGang) -> Any:
     return owner
 
 
-def _canceller(scope: GangScope, then: Optional[Callable[[AttemptKey, ErrorInfo], None]]
+def _canceller(scope: GangScope, then: Callable[[AttemptKey, ErrorInfo], None] | None
                ) -> Callable[[AttemptKey, ErrorInfo], None]:
     """Cancel the Spark jobs of an aborted attempt so ranks busy outside collectives stop too."""
 
@@ -206,14 +228,9 @@ def check_retries(max_retries: Any, backoff: Any) -> None:
 
 def _spark_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a failed Spark action (Py4J or a pyspark/Connect error), as opposed to a bug in the action."""
-    try:
-        from py4j.protocol import Py4JJavaError
-    except ImportError:  # pragma: no cover - py4j ships with pyspark
-        Py4JJavaError = ()  # type: ignore[assignment,misc]
-    try:
-        from pyspark.errors import PySparkException
-    except ImportError:  # pragma: no cover
-        PySparkException = ()  # type: ignore[assignment,misc]
+    from py4j.protocol import Py4JJavaError  # both ship with pyspark
+    from pyspark.errors import PySparkException
+
     return isinstance(exc, (Py4JJavaError, PySparkException))
 
 
@@ -225,7 +242,7 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
-             target: Optional[SparkTarget] = None) -> R:
+             target: SparkTarget | None = None) -> R:
     """Run ``action()`` as attempt 0, 1, ... of one scope until it succeeds or ``max_retries`` are used."""
     check_retries(max_retries, retry_backoff)
     if current_scope() is not None:
@@ -261,7 +278,7 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
     finally:
         _local.scope = None
         for gang in scope.gangs:
-            gang.release()
+            gang.release(wait=True)
 
 
 def _tagged(scope: GangScope, action: Callable[[], R]) -> R:
@@ -283,7 +300,7 @@ def _translate_scope(scope: GangScope, exc: BaseException) -> LaunchError:
     return failure_error("gang", None, exc)
 
 
-def failure_error(name: str, failure: Optional[ErrorInfo], exc: BaseException) -> LaunchError:
+def failure_error(name: str, failure: ErrorInfo | None, exc: BaseException) -> LaunchError:
     """Our error for a failed gang job: the first failing rank if known, else cancellation or Spark's word."""
     if failure is not None:
         text = f"gang {name!r} failed: {failure.describe()}"
@@ -299,7 +316,7 @@ def failure_error(name: str, failure: Optional[ErrorInfo], exc: BaseException) -
     return LaunchError(f"gang {name!r} failed in Spark before any rank reported an error: {summary}")
 
 
-def translate(gang: DeclaredGang, exc: BaseException, gang_attempt: Optional[int] = None) -> LaunchError:
+def translate(gang: DeclaredGang, exc: BaseException, gang_attempt: int | None = None) -> LaunchError:
     """Translate a failed Spark job into our error, naming the rank that failed first."""
     return failure_error(gang.name, gang.last_failure(gang_attempt), exc)
 

@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any
 
 from ..config import HydrogenConfig
 from ..coordinator.server import CoordinatorServer
@@ -27,7 +27,7 @@ __all__ = ["DriverService", "service_for", "stop_all", "read_config", "encryptio
 log = logging.getLogger("sparkhydrogen.launch")
 
 _lock = threading.Lock()
-_services: dict[str, "DriverService"] = {}
+_services: dict[str, DriverService] = {}
 
 #: How long a released gang may take for its last ranks' reports to arrive before it is removed anyway.
 SETTLE_TIMEOUT = 10.0
@@ -40,9 +40,9 @@ class DriverService:
     app_id: str
     config: HydrogenConfig
     server: CoordinatorServer
-    releaser: Optional["_Releaser"] = field(default=None, repr=False, compare=False)
+    releaser: _Releaser | None = field(default=None, repr=False, compare=False)
 
-    def release(self, gang_id: str, checkpoint_dir: Optional[str] = None) -> None:
+    def release(self, gang_id: str, checkpoint_dir: str | None = None) -> None:
         """Forget a gang once its ranks have all reported (bounded), and remove its checkpoint folder.
 
         Safe from any thread, including a garbage-collector finalizer: the work is
@@ -50,8 +50,18 @@ class DriverService:
         """
         if self.releaser is not None:
             self.releaser.put(gang_id, checkpoint_dir)
-        elif self.server.running:
-            self.server.remove_gang(gang_id)
+        else:
+            self.release_now(gang_id, checkpoint_dir)
+
+    def release_now(self, gang_id: str, checkpoint_dir: str | None = None) -> None:
+        """Forget a gang at once (the caller has waited for it to settle) and remove its checkpoint folder."""
+        try:
+            if self.server.running:
+                self.server.remove_gang(gang_id)
+        except Exception as exc:  # the coordinator is stopping: nothing left to release
+            log.debug("could not release gang %s: %s", gang_id[:8], exc)
+        if checkpoint_dir is not None:
+            shutil.rmtree(_gang_folder(checkpoint_dir, gang_id), ignore_errors=True)
 
 
 class _Releaser:
@@ -59,11 +69,11 @@ class _Releaser:
 
     def __init__(self, server: CoordinatorServer) -> None:
         self._server = server
-        self._queue: "queue.SimpleQueue[Optional[tuple[str, Optional[str]]]]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, str | None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="sparkhydrogen-releaser", daemon=True)
         self._thread.start()
 
-    def put(self, gang_id: str, checkpoint_dir: Optional[str]) -> None:
+    def put(self, gang_id: str, checkpoint_dir: str | None) -> None:
         self._queue.put((gang_id, checkpoint_dir))
 
     def close(self) -> None:

@@ -8,8 +8,9 @@ reachable from executors, so the coordinator runs inside rank 0's task). Every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..config import HydrogenConfig
 
@@ -31,7 +32,7 @@ def is_connect(obj: Any) -> bool:
     return type(obj).__module__.startswith("pyspark.sql.connect")
 
 
-def encryption_required_by(get: Callable[[str], Optional[str]]) -> Optional[str]:
+def encryption_required_by(get: Callable[[str], str | None]) -> str | None:
     """The first of :data:`ENCRYPTION_KEYS` set to true, as ``"key=true"``; ``None`` if none is."""
     for key in ENCRYPTION_KEYS:
         value = get(key)
@@ -58,7 +59,7 @@ class SparkTarget:
             return str(self.sc.applicationId)
         return f"connect-{self.spark.session_id}"
 
-    def conf(self, key: str) -> Optional[str]:
+    def conf(self, key: str) -> str | None:
         """One Spark conf value, or ``None`` when unset (classic: no copy of the whole conf over Py4J)."""
         if self.sc is not None:
             value = self.sc._conf.get(key)
@@ -111,7 +112,7 @@ def read_config(target: SparkTarget) -> HydrogenConfig:
     """
     if target.sc is not None:
         conf = target.sc.getConf()  # one copy: the coordinator reads ~20 keys
-        get: Callable[[str], Optional[str]] = conf.get
+        get: Callable[[str], str | None] = conf.get
         driver_host = conf.get("spark.driver.host") or "127.0.0.1"
     else:
         get = target.conf

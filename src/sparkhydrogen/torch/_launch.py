@@ -21,10 +21,7 @@ import tempfile
 import threading
 from typing import Any, Callable, Optional, Union
 
-try:
-    import cloudpickle
-except ImportError:  # shipped with --py-files to a cluster that only has pyspark
-    from pyspark import cloudpickle  # type: ignore[no-redef]
+from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
 
 from ..coordinator.handles import LogRecord
 from ..coordinator.state import AttemptKey

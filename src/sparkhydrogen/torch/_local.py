@@ -15,10 +15,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-try:
-    import cloudpickle
-except ImportError:  # shipped with --py-files to a cluster that only has pyspark
-    from pyspark import cloudpickle  # type: ignore[no-redef]
+from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
 
 from ..task.lifecycle import RankSession
 from ..task.spec import TaskSpec

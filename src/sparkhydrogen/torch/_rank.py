@@ -3,8 +3,9 @@
 Runs inside every rank (a Spark barrier task's Python worker, or a local-mode
 process on the driver) with a :class:`~sparkhydrogen.BarrierTaskContext` installed:
 
-1. rank 0 binds a listening socket on its host; one ``allGather`` shares its port
-   and every rank's GPUs (so the port is one rank 0 really holds, not a guess);
+1. the gang forms (:func:`sparkhydrogen.frameworks.form`): rank 0 reserves a port on its
+   host and holds it; one ``allGather`` shares it and every rank's GPUs (so the port is one
+   rank 0 really holds, not a guess);
 2. rank 0 serves torch's ``TCPStore`` on that very socket; the others connect to it;
 3. ``train`` runs in this process with ``torch.distributed`` initialised, or in a
    child process (scripts, or ``use_subprocess=True``) that finds the store
@@ -26,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from ..context import BarrierTaskContext
 from ..errors import NotInGangError
+from ..frameworks import TorchDistributed, form
 from ..task.lifecycle import environment, report_failure
 from ._layout import (
     DEVICE_ENV,
@@ -34,9 +36,7 @@ from ._layout import (
     TorchLaunchError,
     assigned_gpus,
     device_plan,
-    node_layout,
     physical_gpus,
-    rank_environment,
 )
 
 __all__ = ["RankJob", "run_job", "describe_exit"]
@@ -81,73 +81,46 @@ def run_job(job: RankJob, local_host: Optional[str] = None) -> Any:
     """Run one rank of ``job``; return its result (``None`` on ranks > 0 unless ``job.return_all``).
 
     ``local_host`` is the host of every rank when they run outside Spark tasks (local mode).
+    The layout (hosts, rank 0's reserved port, every rank's GPUs) is formed by the
+    framework-environment API (:mod:`sparkhydrogen.frameworks`), the variables come from
+    :class:`~sparkhydrogen.frameworks.TorchDistributed`.
     """
     ctx = BarrierTaskContext.get()
     rank, world = ctx.rank(), ctx.worldSize()
-    hosts = [local_host] * world if local_host is not None else _task_hosts(ctx)
     own = _own_gpus(ctx, job, rank, local_host is not None) if job.use_gpu else []
     physical = physical_gpus(own, os.environ.get("CUDA_VISIBLE_DEVICES")) if own else []
-    listener = _listen(hosts[0]) if rank == 0 else None
+    hosts = [local_host] * world if local_host is not None else None
+    layout, holds = form(_TORCH, ctx, hosts=hosts, gpus=physical)
     store = None
     try:
-        port = listener.getsockname()[1] if listener is not None else None
-        peers = ctx.allGather({"gpus": physical, "port": port})
-        port = int(peers[0]["port"])
-        layout = node_layout(hosts, rank)
         in_process = not (job.is_script or job.use_subprocess)
         plan = device_plan(use_gpu=job.use_gpu, in_process=in_process, own=own, own_physical=physical,
-                           host_peers=[peers[r]["gpus"] for r in range(world) if hosts[r] == hosts[rank]],
+                           host_peers=[list(layout.gpus[r]) for r in layout.ranks_on(layout.host)],
                            local_rank=layout.local_rank)
-        env = rank_environment(rank=rank, world_size=world, layout=layout, master_addr=hosts[0], master_port=port,
-                               restart_count=ctx.gangAttempt(), run_id=ctx._client.gang_id[:16])
+        env = _TORCH.environment(layout)
         env[DEVICE_ENV] = plan.device
-        if listener is not None:
-            store = _store(hosts[0], port, job.store_timeout, listen_fd=listener.detach())
-            listener = None
+        if holds:
+            store = _store(layout.hosts[0], layout.ports[0][0], job.store_timeout, listen_fd=holds[0].take())
         if in_process:
             result = _run_in_process(ctx, job, env, plan, store)
         else:
             result = _run_child(ctx, job, env, plan)
         ctx.barrier()  # every rank is done with rank 0's store before it goes away
     finally:
-        if listener is not None:
-            listener.close()
+        for hold in holds:
+            hold.release()
         del store
     return result if rank == 0 or job.return_all else None
 
 
 # rendezvous ----------------------------------------------------------------------
 
-
-def _task_hosts(ctx: BarrierTaskContext) -> list[str]:
-    """Host of every rank's executor, in rank order (the address other executors reach it at)."""
-    infos = ctx.getTaskInfos()
-    if len(infos) != ctx.worldSize():
-        raise TorchLaunchError(f"Spark listed {len(infos)} task addresses for a gang of {ctx.worldSize()} ranks")
-    return [_host_of(info.address) for info in infos]
-
-
-def _host_of(address: str) -> str:
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
-    return host.strip("[]")
-
-
-def _listen(host: str) -> socket.socket:
-    """A listening socket on ``host`` (rank 0's executor address), any free port."""
-    try:
-        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
-        family = infos[0][0]
-        return socket.create_server((host, 0), family=family, backlog=1024)
-    except OSError as exc:
-        try:
-            return socket.create_server(("", 0), backlog=1024)  # the address is not local here (NAT): any
-        except OSError:
-            raise TorchLaunchError(f"rank 0 could not listen on {host}: {exc}") from exc
+_TORCH = TorchDistributed()
 
 
 def _store(host: str, port: int, timeout: float, listen_fd: Optional[int] = None) -> Any:
     """Torch's ``TCPStore``: the server on rank 0 (on the socket it already holds), a client elsewhere."""
-    from torch.distributed import TCPStore
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported from torch._C, untyped there
 
     delta = datetime.timedelta(seconds=timeout)
     if listen_fd is not None:
