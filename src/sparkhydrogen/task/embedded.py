@@ -19,8 +19,9 @@ import re
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 from ..config import HydrogenConfig
 from ..errors import CollectiveError, ErrorInfo, GangAbortedError, HydrogenError, LaunchError
@@ -41,7 +42,7 @@ class EmbeddedGang:
 
     gang_id: str
     secret: bytes
-    world_size: Optional[int]  # None: as many ranks as the barrier stage has tasks
+    world_size: int | None  # None: as many ranks as the barrier stage has tasks
     config: HydrogenConfig
     gang_attempt: int = 0
 
@@ -59,7 +60,7 @@ def failure_marker(info: ErrorInfo) -> str:
     return f"{_MARKER} {json.dumps(data, separators=(',', ':'))}"
 
 
-def parse_failure_marker(text: str) -> Optional[ErrorInfo]:
+def parse_failure_marker(text: str) -> ErrorInfo | None:
     """The root cause a rank's task error names, if the text carries a marker (the first one wins)."""
     match = _MARKER_RE.search(text)
     if match is None:
