@@ -27,7 +27,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -39,7 +40,7 @@ MASTER = "local[2]"
 PARTITIONS = 2
 
 
-def rss_mb(pid: Optional[int] = None) -> Optional[float]:
+def rss_mb(pid: int | None = None) -> float | None:
     """Resident set size of ``pid`` (this process by default) in MiB, from /proc/<pid>/status."""
     where = "self" if pid is None else str(pid)
     try:
@@ -52,7 +53,7 @@ def rss_mb(pid: Optional[int] = None) -> Optional[float]:
     return None
 
 
-def _jvm_pid(sc: Any) -> Optional[int]:
+def _jvm_pid(sc: Any) -> int | None:
     proc = getattr(getattr(sc, "_gateway", None), "proc", None)  # spark-submit exec's the JVM in place
     return getattr(proc, "pid", None)
 
@@ -69,7 +70,7 @@ def native_job(sc: Any) -> list[int]:
     return sc.parallelize(range(4), PARTITIONS).barrier().mapPartitions(trivial).collect()
 
 
-def _checkpoint(sc: Any, done: int, started: float, jvm: Optional[int]) -> dict[str, Any]:
+def _checkpoint(sc: Any, done: int, started: float, jvm: int | None) -> dict[str, Any]:
     gc.collect()
     stats = service_for(sc).server.stats()
     return {"jobs": done, "seconds": round(time.monotonic() - started, 3), "gangs": stats["gangs"],
@@ -77,11 +78,11 @@ def _checkpoint(sc: Any, done: int, started: float, jvm: Optional[int]) -> dict[
             "driver_rss_mb": _round(rss_mb()), "jvm_rss_mb": _round(rss_mb(jvm))}
 
 
-def _round(value: Optional[float]) -> Optional[float]:
+def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _growth(points: list[dict[str, Any]], key: str) -> Optional[float]:
+def _growth(points: list[dict[str, Any]], key: str) -> float | None:
     first, last = points[0].get(key), points[-1].get(key)
     return None if first is None or last is None else round(last - first, 1)
 
@@ -147,7 +148,7 @@ def _machine() -> dict[str, Any]:
         return {"error": f"could not describe the machine: {exc}"}
 
 
-def main(jobs: int, warmup: int, output: Optional[str]) -> dict[str, Any]:
+def main(jobs: int, warmup: int, output: str | None) -> dict[str, Any]:
     if jobs < 1 or warmup < 0:
         raise ValueError(f"--jobs must be >= 1 and --warmup >= 0, got {jobs} and {warmup}")
     spark = _session()
@@ -156,7 +157,7 @@ def main(jobs: int, warmup: int, output: Optional[str]) -> dict[str, Any]:
         for _ in range(warmup):  # Python workers up, code paths warm; these jobs' gangs count below
             native_job(sc)
             ours_job(sc)
-        report = {
+        report: dict[str, Any] = {
             "benchmark": "bench_session",
             "master": MASTER,
             "partitions": PARTITIONS,

@@ -13,7 +13,8 @@ another SparkContext is still alive rather than silently reusing it.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sparkutil import spark_session, wait_for_executors

@@ -22,7 +22,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -76,7 +77,7 @@ def _pandas_body(body: Body, batches: Iterator[Any]) -> Iterator[Any]:
     yield pd.DataFrame({"rank": [ctx.rank()], "result": [pickle.dumps(result)]})
 
 
-def gang(spark: Any, path: str, body: Body, *, max_retries: Optional[int] = None) -> list[Any]:
+def gang(spark: Any, path: str, body: Body, *, max_retries: int | None = None) -> list[Any]:
     """Run ``body(ctx)`` on a gang of :data:`WORLD` ranks through ``path``; every rank's result, by rank.
 
     ``max_retries=None`` launches a bare job (``h2.run`` with its default); a number runs the
@@ -87,8 +88,10 @@ def gang(spark: Any, path: str, body: Body, *, max_retries: Optional[int] = None
 
     backoff = 0.1
     if path == "run":
-        retries = {} if max_retries is None else {"max_retries": max_retries, "retry_backoff": backoff}
-        return h2.run(functools.partial(_run_body, body), WORLD, spark=spark, **retries)
+        fn = functools.partial(_run_body, body)
+        if max_retries is None:
+            return h2.run(fn, WORLD, spark=spark)
+        return h2.run(fn, WORLD, spark=spark, max_retries=max_retries, retry_backoff=backoff)
 
     if path == "rdd":
         def action() -> list[Any]:

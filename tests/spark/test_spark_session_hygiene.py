@@ -13,7 +13,8 @@ import gc
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from sparkutil import spark_session
@@ -117,7 +118,7 @@ def _set_user_properties(sc: Any, interrupt: bool) -> None:
 
 def _clear_user_properties(sc: Any) -> None:
     for key in PROPERTIES:  # pyspark has no clearJobGroup(): a None value removes a local property
-        sc.setLocalProperty(key, None)  # type: ignore[arg-type]
+        sc.setLocalProperty(key, None)
     sc.clearJobTags()
 
 
@@ -157,7 +158,7 @@ def test_local_properties_are_the_same_after_a_gang(sc: Any, action: str, user_s
     if user_set != "nothing-set":
         _set_user_properties(sc, interrupt=user_set == "interrupt-true")
     before = _properties(sc)
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     try:
         _gang_actions(sc)[action]()
     except h2.GangFailedError as exc:
