@@ -21,6 +21,7 @@ See ``docs/frameworks.md``. Importing this package imports no framework.
 from __future__ import annotations
 
 from ._jax import JaxDistributed
+from ._tensorflow import TensorFlowMultiWorker
 from ._torch import TorchDistributed
 from .api import Framework, FrameworkError, GangLayout, PortSource, host_of
 from .gang import PortHold, activated, form, reserve_ports, run_rank, task_hosts
@@ -33,6 +34,7 @@ __all__ = [
     "JaxDistributed",
     "PortHold",
     "PortSource",
+    "TensorFlowMultiWorker",
     "TorchDistributed",
     "activated",
     "form",

@@ -14,8 +14,9 @@ Nothing in this module talks to Spark, the network or a framework.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import LaunchError
 
@@ -183,6 +184,9 @@ class Framework:
 
     name = "framework"
     port_handover = PortSource.RELEASE
+    #: Run each rank's ``start``/``fn``/``stop`` in a fresh Python process (frameworks that can be set
+    #: up only once per process, such as TensorFlow's collective ops, in reused Python workers).
+    fresh_process = False
 
     def ports(self, rank: int, world_size: int) -> int:
         """How many ports rank ``rank`` reserves on its host (and holds until the framework takes them)."""
@@ -205,6 +209,10 @@ class Framework:
 
     def start(self, layout: GangLayout, holds: Sequence[Any]) -> None:
         """The init call, once the environment is set (``jax.distributed.initialize``); nothing by default."""
+
+    def explain(self, exc: BaseException) -> BaseException | None:
+        """A clearer error for a known framework failure ``fn`` raised (raised from it), or ``None``."""
+        return None
 
     def stop(self, layout: GangLayout, failed: bool) -> None:
         """Undo :meth:`start` (and anything :meth:`offer` started); runs even when ``fn`` raised."""

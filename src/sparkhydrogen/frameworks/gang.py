@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from ..context import BarrierTaskContext
 from ..errors import NotInGangError
@@ -32,7 +33,7 @@ class PortHold:
     """
 
     def __init__(self, sock: socket.socket) -> None:
-        self._sock: Optional[socket.socket] = sock
+        self._sock: socket.socket | None = sock
         self.port: int = int(sock.getsockname()[1])
 
     @property
@@ -94,8 +95,8 @@ def _task_gpus(ctx: BarrierTaskContext) -> list[str]:
     return [str(a) for a in info.addresses] if info is not None else []
 
 
-def form(framework: Framework, ctx: Optional[BarrierTaskContext] = None, *, hosts: Optional[Sequence[str]] = None,
-         gpus: Optional[Sequence[str]] = None) -> tuple[GangLayout, list[PortHold]]:
+def form(framework: Framework, ctx: BarrierTaskContext | None = None, *, hosts: Sequence[str] | None = None,
+         gpus: Sequence[str] | None = None) -> tuple[GangLayout, list[PortHold]]:
     """Reserve this rank's ports, gather every rank's, and return the layout and this rank's holds.
 
     ``hosts`` overrides the hosts Spark reports (ranks outside Spark tasks); ``gpus``
@@ -129,7 +130,7 @@ def form(framework: Framework, ctx: Optional[BarrierTaskContext] = None, *, host
 
 @contextlib.contextmanager
 def activated(framework: Framework, layout: GangLayout, holds: Sequence[PortHold] = (), *,
-              ctx: Optional[BarrierTaskContext] = None, extra: Optional[dict[str, str]] = None,
+              ctx: BarrierTaskContext | None = None, extra: dict[str, str] | None = None,
               final_barrier: bool = True) -> Iterator[GangLayout]:
     """The framework is set up for the ``with`` body, and undone after (even when the body raises).
 
@@ -145,7 +146,8 @@ def activated(framework: Framework, layout: GangLayout, holds: Sequence[PortHold
                 for hold in holds:
                     hold.release()
             try:
-                framework.start(layout, holds)
+                if not framework.fresh_process:  # else the rank's child process starts it
+                    framework.start(layout, holds)
                 yield layout
                 if final_barrier:
                     (ctx if ctx is not None else BarrierTaskContext.get()).barrier()
@@ -154,15 +156,16 @@ def activated(framework: Framework, layout: GangLayout, holds: Sequence[PortHold
                 report_failure(exc)  # before the undo: peers losing this rank must not be blamed
                 raise
             finally:
-                framework.stop(layout, failed)
+                if not framework.fresh_process:
+                    framework.stop(layout, failed)
         finally:
             for hold in holds:
                 hold.release()
 
 
 def run_rank(framework: Framework, fn: Callable[..., Any], args: tuple[Any, ...] = (),
-             kwargs: Optional[dict[str, Any]] = None, return_all: bool = False,
-             extra: Optional[dict[str, str]] = None) -> Any:
+             kwargs: dict[str, Any] | None = None, return_all: bool = False,
+             extra: dict[str, str] | None = None) -> Any:
     """One rank of a framework launch: form the layout, run ``fn`` inside the framework, return its result.
 
     Ranks other than 0 return ``None`` unless ``return_all`` (their results need not travel).
@@ -170,5 +173,20 @@ def run_rank(framework: Framework, fn: Callable[..., Any], args: tuple[Any, ...]
     ctx = BarrierTaskContext.get()
     layout, holds = form(framework, ctx)
     with activated(framework, layout, holds, ctx=ctx, extra=extra):
-        result = fn(*args, **(kwargs or {}))
+        if framework.fresh_process:
+            from ._child import run_in_child
+
+            result = run_in_child(framework, layout, fn, args, dict(kwargs or {}))
+        else:
+            result = _call(framework, fn, args, kwargs or {})
     return result if layout.rank == 0 or return_all else None
+
+
+def _call(framework: Framework, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        better = framework.explain(exc)
+        if better is not None:
+            raise better from exc
+        raise

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..launch.placement import RankCall
 from ..launch.run import run_gang
@@ -24,7 +25,7 @@ def check_count(name: str, value: Any) -> int:
 
 def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int, return_all: bool = False,
         max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
-        env: Optional[Mapping[str, str]] = None, **kwargs: Any) -> Any:
+        env: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled ranks set up for ``framework``.
 
     Each rank reserves the ports the framework asks for, the gang shares them in one
