@@ -18,6 +18,12 @@ Spark conf keys (all optional)::
     spark.hydrogen.coordinator.connectTimeout  seconds a task waits to connect (default 30s)
     spark.hydrogen.collective.timeout          default timeout of every collective (default: none)
     spark.hydrogen.launch.slotWaitTimeout      seconds to wait for enough free slots (default 0)
+    spark.hydrogen.launch.placement            auto | barrier | coordinated (default auto: a coordinated stage,
+                                               gated by the coordinator, exactly when Spark would refuse a
+                                               barrier stage: dynamic allocation on and a non-local master)
+    spark.hydrogen.launch.startTimeout         coordinated gangs: how long the ranks wait at the start gate for
+                                               all of them (executors being added) before the launch fails
+                                               (default 3min)
     spark.hydrogen.heartbeat.interval          how often a task says it is alive (default 1s)
     spark.hydrogen.heartbeat.timeout           silence after which a rank counts as failed (default 8s)
     spark.hydrogen.checkpoint.maxSize          driver memory for one gang's checkpoint (default 512m)
@@ -32,10 +38,11 @@ seconds or Spark's ``500ms``/``30s``/``5min`` forms.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
-__all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "HydrogenConfig", "parse_size", "parse_duration",
+__all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "PLACEMENTS", "HydrogenConfig", "parse_size",
+           "parse_duration",
            "parse_bool", "normalize_host"]
 
 KiB = 1024
@@ -105,9 +112,9 @@ class TlsConfig:
     """
 
     enabled: bool = False
-    cert_file: Optional[str] = None
-    key_file: Optional[str] = None
-    required_by: Optional[str] = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    required_by: str | None = None
 
     def __post_init__(self) -> None:
         if self.key_file is not None and self.cert_file is None:
@@ -140,7 +147,7 @@ class CoordinatorConfig:
     handshake_timeout: float = 10.0
     missing_log_interval: float = 30.0
     tick_interval: float = 0.05
-    liveness_timeout: Optional[float] = 8.0
+    liveness_timeout: float | None = 8.0
     checkpoint_max_bytes: int = 512 * MiB
     max_gang_buffer_bytes: int = 2 * GiB
     max_gangs: int = 256
@@ -164,18 +171,27 @@ class CoordinatorConfig:
             _check_positive("liveness_timeout", self.liveness_timeout)
 
 
+#: Values of ``spark.hydrogen.launch.placement``.
+PLACEMENTS = ("auto", "barrier", "coordinated")
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """How the driver launches gangs and how tasks talk to the coordinator."""
 
     connect_timeout: float = 30.0
-    collective_timeout: Optional[float] = None
+    collective_timeout: float | None = None
     slot_wait_timeout: float = 0.0
     heartbeat_interval: float = 1.0
-    checkpoint_dir: Optional[str] = None
+    checkpoint_dir: str | None = None
     embedded_linger: float = 600.0
+    placement: str = "auto"
+    start_timeout: float = 180.0
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        _check_positive("start_timeout", self.start_timeout)
         _check_positive("connect_timeout", self.connect_timeout)
         _check_positive("heartbeat_interval", self.heartbeat_interval)
         _check_positive("embedded_linger", self.embedded_linger)
@@ -202,8 +218,8 @@ class HydrogenConfig:
             )
 
     @classmethod
-    def from_conf(cls, get: Callable[[str], Optional[str]], driver_host: str,
-                  encryption_required_by: Optional[str] = None) -> "HydrogenConfig":
+    def from_conf(cls, get: Callable[[str], str | None], driver_host: str,
+                  encryption_required_by: str | None = None) -> HydrogenConfig:
         """Read ``spark.hydrogen.*`` keys through *get* (e.g. ``SparkConf.get``).
 
         ``encryption_required_by`` names the Spark setting (read by the caller, e.g.
@@ -211,7 +227,7 @@ class HydrogenConfig:
         then on, and an explicit ``spark.hydrogen.coordinator.tls.enabled=false`` is an error.
         """
 
-        def opt(key: str) -> Optional[str]:
+        def opt(key: str) -> str | None:
             value = get(key)
             return None if value is None or str(value).strip() == "" else str(value)
 
@@ -233,6 +249,8 @@ class HydrogenConfig:
             "heartbeat_interval": ("heartbeat.interval", parse_duration),
             "checkpoint_dir": ("checkpoint.dir", _parse_dir),
             "embedded_linger": ("embedded.lingerTimeout", parse_duration),
+            "placement": ("launch.placement", lambda v, k: v.strip().lower()),
+            "start_timeout": ("launch.startTimeout", parse_duration),
         }
 
         def build(cls: type, fields: dict[str, tuple[str, Callable[[str, str], object]]],
@@ -278,7 +296,7 @@ def _parse_dir(value: str, key: str) -> str:
     return value
 
 
-def _tls_config(opt: Callable[[str], Optional[str]], prefix: str, required_by: Optional[str]) -> TlsConfig:
+def _tls_config(opt: Callable[[str], str | None], prefix: str, required_by: str | None) -> TlsConfig:
     enabled_key = prefix + "coordinator.tls.enabled"
     raw = opt(enabled_key)
     cert, key = opt(prefix + "coordinator.tls.certFile"), opt(prefix + "coordinator.tls.keyFile")
@@ -296,7 +314,7 @@ def _tls_config(opt: Callable[[str], Optional[str]], prefix: str, required_by: O
     return TlsConfig(enabled=enabled, cert_file=cert, key_file=key, required_by=required_by)
 
 
-def _parse_port_range(value: str, key: str) -> tuple[int, Optional[int]]:
+def _parse_port_range(value: str, key: str) -> tuple[int, int | None]:
     """``"7100"`` -> (7100, None); ``"7100-7115"`` -> (7100, 7115)."""
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
     if match:

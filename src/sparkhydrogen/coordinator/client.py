@@ -110,6 +110,8 @@ class CoordinatorClient:
         self._closed = False
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        #: Every rank's address, in rank order, once a gated gang's start gate opened (``None`` otherwise).
+        self.addresses: list[str] | None = None
 
     @classmethod
     def connect(cls, address: tuple[str, int], gang_id: str, secret: bytes, timeout: float = 30.0,
@@ -197,10 +199,14 @@ class CoordinatorClient:
 
     # requests --------------------------------------------------------------
     def register(self, rank: int, *, gang_attempt: int = 0, stage_id: int = 0, host: str = "",
-                 task_attempt_id: int = -1) -> int:
+                 task_attempt_id: int = -1, address: str = "", gate_timeout: float | None = None) -> int:
         """Join the gang as ``rank`` (of gang attempt ``gang_attempt``, Spark stage ``stage_id``).
 
-        Returns the gang's world size.
+        Returns the gang's world size. In a gated gang the reply comes when every rank
+        has joined (the start gate): ``gate_timeout`` bounds that wait here too, beyond
+        the coordinator's own bound, and :attr:`addresses` then lists every rank's
+        ``address``. A task the coordinator holds aside (a second copy of a live rank)
+        waits for its verdict without a bound: Spark kills it once the live copy is done.
         """
         header = {
             "op": "register",
@@ -211,10 +217,31 @@ class CoordinatorClient:
             "pid": os.getpid(),
             "task_attempt_id": task_attempt_id,
         }
+        if address:
+            header["address"] = address
         with self._lock:
             self._send(encode_frame(Kind.REQUEST, header))
-            reply = self._expect_reply(None)
+            wait = None if gate_timeout is None else gate_timeout + REPLY_GRACE
+            reply = self._expect_reply(wait, "register (start gate)")
+            if reply.header.get("held"):
+                reply = self._expect_reply(None, "register (held aside)")
+        addresses = reply.header.get("addresses")
+        if isinstance(addresses, list):
+            self.addresses = [str(a) for a in addresses]
         return int(reply.header["world_size"])
+
+    @property
+    def local_address(self) -> str:
+        """``host:port`` of this end of the connection: where the coordinator sees this task (reachable by peers)."""
+        sock = getattr(self._sock, "_sock", None) or getattr(self._sock, "sock", None)
+        try:
+            name = sock.getsockname() if sock is not None else None
+        except OSError:
+            name = None
+        if not name:
+            return socket.gethostname()
+        host = str(name[0])
+        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
 
     def start_heartbeat(self, interval: float) -> None:
         """Send a small ping every ``interval`` seconds so the coordinator knows this rank is alive.

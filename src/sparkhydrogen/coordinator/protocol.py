@@ -62,6 +62,7 @@ __all__ = [
     "welcome_frame",
     "error_frame",
     "register_reply",
+    "held_notice",
     "restore_reply",
     "collective_reply",
 ]
@@ -338,7 +339,8 @@ def _decode_register(header: Mapping[str, Any]) -> Register:
         stage_id=_int(header, "stage_id"),
         rank=_int(header, "rank"),
         member=MemberInfo(host=str(header.get("host", "?"))[:256], pid=_int(header, "pid", 0),
-                          task_attempt_id=_int(header, "task_attempt_id", -1)),
+                          task_attempt_id=_int(header, "task_attempt_id", -1),
+                          address=str(header.get("address", ""))[:300]),
     )
 
 
@@ -432,8 +434,17 @@ def error_frame(error: ErrorInfo) -> bytes:
     return encode_frame(Kind.ERROR, {"error": error.to_json()})
 
 
-def register_reply(world_size: int) -> bytes:
-    return encode_frame(Kind.REPLY, {"op": "register", "world_size": world_size})
+def register_reply(world_size: int, addresses: Sequence[str] | None = None) -> bytes:
+    """The answer to ``register``; a gated gang's (sent when its start gate opens) lists every rank's address."""
+    header: dict[str, Any] = {"op": "register", "world_size": world_size}
+    if addresses is not None:
+        header["addresses"] = list(addresses)
+    return encode_frame(Kind.REPLY, header)
+
+
+def held_notice() -> bytes:
+    """Tells a second copy of a live rank (a speculative duplicate) that it will not join: wait to be killed."""
+    return encode_frame(Kind.REPLY, {"op": "register", "held": True})
 
 
 def restore_reply(state: bytes | None) -> bytes:

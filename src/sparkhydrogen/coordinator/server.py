@@ -52,6 +52,7 @@ from .protocol import (
     collective_reply,
     encode_frame,
     error_frame,
+    held_notice,
     register_reply,
     restore_reply,
 )
@@ -62,11 +63,13 @@ from .state import (
     AttemptState,
     Complete,
     Gang,
+    Hold,
     Log,
     Op,
     Registry,
     Reject,
     Roster,
+    Start,
 )
 from .tls import ServerTls, server_tls
 
@@ -104,6 +107,8 @@ class CoordinatorServer:
         self.internal_errors = 0
         self._refusal_log_at = float("-inf")
         self._refusals_unlogged = 0
+        #: Second copies of live ranks (speculative duplicates), held unanswered: peer -> (gang id, attempt key).
+        self._held: dict[Peer, tuple[str, AttemptKey]] = {}
 
     # lifecycle ---------------------------------------------------------------
     @property
@@ -286,7 +291,7 @@ class CoordinatorServer:
                  on_abort: Callable[[AttemptKey, ErrorInfo], None] | None = None,
                  on_log: Callable[[LogRecord], None] | None = None,
                  gang_id: str | None = None, secret: bytes | None = None,
-                 ephemeral: bool = False) -> GangHandle:
+                 ephemeral: bool = False, gated: bool = False, start_timeout: float | None = None) -> GangHandle:
         """Declare a gang of ``world_size`` ranks; returns what its tasks need to join.
 
         ``on_abort(key, cause)`` is called (on a short-lived thread, never on the
@@ -297,6 +302,10 @@ class CoordinatorServer:
         coordinator forgets the gang's attempts and checkpoint and keeps only the dormant
         declaration (for notebooks that run thousands of bare jobs); a re-evaluation can
         still join it as a new generation.
+        ``gated`` (coordinated placement): registrations are held at a start gate until
+        every rank has joined, at most ``start_timeout`` seconds from the launch
+        (:meth:`open_window`) or the first registration; then the attempt aborts naming
+        the missing ranks.
 
         Example:
             >>> handle = server.add_gang(4, name="train", ephemeral=True)  # doctest: +SKIP
@@ -307,8 +316,11 @@ class CoordinatorServer:
             raise ValueError("secret must be at least 16 random bytes")
         if not isinstance(ephemeral, bool):
             raise TypeError(f"ephemeral must be True or False, got {ephemeral!r}")
+        if start_timeout is not None and (isinstance(start_timeout, bool) or not start_timeout > 0):
+            raise ValueError(f"start_timeout must be a positive number of seconds or None, got {start_timeout!r}")
         gang = Gang(gang_id=gang_id or uuid.uuid4().hex, secret=secret or secrets.token_bytes(32),
-                    world_size=world_size, name=name, ephemeral=ephemeral)
+                    world_size=world_size, name=name, ephemeral=ephemeral, gated=bool(gated),
+                    start_timeout=float(start_timeout) if gated and start_timeout is not None else None)
 
         def add() -> None:
             self.registry.add(gang)
@@ -331,6 +343,7 @@ class CoordinatorServer:
             if gang is not None:
                 for attempt in list(gang.attempts.values()):
                     self._dispatch(attempt, attempt.abort("the driver removed the gang"))
+            self._release_held(gang_id, None, ErrorInfo("RegistrationError", "the driver removed the gang"))
             self.roster.drop_gang(gang_id)
 
         self._on_loop(remove, f"remove_gang({gang_id[:8]!r})")
@@ -345,6 +358,35 @@ class CoordinatorServer:
                     self._dispatch(attempt, attempt.abort(reason))
 
         self._on_loop(abort, f"abort_attempts({gang_id[:8]!r})")
+
+    def open_window(self, gang_id: str, gang_attempt: int) -> None:
+        """A gated gang's launch of ``gang_attempt`` was submitted now: its start bound counts from here."""
+
+        def mark() -> None:
+            gang = self.registry.get(gang_id)
+            if gang is not None:
+                gang.open_window(gang_attempt, self.now())
+
+        self._on_loop(mark, f"open_window({gang_id[:8]!r})")
+
+    def note_gang(self, gang_id: str, note: str) -> None:
+        """The driver's latest word on the cluster for a gated gang (quoted if its start bound expires)."""
+
+        def put() -> None:
+            gang = self.registry.get(gang_id)
+            if gang is not None:
+                gang.note = note
+
+        self._on_loop(put, f"note_gang({gang_id[:8]!r})")
+
+    def gate_status(self, gang_id: str, gang_attempt: int) -> tuple[int, bool]:
+        """(ranks joined, whether the start gate opened) of a gated gang's launch ``gang_attempt``."""
+
+        def get() -> tuple[int, bool]:
+            gang = self.registry.get(gang_id)
+            return gang.gate_status(gang_attempt) if gang is not None else (0, False)
+
+        return self._on_loop(get, f"gate_status({gang_id[:8]!r})")
 
     def last_failure(self, gang_id: str, gang_attempt: int | None = None) -> ErrorInfo | None:
         """The root cause of the most recent failed attempt of a gang (of ``gang_attempt``), if any."""
@@ -435,6 +477,7 @@ class CoordinatorServer:
 
     def peer_closed(self, peer: Peer) -> None:
         self._connections.discard(peer)
+        self._held.pop(peer, None)
         attempt, rank = peer.attempt, peer.rank
         if attempt is None or rank is None:
             return
@@ -533,9 +576,17 @@ class CoordinatorServer:
         for old, actions in superseded:
             self._dispatch(old, actions)
         actions = attempt.register(rank, request.member, now)
+        if any(isinstance(a, Hold) for a in actions):
+            self._held[peer] = (gang.gang_id, attempt.key)
+            log.info("coordinator: %s: a second task for rank %d (task %d, host %s) is held aside: rank %d is "
+                     "alive; the copy never joins (a speculative duplicate)", attempt.label, rank,
+                     request.member.task_attempt_id, request.member.host, rank)
+            peer.send(held_notice())
+            return
         peer.bind(attempt, rank)
         self.roster.attach(attempt, rank, peer)
-        peer.send(register_reply(attempt.world_size))
+        if not attempt.gated:
+            peer.send(register_reply(attempt.world_size))
         self._dispatch(attempt, actions)
 
     def _collect(self, attempt: Attempt) -> None:
@@ -568,12 +619,30 @@ class CoordinatorServer:
                     peer = members.get(rank)
                     if peer is not None:
                         peer.send(frame)
+            elif isinstance(action, Start):
+                frame = register_reply(attempt.world_size, action.addresses)
+                for rank in action.ranks:
+                    peer = members.get(rank)
+                    if peer is not None:
+                        peer.send(frame)
+                log.info("coordinator: %s: all %d ranks joined, the start gate opened", attempt.label,
+                         attempt.world_size)
             elif isinstance(action, Log):
                 log.log(logging.ERROR if action.level == "error" else logging.WARNING, action.message)
         if attempt.state is AttemptState.ABORTED:
+            if attempt.abort_error is not None:
+                self._release_held(attempt.gang_id, attempt.key, attempt.abort_error)
             self._report_abort(attempt)
         elif attempt.state is AttemptState.FINISHED:
             self._collect(attempt)
+
+    def _release_held(self, gang_id: str, key: AttemptKey | None, error: ErrorInfo) -> None:
+        """Refuse the held duplicates of an aborted attempt (``key``), or of a removed gang (``None``)."""
+        held = [p for p, (g, k) in self._held.items() if g == gang_id and (key is None or k == key)]
+        frame = error_frame(error)
+        for peer in held:
+            del self._held[peer]
+            peer.send(frame)
 
     def _forward_log(self, attempt: Attempt, rank: int, request: LogLines) -> None:
         hook = self._log_hooks.get(attempt.gang_id)
@@ -612,8 +681,20 @@ class CoordinatorServer:
         now = self.now()
         for gang in list(self.registry.gangs.values()):
             for attempt in list(gang.attempts.values()):
-                if attempt.state is AttemptState.RUNNING:
+                if attempt.state is not AttemptState.RUNNING:
+                    continue
+                if not attempt.started and attempt.start_deadline is not None and now >= attempt.start_deadline:
+                    self._dispatch(attempt, attempt.gate_timeout(now, self.registry.competitors(gang.gang_id),
+                                                                 gang.note))
+                else:
                     self._dispatch(attempt, attempt.tick(now))
+            if gang.windows:
+                for failure in gang.expire_windows(now, self.registry.competitors(gang.gang_id)):
+                    log.error("coordinator: %s", failure.error.message)
+                    hook = self._abort_hooks.get(gang.gang_id)
+                    if hook is not None:
+                        threading.Thread(target=hook, args=(failure.key, failure.error), daemon=True,
+                                         name="sparkhydrogen-on-abort").start()
 
     def _tick(self) -> None:
         loop = self._loop

@@ -13,6 +13,12 @@ Vocabulary:
   ``(gang attempt, Spark stage id, Spark stage attempt)``;
 * **round** - the k-th collective call (``seq == k``) of every rank of an attempt.
 
+A *gated* attempt (coordinated placement: an ordinary Spark stage, no barrier
+stage) holds every rank's registration at a start gate until all ``world_size``
+ranks have joined (:class:`Start`), within a bound (``start_timeout``); a second
+copy of a live rank (a speculative duplicate) is held aside (:class:`Hold`) and
+never joins; a re-launched single task of an aborted attempt is refused.
+
 Besides the rules of one attempt (:class:`Attempt`) this module holds the rules
 across a gang's life (:class:`Gang`: generations, checkpoints, failure records,
 its :class:`Budget` of buffered bytes, retiring an ephemeral gang after success),
@@ -38,6 +44,8 @@ __all__ = [
     "Complete",
     "Reject",
     "Log",
+    "Start",
+    "Hold",
     "Action",
     "AttemptState",
     "Attempt",
@@ -48,11 +56,15 @@ __all__ = [
     "FailureRecord",
     "Roster",
     "Registry",
+    "START_TIMEOUT_TYPE",
 ]
 
 E = TypeVar("E")
 
 AttemptKey = tuple[int, int, int]
+
+#: ``ErrorInfo.type`` of a gated attempt that did not gather all its ranks within its start bound.
+START_TIMEOUT_TYPE = "GangStartTimeoutError"
 
 
 class Op(str, enum.Enum):
@@ -69,6 +81,7 @@ class MemberInfo:
     host: str = "?"
     pid: int = 0
     task_attempt_id: int = -1
+    address: str = ""  # where peers reach this rank (gated gangs: the task's side of its coordinator connection)
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,27 @@ class Log:
     message: str
 
 
-Action = Complete | Reject | Log
+@dataclass(frozen=True)
+class Start:
+    """The start gate opened: answer the held registration of each of ``ranks``, telling every rank's address."""
+
+    ranks: tuple[int, ...]
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Hold:
+    """``rank``'s registration is a second copy of a live rank (a speculative duplicate): it never joins.
+
+    Its registration stays unanswered until the attempt aborts (then it is refused);
+    Spark kills it once the live copy's result arrives. Answering it with success or a
+    failure earlier would let Spark take its (empty) result, or count a failure.
+    """
+
+    rank: int
+
+
+Action = Complete | Reject | Log | Start | Hold
 
 
 class AttemptState(str, enum.Enum):
@@ -143,6 +176,27 @@ class _Round:
     last_logged: float = 0.0
 
 
+def start_timeout_message(label: str, world_size: int, waited: float, bound: float | None,
+                          joined: Mapping[int, str], competitors: Sequence[str] = (), note: str = "") -> str:
+    """Why a gated launch never started: who joined, who is missing, what else holds slots, the fix (pure).
+
+    >>> start_timeout_message("gang ab attempt 0", 2, 5.0, 5.0, {0: "h1"})[:62]
+    'gang ab attempt 0: only 1 of 2 ranks joined the start gate wit'
+    """
+    missing = [r for r in range(world_size) if r not in joined]
+    text = (f"{label}: only {len(joined)} of {world_size} ranks joined the start gate within {waited:.0f} s"
+            + (f" (spark.hydrogen.launch.startTimeout={bound:g}s)" if bound is not None else "")
+            + f"; missing rank(s) {_fmt_ranks(missing)}")
+    if joined:
+        text += "; joined: " + ", ".join(f"rank {r} (host {h})" for r, h in sorted(joined.items()))
+    if note:
+        text += f". Cluster: {note}"
+    if competitors:
+        text += ". Another gang holds slots: " + "; ".join(competitors)
+    return text + (". Add executors (or raise spark.dynamicAllocation.maxExecutors), run fewer ranks, run competing "
+                   "gangs one after the other, or raise spark.hydrogen.launch.startTimeout")
+
+
 def _call_name(op: str, seq: int) -> str:
     return f"{op} (collective call #{seq + 1})"
 
@@ -155,9 +209,22 @@ class Attempt:
     """One launch of a gang: membership, sequenced rounds, abort and timeout rules."""
 
     def __init__(self, gang_id: str, key: AttemptKey, world_size: int, now: float,
-                 missing_log_interval: float = 30.0, liveness_timeout: float | None = None) -> None:
+                 missing_log_interval: float = 30.0, liveness_timeout: float | None = None, *,
+                 gated: bool = False, start_timeout: float | None = None, window_start: float | None = None,
+                 ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if start_timeout is not None and not start_timeout > 0:
+            raise ValueError(f"start_timeout must be > 0 seconds or None, got {start_timeout!r}")
+        #: Gated: registrations are answered only once all ranks have joined (the start gate).
+        self.gated = gated
+        self.started = not gated
+        self.started_at: float | None = None if gated else now
+        opened = now if window_start is None else min(window_start, now)
+        #: When the gate's bound expires (``None``: no bound); counted from the launch when the driver told it.
+        self.start_deadline = None if not gated or start_timeout is None else opened + start_timeout
+        self.start_timeout = start_timeout
+        self.window_start = opened
         self.gang_id = gang_id
         self.key = key
         self.world_size = world_size
@@ -206,6 +273,8 @@ class Attempt:
         """Admit ``rank``; raises :class:`RegistrationError` for a bad or duplicate rank."""
         if not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise RegistrationError(f"rank {rank!r} is outside 0..{self.world_size - 1} for {self.label}")
+        if self.gated:
+            return self._register_gated(rank, info, now)
         if rank in self.members:
             old = self.members[rank].info
             raise RegistrationError(
@@ -216,6 +285,50 @@ class Attempt:
         if self.state is not AttemptState.RUNNING:
             return [Reject((rank,), self._closed_error())]
         return []
+
+    def _register_gated(self, rank: int, info: MemberInfo, now: float) -> list[Action]:
+        member = self.members.get(rank)
+        if self.state is AttemptState.ABORTED or (member is not None and self.started and not member.connected):
+            raise RegistrationError(
+                f"{self.label}: refusing task {info.task_attempt_id} (host {info.host}) for rank {rank}: "
+                + (f"the attempt was aborted ({self.failure.describe()}); " if self.failure is not None else
+                   "its rank's first task was lost after the gang started; ")
+                + "Spark re-launched this one task, but a gang never runs with a mixed set of tasks: it is "
+                "relaunched whole as a new attempt (max_retries), or fails"
+            )
+        if member is not None and (member.connected or member.finished):
+            return [Hold(rank)]  # a speculative duplicate of a live (or finished) rank
+        replaced = member is not None  # its first task was lost while waiting at the gate: nothing ran yet
+        self.members[rank] = _Member(info=info, registered_at=now, last_heard=now)
+        actions: list[Action] = []
+        if replaced:
+            actions.append(Log("warning", f"{self.label}: rank {rank} re-joined at the start gate from host "
+                                          f"{info.host} (its first task was lost before the gang started)"))
+        if self.state is AttemptState.RUNNING and self.joined == self.world_size:
+            self.started, self.started_at = True, now
+            for other in self.members.values():
+                other.last_heard = now  # waiting at the gate is not silence
+            addresses = tuple(self.members[r].info.address or self.members[r].info.host for r in range(self.world_size))
+            actions.append(Start(tuple(range(self.world_size)), addresses))
+        return actions
+
+    @property
+    def joined(self) -> int:
+        """Ranks registered and connected (for a gated attempt before its start: waiting at the gate)."""
+        return sum(1 for m in self.members.values() if m.connected)
+
+    @property
+    def missing(self) -> list[int]:
+        return [r for r in range(self.world_size) if r not in self.members or not self.members[r].connected]
+
+    def gate_timeout(self, now: float, competitors: Sequence[str] = (), note: str = "") -> list[Action]:
+        """The start bound expired with ranks missing: abort, naming who is missing and what else holds slots."""
+        if not self.gated or self.started or self.state is not AttemptState.RUNNING:
+            return []
+        error = ErrorInfo(type=START_TIMEOUT_TYPE, message=start_timeout_message(
+            self.label, self.world_size, now - self.window_start, self.start_timeout,
+            {r: m.info.host for r, m in self.members.items() if m.connected}, competitors, note))
+        return self._abort(error, failed_rank=None, root_cause=error)
 
     def heard(self, rank: int, now: float) -> None:
         """A heartbeat (or any frame) arrived from ``rank``."""
@@ -277,6 +390,9 @@ class Attempt:
         member.connected = False
         if member.finished or self.state is not AttemptState.RUNNING:
             return []
+        if not self.started:  # lost while waiting at the gate: no user code ran, its rank may join again
+            return [Log("warning", f"{self.label}: rank {rank}'s task (host {member.info.host}) was lost while "
+                                   f"waiting at the start gate; {self.joined} of {self.world_size} ranks are waiting")]
         error = ErrorInfo(
             type="RankLostError",
             message=(
@@ -386,6 +502,8 @@ class Attempt:
         """Expire timed-out calls and log rounds that wait long for missing ranks."""
         if self.state is not AttemptState.RUNNING:
             return []
+        if not self.started:
+            return self._tick_gate(now)
         silent = self._silent_rank(now)
         if silent is not None:
             return silent
@@ -413,6 +531,18 @@ class Attempt:
                 f"{now - self.created:.0f} s after the first rank did"
             )))
         return actions
+
+    def _tick_gate(self, now: float) -> list[Action]:
+        if self.start_deadline is not None and now >= self.start_deadline:
+            return self.gate_timeout(now)
+        if now - self._last_registration_log >= self.missing_log_interval:
+            self._last_registration_log = now
+            return [Log("warning", (
+                f"{self.label}: {self.joined} of {self.world_size} ranks waiting at the start gate after "
+                f"{now - self.window_start:.0f} s; missing rank(s) {_fmt_ranks(self.missing)}"
+                + (f" (start bound {self.start_timeout:g} s)" if self.start_timeout is not None else "")
+            ))]
+        return []
 
     def _silent_rank(self, now: float) -> list[Action] | None:
         """Abort for the first live, unfinished rank not heard from within the liveness timeout."""
@@ -468,6 +598,8 @@ class Attempt:
         self.abort_error = error
         self.failure = root_cause
         waiting = {r for rnd in self.rounds.values() for r in rnd.arrivals} | set(also)
+        if not self.started:  # ranks held at the start gate
+            waiting |= {r for r, m in self.members.items() if m.connected}
         if failed_rank is not None:
             waiting.discard(failed_rank)
         self.rounds.clear()
@@ -555,6 +687,51 @@ class Gang:
     budget: Budget = field(default_factory=Budget)
     #: The newest attempt key forgotten by :meth:`retire_if_complete` (generations continue after it).
     retired: AttemptKey | None = None
+    #: Coordinated placement: every attempt waits at a start gate for all ranks, within ``start_timeout`` s.
+    gated: bool = False
+    start_timeout: float | None = None
+    #: Gang attempt -> when the driver launched it (the start bound counts from there, not from the first rank).
+    windows: dict[int, float] = field(default_factory=dict)
+    #: The driver's latest word on the cluster (executors alive/requested, slots), quoted in start-timeout errors.
+    note: str = ""
+
+    # -- the start gate ----------------------------------------------------
+    def open_window(self, gang_attempt: int, now: float) -> None:
+        """The driver launched ``gang_attempt`` now: its start bound counts from here."""
+        self.windows.setdefault(gang_attempt, now)
+
+    def gate_status(self, gang_attempt: int) -> tuple[int, bool]:
+        """(ranks waiting at the gate or started, whether it opened) for the newest attempt of ``gang_attempt``."""
+        attempts = [a for a in self.attempts.values() if a.key[0] == gang_attempt]
+        if not attempts:
+            return 0, False
+        newest = max(attempts, key=lambda a: a.key)
+        return newest.joined, newest.started
+
+    def waiting_at_gate(self) -> int:
+        """Ranks of this gang holding slots while waiting at a start gate (0 when none waits)."""
+        return sum(a.joined for a in self.attempts.values()
+                   if a.gated and not a.started and a.state is AttemptState.RUNNING)
+
+    def expire_windows(self, now: float, competitors: Sequence[str] = ()) -> list[FailureRecord]:
+        """Launches whose start bound passed with no rank registered at all: their failures (recorded here)."""
+        if self.start_timeout is None:
+            return []
+        failures = []
+        for gang_attempt, opened in list(self.windows.items()):
+            if any(a.key[0] == gang_attempt for a in self.attempts.values()):
+                del self.windows[gang_attempt]  # a rank registered: the attempt's own bound applies
+                continue
+            if now < opened + self.start_timeout:
+                continue
+            del self.windows[gang_attempt]
+            label = f"gang {self.gang_id[:8]} attempt {gang_attempt}"
+            error = ErrorInfo(START_TIMEOUT_TYPE, start_timeout_message(
+                label, self.world_size, now - opened, self.start_timeout, {}, competitors, self.note))
+            failure = FailureRecord((gang_attempt, -1, 0), error)
+            self.record(failure)
+            failures.append(failure)
+        return failures
 
     # -- bytes -------------------------------------------------------------
     @property
@@ -626,6 +803,8 @@ class Gang:
                 f"{newest} has already started (the driver retried the gang); refusing the stale task"
             )
         superseded: list[tuple[Attempt, list[Action]]] = []
+        if self.gated:
+            return self._gated_attempt_for(gang_attempt, stage_id, now, missing_log_interval, liveness_timeout)
         same = [a for a in self.attempts.values() if a.key[:2] == (gang_attempt, stage_id)]
         current = max(same, key=lambda a: a.key[2], default=None)
         for older in sorted(same, key=lambda a: a.key[2], reverse=True)[1:]:
@@ -640,6 +819,27 @@ class Gang:
                     f"superseded by a newer launch of the gang (attempt {gang_attempt}.{generation})")))
         key: AttemptKey = (gang_attempt, stage_id, generation)
         attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval, liveness_timeout)
+        self.attempts[key] = attempt
+        return attempt, superseded
+
+    def _gated_attempt_for(self, gang_attempt: int, stage_id: int, now: float, missing_log_interval: float,
+                           liveness_timeout: float | None) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
+        """Gated gangs: one attempt per (gang attempt, stage), never a new generation from Spark's task retries.
+
+        An ordinary stage's task ids do not come in one window (tasks start as executors
+        arrive, between other jobs' tasks), and Spark retries single tasks: every task of
+        the stage joins (or is refused by) the stage's one attempt.
+        """
+        same = [a for a in self.attempts.values() if a.key[:2] == (gang_attempt, stage_id)]
+        if same:
+            return max(same, key=lambda a: a.key[2]), []
+        generation = self.next_generation(gang_attempt, stage_id)
+        superseded = [(other, other.abort(f"superseded by a newer launch of the gang (attempt {gang_attempt})"))
+                      for other in list(self.attempts.values()) if other.key[0] < gang_attempt]
+        key: AttemptKey = (gang_attempt, stage_id, generation)
+        attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval, liveness_timeout,
+                          gated=True, start_timeout=self.start_timeout,
+                          window_start=self.windows.pop(gang_attempt, None))
         self.attempts[key] = attempt
         return attempt, superseded
 
@@ -789,6 +989,25 @@ class Registry:
     def running(self) -> int:
         """Gangs with an attempt running."""
         return sum(1 for g in self.gangs.values() if g.running)
+
+    def competitors(self, gang_id: str) -> list[str]:
+        """Other gangs holding slots while ``gang_id`` waits: gated ones at their gate, and running ones.
+
+        Quoted when a gated launch times out, so two gangs that split the slots between
+        them say so instead of waiting for each other in silence.
+        """
+        found = []
+        for other in self.gangs.values():
+            if other.gang_id == gang_id:
+                continue
+            waiting = other.waiting_at_gate()
+            running = [a for a in other.attempts.values() if a.started and a.state is AttemptState.RUNNING]
+            label = f"gang {other.gang_id[:8]} ({other.name or 'unnamed'})"
+            if waiting:
+                found.append(f"{label} has {waiting} of {other.world_size} ranks waiting at its start gate")
+            elif running:
+                found.append(f"{label} is running {other.world_size} ranks")
+        return found
 
     def admit(self, gang: Gang, gang_attempt: int, stage_id: int, rank: int, max_gangs: int) -> FailureRecord | None:
         """The slot rule: a gang may start running only while fewer than ``max_gangs`` others run.

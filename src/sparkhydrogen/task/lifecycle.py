@@ -14,16 +14,17 @@ import contextlib
 import logging
 import socket
 import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ..context import BarrierTaskContext
 from ..coordinator.client import CoordinatorClient
 from ..errors import CollectiveError, ErrorInfo, LaunchError
 from .spec import TaskSpec
 
-__all__ = ["RankSession", "run_partition", "report_failure", "gang_body", "is_gang_body", "native_barrier_context",
-           "launch_window_id"]
+__all__ = ["RankSession", "run_partition", "run_gated_partition", "report_failure", "gang_body", "is_gang_body",
+           "native_barrier_context", "launch_window_id"]
 
 log = logging.getLogger("sparkhydrogen.task")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,10 +64,10 @@ class RankSession:
         ...     result = train()
     """
 
-    _active: ClassVar[Optional["RankSession"]] = None
+    _active: ClassVar[RankSession | None] = None
 
     def __init__(self, spec: TaskSpec, rank: int, *, native: Any = None, stage_id: int = 0,
-                 task_attempt_id: Optional[int] = None, task_infos: Optional[Sequence[str]] = None) -> None:
+                 task_attempt_id: int | None = None, task_infos: Sequence[str] | None = None) -> None:
         self.spec = spec
         self.rank = rank
         self.native = native
@@ -74,8 +75,8 @@ class RankSession:
         self.task_attempt_id = (launch_window_id(spec.gang_attempt, spec.world_size, rank)
                                 if task_attempt_id is None else task_attempt_id)
         self.task_infos = task_infos
-        self.client: Optional[CoordinatorClient] = None
-        self.context: Optional[BarrierTaskContext] = None
+        self.client: CoordinatorClient | None = None
+        self.context: BarrierTaskContext | None = None
         self._capture: Any = None
         self._reported = False
 
@@ -86,10 +87,13 @@ class RankSession:
         self.client = client
         try:
             world = client.register(self.rank, gang_attempt=spec.gang_attempt, stage_id=self.stage_id,
-                                    host=socket.gethostname(), task_attempt_id=self.task_attempt_id)
+                                    host=socket.gethostname(), task_attempt_id=self.task_attempt_id,
+                                    address=client.local_address if spec.gated else "",
+                                    gate_timeout=spec.start_timeout if spec.gated else None)
             if spec.heartbeat_interval is not None:
                 client.start_heartbeat(spec.heartbeat_interval)
-            extra = {"task_infos": list(self.task_infos)} if self.task_infos is not None else {}
+            infos = self.task_infos if self.task_infos is not None else client.addresses  # gated: from the gate
+            extra = {"task_infos": list(infos)} if infos is not None else {}
             self.context = BarrierTaskContext(client, self.rank, world, self.native, spec.gang_attempt,
                                               spec.collective_timeout, spec.checkpoint_dir, **extra)
             BarrierTaskContext._set(self.context)
@@ -103,7 +107,7 @@ class RankSession:
             raise
         return self.context
 
-    def report_failure(self, exc: BaseException, text: Optional[str] = None) -> None:
+    def report_failure(self, exc: BaseException, text: str | None = None) -> None:
         """Tell the coordinator this rank failed with ``exc`` (once; later reports are ignored).
 
         Call it before tearing down what peers depend on (a process group, a store),
@@ -117,8 +121,8 @@ class RankSession:
             return
         self.client.fail(ErrorInfo.from_exception(exc, self.rank, text if text is not None else traceback.format_exc()))
 
-    def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
             self._stop_capture()  # every line reaches the driver before the outcome does
             if self.client is not None and not self._reported:
@@ -149,7 +153,10 @@ class RankSession:
 
 
 def report_failure(exc: BaseException) -> None:
-    """Report ``exc`` as the failure of the rank running in this process, if one is (see :meth:`RankSession.report_failure`)."""
+    """Report ``exc`` as the failure of the rank running in this process, if one is.
+
+    See :meth:`RankSession.report_failure`.
+    """
     session = RankSession._active
     if session is not None:
         session.report_failure(exc)
@@ -171,7 +178,7 @@ def native_barrier_context() -> Any:
     return native
 
 
-def run_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], index: Optional[int],
+def run_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], index: int | None,
                   rows: Iterable[Any]) -> Iterator[Any]:
     """Generator run as the body of one barrier task (``mapPartitionsWithIndex`` signature).
 
@@ -189,6 +196,34 @@ def run_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[An
             f"this barrier stage has {stage_tasks} tasks but the gang was declared with {spec.world_size} ranks "
             "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
         )
+    with RankSession(spec, partition, native=native, stage_id=native.stageId(),
+                     task_attempt_id=native.taskAttemptId()):
+        yield from fn(partition, rows)
+
+
+def run_gated_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], index: int | None,
+                        rows: Iterable[Any]) -> Iterator[Any]:
+    """Generator run as the body of one task of a *coordinated* gang: an ordinary (non-barrier) Spark stage.
+
+    All-or-nothing is the coordinator's: registration waits at its start gate until
+    every rank has joined, so no rank runs ``fn`` before all are there. The gate's
+    reply lists every rank's address, which ``getTaskInfos()`` (and the torch and
+    Horovod launchers' layout) then report. A re-launched single task of an aborted
+    attempt is refused at registration and raises; a speculative copy of a live rank
+    is held aside until Spark kills it.
+    """
+    from pyspark import TaskContext
+
+    native = TaskContext.get()
+    if isinstance(native, BarrierTaskContext):  # transparent mode installed ours over pyspark's
+        native = native._native
+    if native is None:
+        raise LaunchError("spark-hydrogen coordinated tasks must run in a Spark task; this code runs outside one")
+    partition = native.partitionId()
+    if index is not None and partition != index:
+        raise LaunchError(f"partition index {index} differs from the task's partition id {partition}")
+    if not spec.gated:
+        raise LaunchError("run_gated_partition needs a gated gang (declared for the coordinated placement)")
     with RankSession(spec, partition, native=native, stage_id=native.stageId(),
                      task_attempt_id=native.taskAttemptId()):
         yield from fn(partition, rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 __all__ = ["TaskSpec"]
 
@@ -23,12 +22,15 @@ class TaskSpec:
     world_size: int
     gang_attempt: int = 0
     connect_timeout: float = 30.0
-    collective_timeout: Optional[float] = None
-    heartbeat_interval: Optional[float] = 1.0
-    checkpoint_dir: Optional[str] = None
+    collective_timeout: float | None = None
+    heartbeat_interval: float | None = 1.0
+    checkpoint_dir: str | None = None
     stream_logs: bool = False
-    tls_fingerprint: Optional[str] = None  # SHA-256 of the coordinator's TLS certificate; None: plaintext
+    tls_fingerprint: str | None = None  # SHA-256 of the coordinator's TLS certificate; None: plaintext
+    gated: bool = False  # coordinated placement: registration waits at the coordinator's start gate
+    start_timeout: float | None = None  # bound of that wait (the coordinator enforces it; this side too)
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
-                f"world_size={self.world_size}, gang_attempt={self.gang_attempt})")
+                f"world_size={self.world_size}, gang_attempt={self.gang_attempt}"
+                + (", gated=True)" if self.gated else ")"))

@@ -1,0 +1,195 @@
+"""Coordinated placement: a gang as an ordinary Spark stage, all-or-nothing enforced by the coordinator.
+
+Spark refuses barrier stages under dynamic allocation (SPARK-24942). A coordinated gang
+runs as an ordinary (non-barrier) stage of N tasks instead; its pending tasks make
+dynamic allocation add executors, and every rank waits at the coordinator's *start
+gate* (during registration) until all N have joined, so no rank's code runs before all
+are there. What the coordinator adds (see :mod:`sparkhydrogen.coordinator.state`):
+
+* the start wait is bounded (``spark.hydrogen.launch.startTimeout``), counted from the
+  submission; at the bound the attempt aborts, its job is cancelled, and the error names
+  the missing ranks, the cluster's numbers and any other gang holding slots;
+* a re-launched single task of an aborted attempt is refused (never a mixed gang); the
+  runner relaunches the whole gang with ``max_retries``;
+* a speculative copy of a live rank is held aside, never joins and never fails the job.
+
+While the gang waits, the driver logs its progress (ranks joined of N, executors alive
+and requested, time waited) and keeps the coordinator's note on the cluster current.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..coordinator.state import START_TIMEOUT_TYPE, AttemptKey
+from ..errors import ErrorInfo, InsufficientSlotsError, LaunchError
+from ..task.lifecycle import gang_body, run_gated_partition
+from .preflight import barrier_refused, cluster_snapshot
+from .runner import DeclaredGang, declare, translate
+from .service import service_for
+from .session import SparkTarget, dynamic_allocation_enabled
+
+__all__ = ["CoordinatedStage", "GateMonitor", "uses_coordinated", "stage_canceller", "start_failure"]
+
+log = logging.getLogger("sparkhydrogen.launch")
+
+#: How often the driver refreshes the cluster's numbers while a gang waits at its start gate.
+POLL_INTERVAL = 1.0
+#: How often it logs the gang's progress when nothing changed (a change is logged at once, at most once a second).
+LOG_INTERVAL = 10.0
+
+
+def uses_coordinated(target: SparkTarget, placement: str | None = None) -> bool:
+    """Whether gangs on ``target`` run coordinated: ``spark.hydrogen.launch.placement``, or ``auto``'s rule.
+
+    ``auto`` chooses the coordinated placement exactly when Spark would refuse a barrier
+    stage: dynamic allocation on and a master that honours it.
+    """
+    if target.connect:
+        return False
+    mode = placement if placement is not None else service_for(target).config.launch.placement
+    if mode == "coordinated":
+        return True
+    if mode == "barrier":
+        return False
+    return barrier_refused(target.sc.master or "", dynamic_allocation_enabled(target))
+
+
+def placement_reason(target: SparkTarget) -> str:
+    """Why the coordinated placement was chosen, for the driver log."""
+    if service_for(target).config.launch.placement == "coordinated":
+        return "spark.hydrogen.launch.placement=coordinated"
+    return (f"spark.dynamicAllocation.enabled=true on {target.sc.master}: Spark refuses barrier stages "
+            "(SPARK-24942), so the coordinator gates the start")
+
+
+def stage_canceller(target: SparkTarget) -> Callable[[AttemptKey, ErrorInfo], None]:
+    """An abort hook cancelling the aborted attempt's Spark stage (bare ``barrier()`` jobs carry no tag of ours)."""
+
+    def cancel(key: AttemptKey, cause: ErrorInfo) -> None:
+        stage = key[1]
+        if stage < 0 or target.sc is None or getattr(target.sc, "_jsc", None) is None:
+            return
+        try:
+            target.sc._jsc.sc().cancelStage(stage, f"spark-hydrogen gang aborted: {cause.describe()[:500]}")
+            log.info("cancelled Spark stage %d after: %s", stage, cause.describe().splitlines()[0])
+        except Exception as exc:  # the context may be stopping
+            log.debug("could not cancel stage %d: %s", stage, exc)
+
+    return cancel
+
+
+def start_failure(gang: DeclaredGang, gang_attempt: int) -> ErrorInfo | None:
+    """The attempt's failure if it was the start bound (ranks never all joined), else ``None``."""
+    failure = gang.last_failure(gang_attempt)
+    return failure if failure is not None and failure.type == START_TIMEOUT_TYPE else None
+
+
+class GateMonitor:
+    """Driver thread while a gang waits at its start gate: progress lines, and the coordinator's note on the cluster.
+
+    It starts the gang's start bound (``open_window``) and stops when the gate opens, the
+    gang's job ends, or :meth:`stop` is called.
+    """
+
+    def __init__(self, target: SparkTarget, gang: DeclaredGang, gang_attempt: int,
+                 poll: float = POLL_INTERVAL, every: float = LOG_INTERVAL) -> None:
+        self.target = target
+        self.gang = gang
+        self.gang_attempt = gang_attempt
+        self.poll = poll
+        self.every = every
+        self.started = time.monotonic()
+        #: Seconds from submission until the gate opened (``None`` until it did).
+        self.gate_opened: float | None = None
+        #: Seconds from submission until the first rank joined, and until the first executor was there.
+        self.first_joined: float | None = None
+        self.first_executor: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sparkhydrogen-gate-monitor", daemon=True)
+
+    def start(self) -> GateMonitor:
+        server = self.gang.service.server
+        server.open_window(self.gang.handle.gang_id, self.gang_attempt)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        server = self.gang.service.server
+        gang_id, world = self.gang.handle.gang_id, self.gang.handle.world_size
+        label = f"gang {gang_id[:8]} ({self.gang.name}) attempt {self.gang_attempt}"
+        last_line, last_joined = 0.0, -1
+        while not self._stop.is_set():
+            try:
+                joined, opened = server.gate_status(gang_id, self.gang_attempt)
+                snapshot = cluster_snapshot(self.target)
+            except Exception as exc:  # the coordinator or the context is stopping
+                log.debug("gate monitor of %s stops: %s", label, exc)
+                return
+            now = time.monotonic()
+            waited = now - self.started
+            if self.first_executor is None and snapshot.executors > 0:
+                self.first_executor = waited
+            if self.first_joined is None and joined > 0:
+                self.first_joined = waited
+            if opened:
+                self.gate_opened = waited
+                log.info("%s: all %d ranks joined after %.1f s; the gang runs", label, world, waited)
+                return
+            note = snapshot.describe()
+            try:
+                server.note_gang(gang_id, note)
+            except Exception:
+                return
+            changed = joined != last_joined
+            if (changed and now - last_line >= 1.0) or now - last_line >= self.every:
+                bound = self.gang.service.config.launch.start_timeout
+                log.warning("%s: %d of %d ranks joined the start gate after %.0f s (bound %.0f s); %s",
+                            label, joined, world, waited, bound, note)
+                last_line, last_joined = now, joined
+            self._stop.wait(self.poll)
+
+
+class CoordinatedStage:
+    """Classic Spark, any allocation: the gang is an ordinary stage of ``world_size`` tasks gated by the coordinator."""
+
+    name = "coordinated stage"
+
+    def __init__(self, target: SparkTarget) -> None:
+        self.target = target
+        #: The monitor of the last launch (its timings feed ``benchmarks/bench_dynamic.py``).
+        self.last_monitor: GateMonitor | None = None
+
+    def run(self, call: Any, world_size: int, *, name: str, on_log: Any = None) -> list[Any]:
+        from .placement import _by_rank, _result_rows
+
+        sc = self.target.sc
+        gang, attempt = declare(self.target, world_size, name, on_log=on_log, gated=True,
+                                on_abort=stage_canceller(self.target))
+        body = gang_body(functools.partial(run_gated_partition, gang.spec(attempt),
+                                           functools.partial(_result_rows, call)))
+        rdd = sc.parallelize(range(world_size), world_size).mapPartitionsWithIndex(body)
+        monitor = self.last_monitor = GateMonitor(self.target, gang, attempt).start()
+        try:
+            pairs = rdd.collect()
+        except Exception as exc:
+            timeout = start_failure(gang, attempt)
+            if timeout is not None:  # the cluster never gave every rank a slot: retrying would not help
+                raise InsufficientSlotsError(f"gang {name!r} did not start: {timeout.message}") from exc
+            raise translate(gang, exc, attempt) from exc
+        finally:
+            monitor.stop()
+        gang.settle()
+        if len(pairs) != world_size:  # never silently short: every rank returns exactly one result
+            raise LaunchError(f"gang {name!r} returned {len(pairs)} results for {world_size} ranks")
+        return _by_rank(pairs)
