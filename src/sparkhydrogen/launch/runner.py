@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from ..coordinator.handles import GangHandle, LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangCancelledError, GangFailedError, InsufficientSlotsError, LaunchError
+from ..task.embedded import parse_failure_marker
 from ..task.spec import TaskSpec
 from .jobs import AttemptTag, is_cancellation
 from .preflight import STARTUP_WAIT, ensure_gang_fits, ensure_slots
@@ -297,7 +298,7 @@ def _translate_scope(scope: GangScope, exc: BaseException) -> LaunchError:
             return translate(gang, exc, scope.attempt)
     if scope.gangs:
         return translate(scope.gangs[-1], exc, scope.attempt)
-    return failure_error("gang", None, exc)
+    return failure_error("gang", parse_failure_marker(str(exc)), exc)  # an embedded gang (Spark Connect)
 
 
 def failure_error(name: str, failure: ErrorInfo | None, exc: BaseException) -> LaunchError:

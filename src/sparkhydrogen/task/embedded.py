@@ -33,7 +33,7 @@ __all__ = ["EmbeddedGang", "embedded_partition", "failure_marker", "parse_failur
 log = logging.getLogger("sparkhydrogen.task")
 
 _MARKER = "[sparkhydrogen-failure]"
-_MARKER_RE = re.compile(re.escape(_MARKER) + r" (\{.*?\})\s*$", re.MULTILINE)
+_MARKER_RE = re.compile(re.escape(_MARKER) + r" (\{.*\})\s*$", re.MULTILINE)  # one line: JSON escapes newlines
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class RankTaskError(HydrogenError):
 
 def failure_marker(info: ErrorInfo) -> str:
     """One line describing a root cause, for the client to find in Spark's task error text."""
-    data = {"rank": info.rank, "type": info.type, "message": info.message[:2000]}
+    data = {"rank": info.rank, "type": info.type, "message": info.message[:2000], "traceback": info.traceback[-8000:]}
     return f"{_MARKER} {json.dumps(data, separators=(',', ':'))}"
 
 
