@@ -19,19 +19,19 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ..context import BarrierTaskContext
+from ..frameworks import Framework, GangLayout, run_rank
 from ..launch.placement import RankCall
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
 from .rendezvous import RendezvousServer
 from .topology import HorovodLayout, layout
+from .topology import layout as topology_layout
 
-__all__ = ["run", "layout", "HorovodLayout", "RendezvousServer"]
+__all__ = ["run", "layout", "HorovodLayout", "HorovodGloo", "RendezvousServer"]
 
 log = logging.getLogger("sparkhydrogen.horovod")
 
@@ -78,52 +78,67 @@ def _default_parallelism(target: Any) -> int:
     return int(value)
 
 
-def _horovod_rank(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                  extra: dict[str, str]) -> Any:
-    """Task body: rank 0 serves the rendezvous; export Horovod's environment, run ``fn``, clean up."""
-    ctx = BarrierTaskContext.get()
-    hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
-    mine = layout(hosts, ctx.rank())
-    server: Optional[RendezvousServer] = None
-    offer: Optional[tuple[str, int]] = None
-    if ctx.rank() == 0:
-        server = RendezvousServer(hosts[0])
+class HorovodGloo(Framework):
+    """Horovod's gloo controller as a framework environment: ``HOROVOD_*`` layout variables and rendezvous.
+
+    Rank 0 starts the token-guarded rendezvous store in :meth:`offer` (its address and
+    token reach every rank in the gang's one ``allGather``); :meth:`environment` is
+    pure; :meth:`stop` shuts Horovod down and rank 0's store after the gang's final
+    barrier.
+
+    >>> env = HorovodGloo().environment(GangLayout(rank=1, hosts=("a", "a"), offers=(("a:4000/t", 4000), None)))
+    >>> env["HOROVOD_RANK"], env["HOROVOD_LOCAL_RANK"], env["HOROVOD_GLOO_RENDEZVOUS_ADDR"]
+    ('1', '1', 'a:4000/t')
+    """
+
+    name = "horovod"
+
+    def __init__(self, extra: Optional[Mapping[str, str]] = None) -> None:
+        self.extra = dict(extra or {})
+        self._server: Optional[RendezvousServer] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"extra": self.extra, "_server": None}  # a rank's own server never travels
+
+    def offer(self, rank: int, host: str) -> Any:
+        if rank != 0:
+            return None
+        server = RendezvousServer(host)
         server.start()
-        offer = server.address_for_tasks(server.new_attempt())
-    try:
-        addr, port = ctx.broadcast(offer, root=0)
-        result = _run_with_horovod(fn, args, kwargs, mine, addr, port, extra)
-        ctx.barrier()  # every rank is done with the rendezvous before it goes away
-        return result
-    finally:
+        self._server = server
+        return server.address_for_tasks(server.new_attempt())
+
+    def withdraw(self, rank: int) -> None:
+        server, self._server = self._server, None
         if server is not None:
             server.stop()
 
+    def environment(self, layout: GangLayout) -> dict[str, str]:
+        addr, port = layout.offers[0]
+        return {
+            **topology_layout(list(layout.hosts), layout.rank).env(),
+            "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr,
+            "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+            "HOROVOD_CONTROLLER": "gloo",
+            "HOROVOD_CPU_OPERATIONS": "gloo",
+            **self.extra,
+        }
 
-def _run_with_horovod(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], mine: HorovodLayout,
-                      addr: str, port: int, extra: dict[str, str]) -> Any:
-    env = {
-        **mine.env(),
-        "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr,
-        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
-        "HOROVOD_CONTROLLER": "gloo",
-        "HOROVOD_CPU_OPERATIONS": "gloo",
-    }
-    iface = interface_for(mine.hostname)
-    if iface:
-        env["HOROVOD_GLOO_IFACE"] = iface
-    env.update(extra)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _shutdown_horovod()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    def local_environment(self, layout: GangLayout) -> dict[str, str]:
+        iface = interface_for(layout.host)
+        return {"HOROVOD_GLOO_IFACE": iface} if iface else {}
+
+    def stop(self, layout: GangLayout, failed: bool) -> None:
+        try:
+            _shutdown_horovod()
+        finally:
+            self.withdraw(layout.rank)
+
+
+def _horovod_rank(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                  extra: dict[str, str]) -> Any:
+    """Task body: rank 0 serves the rendezvous; export Horovod's environment, run ``fn``, clean up."""
+    return run_rank(HorovodGloo(extra), fn, args, kwargs, return_all=True)
 
 
 def _shutdown_horovod() -> None:

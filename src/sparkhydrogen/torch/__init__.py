@@ -24,7 +24,26 @@ from typing import Any
 from ._launch import run
 from ._layout import DEVICE_ENV, GpuAssignmentError, TorchLaunchError
 
-__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "run"]
+__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "lightning_environment", "run"]
+
+
+def lightning_environment() -> Any:
+    """A Lightning ``ClusterEnvironment`` for this rank: pass it as ``Trainer(plugins=[...])``.
+
+    Every rank owns one device, so Lightning sees ``num_nodes=num_processes, devices=1``;
+    a Trainer set otherwise fails at ``fit`` with a message saying what to set. See
+    ``docs/frameworks.md``.
+
+    Example:
+        >>> def train():                                                # doctest: +SKIP
+        ...     trainer = lightning.Trainer(strategy="ddp", accelerator="cpu", devices=1, num_nodes=2,
+        ...                                 plugins=[sparkhydrogen.torch.lightning_environment()])
+        ...     trainer.fit(model, loader)
+        >>> sparkhydrogen.torch.run(train, num_processes=2)            # doctest: +SKIP
+    """
+    from ._lightning import lightning_environment as make
+
+    return make()
 
 
 def device() -> Any:

@@ -182,11 +182,24 @@ def _run_in_process(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], 
         try:
             return train(*job.args, **job.kwargs)
         except BaseException as exc:
+            better = _explain(exc)
+            if better is not None:
+                report_failure(better)
+                raise better from exc
             report_failure(exc)
             raise
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _explain(exc: BaseException) -> BaseException | None:
+    """A clearer error for a known framework misstep (Lightning without our ClusterEnvironment)."""
+    if "lightning" not in sys.modules and "pytorch_lightning" not in sys.modules:
+        return None
+    from ._lightning import explain_lightning_failure
+
+    return explain_lightning_failure(exc)
 
 
 # child process -------------------------------------------------------------------
