@@ -25,8 +25,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -63,7 +64,8 @@ def _xgb_data(spark: Any) -> Any:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(XGB_ROWS, 8))
     y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(int)
-    df = spark.createDataFrame([(Vectors.dense(r.tolist()), int(v)) for r, v in zip(x, y)], ["features", "label"])
+    rows = [(Vectors.dense(r.tolist()), int(v)) for r, v in zip(x, y, strict=True)]
+    df = spark.createDataFrame(rows, ["features", "label"])
     df = df.cache()
     df.count()
     return df
@@ -165,7 +167,8 @@ def _report(xgb: Series, rounds: Series, torch_series: Series, runs: int, torch_
     xn, xi = xgb.median("native"), xgb.median("installed")
     speedup = xn / xi
     lines.append(f"| `SparkXGBClassifier(num_workers=2).fit`, {XGB_ROWS:,} rows | {runs} | {xn:.2f} s | {xi:.2f} s | "
-                 f"{speedup:.2f}x faster | >= {TARGET_XGB_SPEEDUP:g}x | {'yes' if speedup >= TARGET_XGB_SPEEDUP else 'no'} |")
+                 f"{speedup:.2f}x faster | >= {TARGET_XGB_SPEEDUP:g}x | "
+                 f"{'yes' if speedup >= TARGET_XGB_SPEEDUP else 'no'} |")
     rn, ri = rounds.median("native"), rounds.median("installed")
     lines.append(f"| barrier job with xgboost's 3 rounds (barrier, allGather, barrier) | {runs} | {rn:.2f} s | "
                  f"{ri:.2f} s | {rn - ri:.2f} s saved | | |")

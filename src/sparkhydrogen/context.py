@@ -21,7 +21,8 @@ import os
 import sys
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from . import serde
 from .coordinator.client import CoordinatorClient
@@ -113,7 +114,7 @@ class BarrierTaskInfo(_InfoBase):
         return f"BarrierTaskInfo(address={self.address!r})"
 
 
-def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+def _check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -153,18 +154,19 @@ class BarrierTaskContext(_ContextBase):
         ...     yield ctx.rank(), total
     """
 
-    _current: ClassVar[Optional["BarrierTaskContext"]] = None
+    _current: ClassVar[BarrierTaskContext | None] = None
     # what pyspark's TaskContext / BarrierTaskContext held before the first _set(ctx); None when nothing is installed
-    _displaced: ClassVar[Optional[tuple[Any, Any]]] = None
+    _displaced: ClassVar[tuple[Any, Any] | None] = None
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "BarrierTaskContext":
+    def __new__(cls, *args: Any, **kwargs: Any) -> BarrierTaskContext:
         # pyspark's __new__ hands back its per-process singleton: every context of ours is a new object
         _pyspark_classes()
-        return object.__new__(cls)
+        ctx: BarrierTaskContext = object.__new__(cls)
+        return ctx
 
     def __init__(self, client: CoordinatorClient, rank: int, world_size: int, native: Any = None,
-                 gang_attempt: int = 0, default_timeout: Optional[float] = None,
-                 checkpoint_dir: Optional[str] = None, *, task_infos: Optional[Sequence[str]] = None) -> None:
+                 gang_attempt: int = 0, default_timeout: float | None = None,
+                 checkpoint_dir: str | None = None, *, task_infos: Sequence[str] | None = None) -> None:
         self._client = client
         self._rank = rank
         self._world_size = world_size
@@ -173,7 +175,7 @@ class BarrierTaskContext(_ContextBase):
         self._default_timeout = default_timeout
         self._checkpoint_dir = checkpoint_dir
         self._task_infos = None if task_infos is None else tuple(str(a) for a in task_infos)
-        self._committed_file: Optional[str] = None
+        self._committed_file: str | None = None
         self._uncertain_files: list[str] = []
         if isinstance(native, _pyspark_classes()[0]):
             for name in _PYSPARK_FIELDS:
@@ -183,9 +185,9 @@ class BarrierTaskContext(_ContextBase):
 
     # lookup --------------------------------------------------------------
     @classmethod
-    def get(cls) -> "BarrierTaskContext":
+    def get(cls) -> BarrierTaskContext:
         """The context of the running rank; raises :class:`NotInGangError` elsewhere."""
-        current = BarrierTaskContext._current
+        current: BarrierTaskContext | None = BarrierTaskContext._current
         if current is not None and vars(_pyspark_classes()[0]).get(_PYSPARK_SLOT) is not current:
             # pyspark replaced ours (its worker ends every task by clearing the slot): a rank that was
             # never closed in a reused worker must not leak into the next task
@@ -196,10 +198,10 @@ class BarrierTaskContext(_ContextBase):
                 "BarrierTaskContext.get() was called outside a spark-hydrogen barrier task. Call it inside a "
                 "function launched by sparkhydrogen.barrier(rdd).mapPartitions(...) or sparkhydrogen.run(...)"
             )
-        return current
+        return cast(BarrierTaskContext, current)
 
     @classmethod
-    def _set(cls, ctx: Optional["BarrierTaskContext"]) -> None:
+    def _set(cls, ctx: BarrierTaskContext | None) -> None:
         """Install ``ctx`` as the running rank's context (``None``: remove it), here and in pyspark.
 
         pyspark keeps its task context in a class attribute that ``TaskContext.get()`` and
@@ -224,7 +226,7 @@ class BarrierTaskContext(_ContextBase):
         displaced, BarrierTaskContext._displaced = BarrierTaskContext._displaced, None
         if displaced is None:
             return
-        for owner, value in zip(owners, displaced):
+        for owner, value in zip(owners, displaced, strict=True):
             if previous is None or owner.__dict__.get(_PYSPARK_SLOT, _MISSING) is not previous:
                 continue  # not ours any more: leave pyspark's own value alone
             if value is _MISSING:
@@ -266,7 +268,7 @@ class BarrierTaskContext(_ContextBase):
         """Spark's id of this task attempt (unique within the SparkContext)."""
         return int(self._need_native("taskAttemptId").taskAttemptId())
 
-    def getLocalProperty(self, key: str) -> Optional[str]:
+    def getLocalProperty(self, key: str) -> str | None:
         """A local property set on the driver (``sc.setLocalProperty``), or ``None``."""
         return self._need_native("getLocalProperty").getLocalProperty(key)  # type: ignore[no-any-return]
 
@@ -278,7 +280,7 @@ class BarrierTaskContext(_ContextBase):
         """CPUs allocated to this task."""
         return int(self._need_native("cpus").cpus())
 
-    def getTaskInfos(self) -> list[BarrierTaskInfo]:
+    def getTaskInfos(self) -> list[_InfoBase]:
         """Executor address (``host:port``) of every rank, in partition (rank) order."""
         if self._task_infos is not None:
             return [BarrierTaskInfo(a) for a in self._task_infos]
@@ -286,10 +288,10 @@ class BarrierTaskContext(_ContextBase):
         return [BarrierTaskInfo(a.strip()) for a in addresses.split(",") if a.strip()]
 
     # collectives ---------------------------------------------------------
-    def _timeout(self, timeout: Optional[float]) -> Optional[float]:
+    def _timeout(self, timeout: float | None) -> float | None:
         return _check_timeout(timeout) if timeout is not None else self._default_timeout
 
-    def barrier(self, timeout: Optional[float] = None) -> None:
+    def barrier(self, timeout: float | None = None) -> None:
         """Block until every rank has called ``barrier()`` (as its same-numbered collective).
 
         Raises :class:`CollectiveTimeoutError` naming the missing ranks after ``timeout``
@@ -298,7 +300,7 @@ class BarrierTaskContext(_ContextBase):
         """
         self._client.collective("barrier", b"", timeout=self._timeout(timeout))
 
-    def allGather(self, message: Any = "", timeout: Optional[float] = None) -> list[Any]:
+    def allGather(self, message: Any = "", timeout: float | None = None) -> list[Any]:
         """Every rank contributes ``message``; returns all of them in rank order.
 
         With strings this is pyspark's ``allGather`` (``list[str]``); any picklable object works too.
@@ -307,7 +309,7 @@ class BarrierTaskContext(_ContextBase):
         parts = self._client.collective("allGather", payload, timeout=self._timeout(timeout))
         return [serde.loads(p, "allGather message") for p in parts]
 
-    def broadcast(self, obj: Any = None, root: int = 0, timeout: Optional[float] = None) -> Any:
+    def broadcast(self, obj: Any = None, root: int = 0, timeout: float | None = None) -> Any:
         """Return rank ``root``'s ``obj`` on every rank (other ranks' ``obj`` is ignored)."""
         if isinstance(root, bool) or not isinstance(root, int):
             raise TypeError(f"root must be an int rank, got {type(root).__name__}")
@@ -318,7 +320,7 @@ class BarrierTaskContext(_ContextBase):
         return serde.loads(parts[0], "broadcast object")
 
     # resumable state -----------------------------------------------------
-    def checkpoint(self, state: Any, timeout: Optional[float] = None) -> None:
+    def checkpoint(self, state: Any, timeout: float | None = None) -> None:
         """Commit ``state`` for this rank as part of a gang-wide checkpoint (a collective).
 
         The checkpoint counts only once every rank has called ``checkpoint``: then the
@@ -370,7 +372,7 @@ class BarrierTaskContext(_ContextBase):
 
 
 _bind_lock = threading.Lock()
-_bound: Optional[tuple[type, type]] = None  # pyspark's TaskContext and BarrierTaskContext, once rebased onto them
+_bound: tuple[type, type] | None = None  # pyspark's TaskContext and BarrierTaskContext, once rebased onto them
 
 
 def _pyspark_classes() -> tuple[type, type]:

@@ -27,8 +27,9 @@ import functools
 import inspect
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 __all__ = ["install", "installed", "is_installed", "uninstall"]
 
@@ -165,7 +166,7 @@ def _classic_dataframe() -> type:
     return DataFrame
 
 
-def _connect_dataframe() -> Optional[type]:
+def _connect_dataframe() -> type | None:
     try:
         from pyspark.sql.connect.dataframe import DataFrame
     except ImportError:  # Spark Connect's client dependencies (grpcio, ...) are not installed
@@ -227,7 +228,7 @@ def _map_in_method(name: str, connect: bool, original: Callable[..., Any]) -> Ca
     @functools.wraps(original)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
-        func, schema = bound.arguments.get("func"), bound.arguments.get("schema")
+        func, schema = bound.arguments["func"], bound.arguments["schema"]
         if _is_gang_body(func):
             return original(self, *args, **kwargs)
         if not bound.arguments.get("barrier", False):
@@ -296,6 +297,7 @@ def _report_and_note(exc: Exception) -> None:
         return
     notes = [f"spark-hydrogen: raised by rank {ctx.rank()} of {ctx.worldSize()} (gang attempt {ctx.gangAttempt()}): "
              f"{type(exc).__name__}: {exc}"]
+    report_failure: Callable[[BaseException], None] | None
     try:
         from .task.lifecycle import report_failure
     except ImportError:  # a launch layer without early reports: the note is all we add

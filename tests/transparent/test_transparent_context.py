@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from pyspark.taskcontext import BarrierTaskContext as PySparkBarrierTaskContext
@@ -40,7 +41,7 @@ def pristine_pyspark() -> Iterator[None]:
     yield
     h2.BarrierTaskContext._current = None
     h2.BarrierTaskContext._displaced = None
-    for owner, value in zip((PySparkTaskContext, PySparkBarrierTaskContext), saved):
+    for owner, value in zip((PySparkTaskContext, PySparkBarrierTaskContext), saved, strict=True):
         if value is _MISSING:
             if SLOT in owner.__dict__:
                 delattr(owner, SLOT)
@@ -158,8 +159,8 @@ class _ReplyLost:
         self._client, self._error = client, error
         self.gang_id = client.gang_id
 
-    def collective(self, kind: str, payload: bytes = b"", root: Optional[int] = None,
-                   timeout: Optional[float] = None) -> Any:
+    def collective(self, kind: str, payload: bytes = b"", root: int | None = None,
+                   timeout: float | None = None) -> Any:
         self._client.collective(kind, payload, root=root, timeout=timeout)  # the round completes and commits
         raise self._error
 
@@ -254,7 +255,8 @@ def test_without_pyspark_loaded_the_first_context_still_is_a_pyspark_one() -> No
     code = (
         "import sys, sparkhydrogen as h2; assert 'pyspark' not in sys.modules; "
         "ctx = h2.BarrierTaskContext(None, 0, 1); import pyspark; "
-        "assert isinstance(ctx, pyspark.BarrierTaskContext) and issubclass(h2.BarrierTaskContext, pyspark.TaskContext); "
+        "assert isinstance(ctx, pyspark.BarrierTaskContext); "
+        "assert issubclass(h2.BarrierTaskContext, pyspark.TaskContext); "
         "assert isinstance(h2.BarrierTaskInfo('h:1'), pyspark.BarrierTaskInfo)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pyspark import cloudpickle
@@ -55,7 +56,7 @@ def data(spark: Any) -> Any:
     x = rng.normal(size=(400, 4))
     label = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
     target = x @ np.array([1.0, -2.0, 0.5, 0.0])
-    rows = [(Vectors.dense(r.tolist()), int(c), float(t)) for r, c, t in zip(x, label, target)]
+    rows = [(Vectors.dense(r.tolist()), int(c), float(t)) for r, c, t in zip(x, label, target, strict=True)]
     return spark.createDataFrame(rows, ["features", "label", "target"]).repartition(2).cache()
 
 

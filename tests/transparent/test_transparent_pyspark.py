@@ -14,7 +14,8 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pyspark import BarrierTaskContext, BarrierTaskInfo, TaskContext
