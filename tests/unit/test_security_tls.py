@@ -20,6 +20,16 @@ from kit import gather_body, run_gang, start_ranks
 from sparkhydrogen.config import CoordinatorConfig, HydrogenConfig, LaunchConfig, TlsConfig
 from sparkhydrogen.coordinator import tls as tls_mod
 from sparkhydrogen.coordinator.client import CoordinatorClient
+from sparkhydrogen.coordinator.peer import READ_PAUSE_BYTES, Peer
+from sparkhydrogen.coordinator.protocol import (
+    NONCE_BYTES,
+    Frame,
+    FrameDecoder,
+    Kind,
+    Limits,
+    client_proof,
+    encode_frame,
+)
 from sparkhydrogen.coordinator.server import CoordinatorServer, GangHandle
 from sparkhydrogen.coordinator.tls import fingerprint, generate_certificate, server_tls
 from sparkhydrogen.errors import AuthenticationError, CoordinatorConnectionError, HydrogenError, ProtocolError
@@ -317,3 +327,74 @@ def test_a_silent_tls_peer_is_dropped_after_the_handshake_timeout(
         assert sock.recv(1024) == b""
     assert time.monotonic() - started < 3
     assert server.stats()["connections"] == 0 and server.internal_errors == 0
+
+
+def test_a_tls_peer_that_stops_reading_stops_being_read(
+    make_server: Callable[..., CoordinatorServer], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flow control holds over TLS too: before Python 3.11 the SSL transport hands on the rest of
+    what it decrypted after ``pause_reading()``, and the coordinator must not serve those requests."""
+    server = make_server(tls=TlsConfig(enabled=True), liveness_timeout=None)
+    served_while_paused: list[Any] = []
+    serve = server.serve
+
+    def watched(peer: Peer, request: Any) -> None:
+        if peer.read_paused:
+            served_while_paused.append(request)
+        serve(peer, request)
+
+    monkeypatch.setattr(server, "serve", watched)
+    hoarder = server.add_gang(1, name="hoarder")
+    state = b"s" * (64 * 1024)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    raw = socket.create_connection(server.address, timeout=5)
+    sock = ctx.wrap_socket(raw)  # the ClientHello goes out at once, as any client's does
+    try:
+        decoder = FrameDecoder(Limits(1 << 20, 1 << 30))
+
+        def next_frame() -> Frame:
+            while True:
+                for frame in decoder.feed(sock.recv(65536)):
+                    return frame
+
+        hello = next_frame()
+        nonce = b"n" * NONCE_BYTES
+        proof = client_proof(hoarder.secret, hoarder.gang_id, bytes.fromhex(hello.header["nonce"]), nonce)
+        sock.sendall(encode_frame(Kind.AUTH, {"gang": hoarder.gang_id, "nonce": nonce.hex(), "proof": proof}))
+        assert next_frame().kind is Kind.WELCOME
+        sock.sendall(encode_frame(Kind.REQUEST, {"op": "register", "gang_attempt": 1, "stage_id": 0, "rank": 0,
+                                                 "task_attempt_id": 100}))
+        assert next_frame().kind is Kind.REPLY
+        sock.sendall(encode_frame(Kind.REQUEST, {"op": "call", "kind": "checkpoint", "seq": 0}, state))
+        assert next_frame().kind is Kind.REPLY
+        requests = 2000  # 128 MiB of replies, none of them read yet
+        sock.sendall(encode_frame(Kind.REQUEST, {"op": "restore"}) * requests)
+
+        def hoarding() -> tuple[bool, int]:
+            def read() -> tuple[bool, int]:
+                conns = [c for c in server._connections if c.gang is not None and c.gang.gang_id == hoarder.gang_id]
+                return (conns[0].read_paused, conns[0].queued) if conns else (False, 0)
+
+            return server._on_loop(read)
+
+        deadline = time.monotonic() + 10
+        while not hoarding()[0]:
+            assert time.monotonic() < deadline, "the coordinator never stopped reading the hoarder"
+            time.sleep(0.01)
+        paused, queued = hoarding()
+        assert paused and queued <= READ_PAUSE_BYTES + len(state) + 1024  # bounded, not 128 MiB
+
+        sock.settimeout(20)
+        replies = 0
+        while replies < requests:  # once it reads, every request is answered, in order
+            data = sock.recv(1 << 20)
+            assert data, "the coordinator closed the hoarder's connection"
+            for frame in decoder.feed(data):
+                assert frame.kind is Kind.REPLY and frame.header == {"op": "restore", "found": True}
+                assert frame.payload == state
+                replies += 1
+    finally:
+        sock.close()
+    assert not served_while_paused, f"{len(served_while_paused)} requests served while reading was paused"
+    assert server.internal_errors == 0

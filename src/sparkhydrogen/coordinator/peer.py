@@ -18,6 +18,7 @@ import hmac
 import secrets
 import socket
 import ssl
+import sys
 from typing import Any, Protocol
 
 from ..config import CoordinatorConfig
@@ -135,6 +136,7 @@ class Peer(asyncio.BufferedProtocol):
         self._write_paused = False
         self._read_paused = False
         self._receiving = False
+        self._unread = bytearray()  # bytes handed on while reading was paused (TLS before 3.11)
         self._reserved = 0  # bytes of the frame being received, reserved in the gang's budget
 
     # public surface for the host ----------------------------------------------
@@ -202,6 +204,15 @@ class Peer(asyncio.BufferedProtocol):
 
     async def _start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
+        if sys.version_info < (3, 11) and not raw.is_reading():
+            # Before 3.11 the selector transport registers its reader after connection_made()
+            # even if connection_made() paused reading (its _add_reader ignores the pause), so
+            # `raw` claims to be paused while it reads. start_tls() then skips its own pause
+            # ("already paused") and the client's first TLS bytes reach the SSL protocol before
+            # its connection_made(), which drops them: the handshake never completes. Resuming
+            # here, with no loop iteration before start_tls() pauses again, lets that pause
+            # take the reader off, so no byte is read until the SSL protocol is ready.
+            raw.resume_reading()
         try:
             secured = await loop.start_tls(raw, self, context, server_side=True,
                                            ssl_handshake_timeout=self.host.config.handshake_timeout)
@@ -225,11 +236,20 @@ class Peer(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self.host.receive_buffer[:nbytes])
 
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         if data and self.attempt is not None:
             self.host.heard(self)  # every chunk counts: a large upload over a slow link is a live rank
+        if self._read_paused:
+            # Before 3.11 the SSL transport hands on the rest of what it decrypted after
+            # pause_reading(). Keep it unread (a copy: ``data`` may be the shared receive buffer);
+            # it is at most what one read of the paused socket brought.
+            self._unread += data
+            return
+        if self._unread:  # reading resumed: what was kept comes first
+            self._unread += data
+            data, self._unread = self._unread, bytearray()
         self._receiving = True
         try:
             for frame in self.decoder.feed(data):
@@ -270,6 +290,7 @@ class Peer(asyncio.BufferedProtocol):
         while self._outq:
             self._outq.popleft()[0].release()
         self._queued = 0
+        self._unread = bytearray()
         self.host.peer_closed(self)
         self.transport = None
 
