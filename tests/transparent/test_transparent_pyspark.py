@@ -311,3 +311,15 @@ def test_job_launched_while_installed_finishes_after_uninstall(sc: Any) -> None:
     native = sc.parallelize(range(2), 2).barrier().mapPartitions(
         lambda it: [type(BarrierTaskContext.get()).__module__]).collect()
     assert native == ["pyspark.taskcontext"] * 2
+
+
+def test_retry_around_pysparks_barrier_job(sc: Any) -> None:
+    def f(it: Any) -> Iterator[Any]:
+        context = BarrierTaskContext.get()
+        if context.partitionId() == 1 and h2.BarrierTaskContext.get().gangAttempt() == 0:
+            raise RuntimeError("first attempt fails")
+        yield h2.BarrierTaskContext.get().gangAttempt(), context.allGather("ok")
+
+    out = h2.retry(lambda: sc.parallelize(range(2), 2).barrier().mapPartitions(f).collect(), max_retries=1,
+                   retry_backoff=0.1)
+    assert out == [(1, ["ok", "ok"])] * 2
