@@ -70,17 +70,15 @@ def _make_class(base: Any) -> type:
             return int(_variable("WORLD_SIZE"))
 
         def set_world_size(self, size: int) -> None:
-            if size != self.world_size():
-                raise TorchLaunchError(f"Lightning asked for world size {size}, but the gang has "
-                                       f"{self.world_size()} ranks")
+            if size != self.world_size():  # Trainer.__init__: num_nodes * devices
+                raise _misfit(f"num_nodes * devices = {size}", self.world_size())
 
         def global_rank(self) -> int:
             return int(_variable("RANK"))
 
         def set_global_rank(self, rank: int) -> None:
-            if rank != self.global_rank():
-                raise TorchLaunchError(f"Lightning computed global rank {rank} for gang rank {self.global_rank()}: "
-                                       "set devices=1 and num_nodes to the number of ranks")
+            if rank != self.global_rank():  # Trainer.__init__: node_rank * devices + local_rank
+                raise _misfit(f"devices > 1 (rank {self.global_rank()} would be global rank {rank})", self.world_size())
 
         def local_rank(self) -> int:
             return 0  # the rank's one device
@@ -89,15 +87,16 @@ def _make_class(base: Any) -> type:
             return self.global_rank()
 
         def validate_settings(self, num_devices: int, num_nodes: int) -> None:
-            world = self.world_size()
-            if num_devices != 1 or num_nodes != world:
-                raise TorchLaunchError(
-                    f"Trainer(devices={num_devices}, num_nodes={num_nodes}) does not fit this launch: "
-                    f"sparkhydrogen.torch.run started {world} rank(s), one device each, so set "
-                    f"Trainer(devices=1, num_nodes={world})")
+            if num_devices != 1 or num_nodes != self.world_size():  # fit(), before anything distributed
+                raise _misfit(f"devices={num_devices}, num_nodes={num_nodes}", self.world_size())
 
     SparkHydrogenEnvironment.__module__ = "sparkhydrogen.torch"
     return SparkHydrogenEnvironment
+
+
+def _misfit(what: str, world: int) -> TorchLaunchError:
+    return TorchLaunchError(f"Trainer({what}) does not fit this launch: sparkhydrogen.torch.run started {world} "
+                            f"rank(s), one device each, so set Trainer(devices=1, num_nodes={world})")
 
 
 _CLASS: Any = None
