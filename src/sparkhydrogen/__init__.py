@@ -33,6 +33,7 @@ from .errors import (
     RegistrationError,
 )
 from .launch import RDDBarrier, barrier, retry, run
+from .transparent import install, installed, is_installed, uninstall
 
 __version__ = "0.1.0"
 
@@ -74,6 +75,10 @@ __all__ = [
     "RankLostError",
     "RegistrationError",
     "barrier",
+    "install",
+    "installed",
+    "is_installed",
     "retry",
     "run",
+    "uninstall",
 ]

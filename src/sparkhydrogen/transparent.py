@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .task.lifecycle import is_gang_body
+
 __all__ = ["install", "installed", "is_installed", "uninstall"]
 
 log = logging.getLogger("sparkhydrogen.transparent")
@@ -179,24 +181,9 @@ def _connect_dataframe() -> type | None:
 
 def _is_gang_body(f: Any) -> bool:
     """Whether ``f`` is a task body spark-hydrogen itself hands to Spark: it goes to pyspark unchanged."""
-    if getattr(f, "_sparkhydrogen_gang_body", False):
-        return True
-    return _unmarked_gang_body(f)
+    return is_gang_body(f)
 
 
-# --- temporary: bodies of the launch layer before it marks them (delete with this block once it does) ---
-_UNMARKED_BODIES = {
-    ("sparkhydrogen.launch.task", "run_rank"),
-    ("sparkhydrogen.launch.dataframe", "_classic_rank"),
-    ("sparkhydrogen.launch.dataframe", "_connect_rank"),
-}
-
-
-def _unmarked_gang_body(f: Any) -> bool:
-    if not isinstance(f, functools.partial):
-        return False
-    return (getattr(f.func, "__module__", None), getattr(f.func, "__name__", None)) in _UNMARKED_BODIES
-# --- end of the temporary block ---
 
 
 # ------------------------------------------------------------------------------------------- replacements

@@ -47,6 +47,11 @@ PUBLIC = {
     "barrier",
     "retry",
     "run",
+    # transparent mode
+    "install",
+    "uninstall",
+    "installed",
+    "is_installed",
 }
 
 
@@ -75,10 +80,10 @@ def test_star_import_gives_exactly_the_public_names() -> None:
 
 
 def test_public_names_are_the_defining_modules_objects() -> None:
-    from sparkhydrogen import config, context, errors, launch
+    from sparkhydrogen import config, context, errors, launch, transparent
 
     for name in PUBLIC:
-        homes = [m for m in (errors, config, context, launch) if name in getattr(m, "__all__", ())]
+        homes = [m for m in (errors, config, context, launch, transparent) if name in getattr(m, "__all__", ())]
         assert len(homes) == 1, f"{name} is defined in {homes}"
         assert getattr(sparkhydrogen, name) is getattr(homes[0], name)
 
@@ -87,7 +92,10 @@ def test_public_names_are_the_defining_modules_objects() -> None:
     "module",
     ["sparkhydrogen.errors", "sparkhydrogen.config", "sparkhydrogen.context", "sparkhydrogen.serde",
      "sparkhydrogen.coordinator", "sparkhydrogen.coordinator.protocol", "sparkhydrogen.coordinator.state",
-     "sparkhydrogen.coordinator.server", "sparkhydrogen.coordinator.client"],
+     "sparkhydrogen.coordinator.server", "sparkhydrogen.coordinator.client", "sparkhydrogen.coordinator.peer",
+     "sparkhydrogen.coordinator.handles", "sparkhydrogen.task", "sparkhydrogen.task.lifecycle",
+     "sparkhydrogen.task.embedded", "sparkhydrogen.launch.runner", "sparkhydrogen.launch.placement",
+     "sparkhydrogen.launch.session", "sparkhydrogen.launch.jobs", "sparkhydrogen.transparent"],
 )
 def test_module_all_resolves(module: str) -> None:
     mod = importlib.import_module(module)
