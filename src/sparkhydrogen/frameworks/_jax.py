@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 from .api import Framework, FrameworkError, GangLayout
 
 __all__ = ["JaxDistributed"]
+
+log = logging.getLogger("sparkhydrogen.frameworks")
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,9 @@ class JaxDistributed(Framework):
     On CPU (a rank without GPUs) cross-process collectives need
     ``jax_cpu_collectives_implementation="gloo"`` set before the backend starts; it is.
     A reused Python worker that ran JAX before has its backends cleared first (JAX
-    can only be initialised before its backend exists), and again after shutdown.
+    can only be initialised before its backend exists), and again after shutdown. A
+    failed rank does not wait in JAX's shutdown barrier for peers stuck in a collective
+    with it: its task ends at once, so Spark aborts the stage (under Spark Connect too).
 
     >>> JaxDistributed().initialize_arguments(GangLayout(rank=1, hosts=("h", "h"), ports=((4001,), ())))
     ... # doctest: +NORMALIZE_WHITESPACE
@@ -70,6 +76,7 @@ class JaxDistributed(Framework):
     def start(self, layout: GangLayout, holds: Sequence[Any]) -> None:
         import jax
 
+        _recover_abandoned()
         _fresh_backends()
         if jax.distributed.is_initialized():
             raise FrameworkError(
@@ -83,13 +90,52 @@ class JaxDistributed(Framework):
         import sys
 
         jax = sys.modules.get("jax")
-        if jax is None:
+        if jax is None or not jax.distributed.is_initialized():
             return
-        try:
-            if jax.distributed.is_initialized():
+        if not failed:
+            try:
                 jax.distributed.shutdown()
-        finally:
-            _fresh_backends()
+            finally:
+                _fresh_backends()
+            return
+        # A failed rank must not wait in JAX's shutdown barrier for peers that may never come (they can be
+        # stuck in a collective with it): shut down on a thread, and let the task end and abort the gang now.
+        thread = threading.Thread(target=_shutdown_quietly, name="sparkhydrogen-jax-shutdown", daemon=True)
+        thread.start()
+        _ABANDONED.append(thread)
+        thread.join(_FAILED_SHUTDOWN_WAIT)
+
+
+#: Seconds a failed rank gives ``jax.distributed.shutdown()`` before it lets its task end.
+_FAILED_SHUTDOWN_WAIT = 1.0
+#: Seconds a later launch in the same worker waits for an abandoned shutdown to finish.
+_ABANDONED_WAIT = 30.0
+_ABANDONED: list[threading.Thread] = []
+
+
+def _shutdown_quietly() -> None:
+    import jax
+
+    try:
+        jax.distributed.shutdown()
+    except Exception as exc:  # the peers are gone: the state is reset below, on the next start
+        log.debug("jax.distributed.shutdown() after a failed rank: %s", exc)
+
+
+def _recover_abandoned() -> None:
+    """After a failed launch in this worker: wait for its shutdown, and drop JAX's distributed state if it hung."""
+    while _ABANDONED:
+        thread = _ABANDONED.pop()
+        thread.join(_ABANDONED_WAIT)
+        import jax
+
+        if jax.distributed.is_initialized():
+            from jax._src.distributed import global_state
+
+            log.warning("dropping jax.distributed state a failed launch left in this worker")
+            global_state.preemption_sync_manager = None
+            global_state.client = None
+            global_state.service = None
 
 
 def _fresh_backends() -> None:
