@@ -423,7 +423,8 @@ class CoordinatorServer:
         ``failure_records``, ``checkpoints`` and ``checkpoint_bytes``, ``buffered_bytes``
         (payloads being received, held or queued), ``roster_attempts`` and
         ``roster_connections`` (connections speaking for ranks), ``abort_hooks``,
-        ``log_hooks`` and ``connections`` (open).
+        ``log_hooks``, ``held`` (second copies of live ranks held aside, see
+        :class:`~.state.Hold`) and ``connections`` (open).
 
         Example:
             >>> server.footprint()["checkpoint_bytes"]  # doctest: +SKIP
@@ -447,6 +448,7 @@ class CoordinatorServer:
                 "roster_connections": self.roster.endpoint_count,
                 "abort_hooks": len(self._abort_hooks),
                 "log_hooks": len(self._log_hooks),
+                "held": len(self._held),
                 "connections": len(self._connections),
             }
 

@@ -165,8 +165,9 @@ class CoordinatedStage:
 
     name = "coordinated stage"
 
-    def __init__(self, target: SparkTarget) -> None:
+    def __init__(self, target: SparkTarget, *, poll: float = POLL_INTERVAL) -> None:
         self.target = target
+        self.poll = poll  # how often the driver polls the gate and the cluster while the gang waits
         #: The monitor of the last launch (its timings feed ``benchmarks/bench_dynamic.py``).
         self.last_monitor: GateMonitor | None = None
 
@@ -179,7 +180,7 @@ class CoordinatedStage:
         body = gang_body(functools.partial(run_gated_partition, gang.spec(attempt),
                                            functools.partial(_result_rows, call)))
         rdd = sc.parallelize(range(world_size), world_size).mapPartitionsWithIndex(body)
-        monitor = self.last_monitor = GateMonitor(self.target, gang, attempt).start()
+        monitor = self.last_monitor = GateMonitor(self.target, gang, attempt, poll=self.poll).start()
         try:
             pairs = rdd.collect()
         except Exception as exc:
