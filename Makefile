@@ -27,10 +27,15 @@ LSTAMP := $(VENV)/.installed-lint
 TORCH_VERSION ?= 2.13.0
 TSTAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
 
+# the frameworks the launchers serve, tested for real: CPU builds, pinned (torch pinned alongside so pip keeps it)
+FRAMEWORKS := "jax==0.10.2" "jaxlib==0.10.2" "tensorflow-cpu==2.21.0" "tf-keras==2.21.0" "lightning==2.6.6" \
+              "deepspeed==0.19.8"
+FSTAMP := $(VENV)/.installed-frameworks-1
+
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
 
-.PHONY: demo test test-unit test-load test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
+.PHONY: frameworks demo test test-unit test-load test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
 
 venv: $(STAMP)
 
@@ -47,6 +52,12 @@ $(TSTAMP): $(STAMP)
 	$(VPY) -m pip install --quiet "torch==$(TORCH_VERSION)" "scikit-learn>=1.3"
 	@touch $(TSTAMP)
 
+frameworks: $(FSTAMP)
+
+$(FSTAMP): $(TSTAMP)
+	DS_BUILD_OPS=0 $(VPY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(FRAMEWORKS)
+	@touch $(FSTAMP)
+
 # Horovod 0.28.1 built against the venv's torch (C++17 patch), wheel cached in ~/.cache/sparkhydrogen
 horovod: torch
 	scripts/build_horovod.sh $(abspath $(VPY))
@@ -61,7 +72,7 @@ demo: venv java
 	$(VPY) examples/pipeline.py
 
 # everything but the load/soak runs (tests/load, marked `load`): those are `make test-load`
-test: venv java torch horovod
+test: venv java torch horovod frameworks
 	$(VPY) -m pytest -m "not load"
 
 test-unit: venv
