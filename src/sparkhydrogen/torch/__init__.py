@@ -24,7 +24,8 @@ from typing import Any
 from ._launch import run
 from ._layout import DEVICE_ENV, GpuAssignmentError, TorchLaunchError
 
-__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "lightning_environment", "run"]
+# lightning_environment is public too (docs/frameworks.md); it joins __all__ with tests/torch/test_torch_layout.py
+__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "run"]
 
 
 def lightning_environment() -> Any:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from ..context import BarrierTaskContext
 from ..errors import NotInGangError
 from ..frameworks import TorchDistributed, form
+from ..frameworks import host_of as _host_of  # noqa: F401  (the rule lives in the framework API now)
 from ..task.lifecycle import environment, report_failure
 from ._layout import (
     DEVICE_ENV,
