@@ -74,7 +74,7 @@ class JaxDistributed(Framework):
         }
 
     def start(self, layout: GangLayout, holds: Sequence[Any]) -> None:
-        import jax
+        jax = _jax()
 
         _recover_abandoned()
         _fresh_backends()
@@ -89,8 +89,10 @@ class JaxDistributed(Framework):
     def stop(self, layout: GangLayout, failed: bool) -> None:
         import sys
 
-        jax = sys.modules.get("jax")
-        if jax is None or not jax.distributed.is_initialized():
+        if "jax" not in sys.modules:
+            return
+        jax = _jax()
+        if not jax.distributed.is_initialized():
             return
         if not failed:
             try:
@@ -113,11 +115,16 @@ _ABANDONED_WAIT = 30.0
 _ABANDONED: list[threading.Thread] = []
 
 
-def _shutdown_quietly() -> None:
-    import jax
+def _jax() -> Any:
+    """The ``jax`` module (imported on the ranks only; typed loosely: JAX's API is partly untyped)."""
+    import importlib
 
+    return importlib.import_module("jax")
+
+
+def _shutdown_quietly() -> None:
     try:
-        jax.distributed.shutdown()
+        _jax().distributed.shutdown()
     except Exception as exc:  # the peers are gone: the state is reset below, on the next start
         log.debug("jax.distributed.shutdown() after a failed rank: %s", exc)
 
@@ -127,10 +134,10 @@ def _recover_abandoned() -> None:
     while _ABANDONED:
         thread = _ABANDONED.pop()
         thread.join(_ABANDONED_WAIT)
-        import jax
+        if _jax().distributed.is_initialized():
+            import importlib
 
-        if jax.distributed.is_initialized():
-            from jax._src.distributed import global_state
+            global_state: Any = importlib.import_module("jax._src.distributed").global_state
 
             log.warning("dropping jax.distributed state a failed launch left in this worker")
             global_state.preemption_sync_manager = None
@@ -140,9 +147,9 @@ def _recover_abandoned() -> None:
 
 def _fresh_backends() -> None:
     """Drop JAX's backends (and compiled caches) so the next ``initialize`` in this process may run."""
-    from jax._src import xla_bridge
+    import importlib
 
+    xla_bridge: Any = importlib.import_module("jax._src.xla_bridge")
     if xla_bridge.backends_are_initialized():
-        from jax.extend.backend import clear_backends
-
-        clear_backends()
+        backend: Any = importlib.import_module("jax.extend.backend")
+        backend.clear_backends()

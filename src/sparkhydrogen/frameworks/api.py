@@ -80,8 +80,11 @@ class GangLayout:
         if not all(isinstance(h, str) and h for h in self.hosts):
             raise ValueError(f"every host must be a non-empty string, got {list(self.hosts)}")
         object.__setattr__(self, "hosts", tuple(self.hosts))
-        for name, default in (("ports", ()), ("gpus", ()), ("offers", None)):
-            value = tuple(getattr(self, name)) or (default,) * n
+        defaults: dict[str, Any] = {"ports": (), "gpus": (), "offers": None}
+        for name, default in defaults.items():
+            value: tuple[Any, ...] = tuple(getattr(self, name))
+            if not value:
+                value = (default,) * n
             if len(value) != n:
                 raise ValueError(f"{name} lists {len(value)} ranks but the gang has {n} hosts")
             if name != "offers":

@@ -27,15 +27,14 @@ LIGHTNING_HINT = (
 
 
 def _base() -> Any:
-    try:
-        from lightning.fabric.plugins.environments import ClusterEnvironment
-    except ImportError:
+    import importlib
+
+    for package in ("lightning.fabric", "lightning_fabric"):  # lightning, or the pytorch_lightning package's
         try:
-            from lightning_fabric.plugins.environments import ClusterEnvironment  # the pytorch_lightning package
+            return importlib.import_module(f"{package}.plugins.environments").ClusterEnvironment
         except ImportError:
-            raise ImportError("lightning_environment() needs Lightning: pip install 'spark-hydrogen[lightning]'"
-                              ) from None
-    return ClusterEnvironment
+            continue
+    raise ImportError("lightning_environment() needs Lightning: pip install 'spark-hydrogen[lightning]'")
 
 
 def _variable(name: str) -> str:
@@ -47,7 +46,7 @@ def _variable(name: str) -> str:
 
 
 def _make_class(base: Any) -> type:
-    class SparkHydrogenEnvironment(base):  # type: ignore[misc, valid-type]
+    class SparkHydrogenEnvironment(base):  # type: ignore[misc]
         """Lightning's view of a ``sparkhydrogen.torch.run`` rank: its own node, one device, launched externally."""
 
         @property
