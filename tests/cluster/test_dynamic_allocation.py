@@ -170,6 +170,19 @@ def test_bare_barrier_rdd_and_dataframe_run_coordinated(sc: Any) -> None:
     assert sorted((r["rank"], r["rows"]) for r in got) == [(0, 10), (1, 10)]
 
 
+def test_transparent_mode_serves_pyspark_s_own_barrier_api_under_dynamic_allocation(sc: Any) -> None:
+    from pyspark import BarrierTaskContext
+
+    def part(rows: Any) -> Any:
+        ctx = BarrierTaskContext.get()  # pyspark's own API, as libraries written for it call it
+        ctx.barrier()
+        yield ctx.partitionId(), ctx.allGather(str(sum(rows))), len(ctx.getTaskInfos())
+
+    with h2.installed():  # Spark would refuse this barrier stage; a coordinated stage serves it
+        out = sc.parallelize(range(4), 2).barrier().mapPartitions(part).collect()
+    assert out == [(0, ["1", "5"], 2), (1, ["1", "5"], 2)]
+
+
 def test_torch_launcher_under_dynamic_allocation(sc: Any) -> None:
     pytest.importorskip("torch")
     import sparkhydrogen.torch as h2torch
