@@ -18,7 +18,8 @@ Importing this module does not import JAX; the ranks need it (``spark-hydrogen[j
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .frameworks import JaxDistributed
 from .frameworks.launch import check_count
@@ -29,7 +30,7 @@ __all__ = ["run", "JaxDistributed"]
 
 def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool = False, max_retries: int = 0,
         retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
-        env: Optional[Mapping[str, str]] = None, initialization_timeout: int = 300, **kwargs: Any) -> Any:
+        env: Mapping[str, str] | None = None, initialization_timeout: int = 300, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` as ``num_processes`` JAX processes, one per barrier task; rank 0's result.
 
     * ``jax.process_count()`` is ``num_processes`` and ``jax.process_index()`` the rank

@@ -6,8 +6,9 @@ Functions shipped to ranks are defined inside the tests (workers cannot import t
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sparkutil import spark_session
