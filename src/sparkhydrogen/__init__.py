@@ -37,11 +37,11 @@ from .transparent import install, installed, is_installed, uninstall
 
 __version__ = "0.1.0"
 
-_LAUNCHERS = ("torch", "horovod")
+_LAUNCHERS = ("torch", "horovod", "jax", "tensorflow", "frameworks")
 
 
 def __getattr__(name: str) -> object:
-    """``sparkhydrogen.torch`` / ``sparkhydrogen.horovod`` load on first use (their frameworks are optional)."""
+    """Launchers (``sparkhydrogen.torch``, ``.horovod``, ``.jax``, ``.tensorflow``, ``.frameworks``) load on use."""
     if name in _LAUNCHERS:
         import importlib
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..frameworks import Framework, GangLayout, run_rank
 from ..launch.placement import RankCall
@@ -36,8 +37,8 @@ __all__ = ["run", "layout", "HorovodLayout", "HorovodGloo", "RendezvousServer"]
 log = logging.getLogger("sparkhydrogen.horovod")
 
 
-def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None,
-        num_proc: Optional[int] = None, *, env: Optional[Mapping[str, str]] = None, max_retries: int = 0,
+def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+        num_proc: int | None = None, *, env: Mapping[str, str] | None = None, max_retries: int = 0,
         retry_backoff: float = 0.5, gloo_timeout: int = 60, spark: Any = None) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``num_proc`` gang-scheduled ranks with Horovod ready; results by rank.
 
@@ -93,9 +94,9 @@ class HorovodGloo(Framework):
 
     name = "horovod"
 
-    def __init__(self, extra: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, extra: Mapping[str, str] | None = None) -> None:
         self.extra = dict(extra or {})
-        self._server: Optional[RendezvousServer] = None
+        self._server: RendezvousServer | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"extra": self.extra, "_server": None}  # a rank's own server never travels
@@ -150,7 +151,7 @@ def _shutdown_horovod() -> None:
         hvd.shutdown()
 
 
-def interface_for(host: str) -> Optional[str]:
+def interface_for(host: str) -> str | None:
     """Name of the local network interface that carries ``host``'s IPv4 address (Linux), if any.
 
     >>> interface_for("127.0.0.1")

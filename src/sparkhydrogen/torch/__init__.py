@@ -24,8 +24,7 @@ from typing import Any
 from ._launch import run
 from ._layout import DEVICE_ENV, GpuAssignmentError, TorchLaunchError
 
-# lightning_environment is public too (docs/frameworks.md); it joins __all__ with tests/torch/test_torch_layout.py
-__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "run"]
+__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "lightning_environment", "run"]
 
 
 def lightning_environment() -> Any:

@@ -19,9 +19,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any, Callable, Optional, Union
-
-from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
+from collections.abc import Callable
+from typing import Any, Union
 
 from ..coordinator.handles import LogRecord
 from ..coordinator.state import AttemptKey
@@ -30,6 +29,7 @@ from ..launch.placement import RankCall
 from ..launch.run import run_gang
 from ..launch.runner import DeclaredGang, check_retries, declare
 from ..launch.session import SparkTarget, resolve
+from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
 from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
 from ._local import LocalRank, error_path, result_path
 from ._rank import ENTRY_MODULE, PARENT_PID_ENV, RankJob, describe_exit, run_job
@@ -42,7 +42,7 @@ Train = Union[Callable[..., Any], str, "os.PathLike[str]"]
 
 
 def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, local_mode: bool = False,
-        backend: Optional[str] = None, return_all: bool = False, use_subprocess: bool = False,
+        backend: str | None = None, return_all: bool = False, use_subprocess: bool = False,
         max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
         **kwargs: Any) -> Any:
     """Run ``train`` on ``num_processes`` ranks with ``torch.distributed`` set up; return rank 0's result.
@@ -113,7 +113,7 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
 # validation ------------------------------------------------------------------------
 
 
-def _check_train(train: Any, kwargs: dict[str, Any]) -> Union[Callable[..., Any], str]:
+def _check_train(train: Any, kwargs: dict[str, Any]) -> Callable[..., Any] | str:
     if isinstance(train, (str, os.PathLike)):
         path = os.fspath(train)
         if not isinstance(path, str) or not path:
@@ -136,7 +136,7 @@ def _check_count(num_processes: Any) -> None:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
 
 
-def _train_name(train: Union[Callable[..., Any], str]) -> str:
+def _train_name(train: Callable[..., Any] | str) -> str:
     if isinstance(train, str):
         return os.path.basename(train)
     return getattr(train, "__qualname__", None) or type(train).__name__
@@ -180,10 +180,10 @@ class LocalProcesses:
         self.target = target
         self.job = job
         self._lock = threading.Lock()
-        self._procs: dict[int, list["subprocess.Popen[bytes]"]] = {}
+        self._procs: dict[int, list[subprocess.Popen[bytes]]] = {}
 
     def run(self, call: RankCall, world_size: int, *, name: str,
-            on_log: Optional[Callable[[LogRecord], None]] = None) -> list[Any]:
+            on_log: Callable[[LogRecord], None] | None = None) -> list[Any]:
         gang, attempt = declare(self.target, world_size, name, on_log=on_log, on_abort=self._on_abort,
                                 preflight=False)
         spec = gang.spec(attempt)
@@ -204,7 +204,7 @@ class LocalProcesses:
         finally:
             self.kill_all()
 
-    def _start(self, task: LocalRank) -> "subprocess.Popen[bytes]":
+    def _start(self, task: LocalRank) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env[PARENT_PID_ENV] = str(os.getpid())
         # the ranks unpickle what the driver could import: give them the driver's import path
@@ -224,9 +224,9 @@ class LocalProcesses:
         with open(path, "rb") as fh:
             return pickle.load(fh)
 
-    def _wait(self, procs: list["subprocess.Popen[bytes]"]) -> dict[int, int]:
+    def _wait(self, procs: list[subprocess.Popen[bytes]]) -> dict[int, int]:
         """Wait for every rank process; when one fails, stop the others (they would wait for it forever)."""
-        done: "queue.SimpleQueue[tuple[int, int]]" = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         for rank, proc in enumerate(procs):
             threading.Thread(target=lambda r=rank, p=proc: done.put((r, p.wait())), daemon=True,
                              name=f"sparkhydrogen-local-rank-{rank}").start()
@@ -280,7 +280,7 @@ class LocalProcesses:
             self._procs.clear()
 
 
-def _kill(proc: "subprocess.Popen[bytes]") -> None:
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL a rank process and its process group (children included), by pid."""
     if proc.poll() is not None:
         return

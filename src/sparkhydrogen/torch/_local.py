@@ -16,7 +16,6 @@ import traceback
 from dataclasses import dataclass
 
 from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
-
 from ..task.lifecycle import RankSession
 from ..task.spec import TaskSpec
 from ._child import die_with_parent

@@ -22,8 +22,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any
 
 from ..context import BarrierTaskContext
 from ..errors import NotInGangError
@@ -52,7 +53,7 @@ ENTRY_MODULE = _ENTRY = "sparkhydrogen.torch._proc"
 class RankJob:
     """What every rank runs; travels to the ranks inside the task closure."""
 
-    train: Union[Callable[..., Any], str]
+    train: Callable[..., Any] | str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     backend: str = "gloo"
@@ -78,7 +79,7 @@ class _ChildTraceback(Exception):
         return "\n" + self.text.rstrip()
 
 
-def run_job(job: RankJob, local_host: Optional[str] = None) -> Any:
+def run_job(job: RankJob, local_host: str | None = None) -> Any:
     """Run one rank of ``job``; return its result (``None`` on ranks > 0 unless ``job.return_all``).
 
     ``local_host`` is the host of every rank when they run outside Spark tasks (local mode).
@@ -119,7 +120,7 @@ def run_job(job: RankJob, local_host: Optional[str] = None) -> Any:
 _TORCH = TorchDistributed()
 
 
-def _store(host: str, port: int, timeout: float, listen_fd: Optional[int] = None) -> Any:
+def _store(host: str, port: int, timeout: float, listen_fd: int | None = None) -> Any:
     """Torch's ``TCPStore``: the server on rank 0 (on the socket it already holds), a client elsewhere."""
     from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported from torch._C, untyped there
 
@@ -130,7 +131,7 @@ def _store(host: str, port: int, timeout: float, listen_fd: Optional[int] = None
 
 
 def _own_gpus(ctx: BarrierTaskContext, job: RankJob, rank: int, local: bool) -> list[str]:
-    task_gpus: Optional[list[str]] = None
+    task_gpus: list[str] | None = None
     if not local:
         try:
             info = ctx.resources().get("gpu")
@@ -262,7 +263,7 @@ def _run_child(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan:
         return None if job.is_script else _child.read_result(tmp)
 
 
-def _kill_group(proc: "subprocess.Popen[Any]") -> None:
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
