@@ -6,4 +6,4 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "load: long load/soak runs of the coordinator (still part of `make test`)")
+    config.addinivalue_line("markers", "load: long load/soak runs of the coordinator (`make test-load`, its own CI step)")
