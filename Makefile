@@ -89,7 +89,9 @@ $(CSTAMP): pyproject.toml
 
 test-compat: $(CSTAMP) java
 	PYSPARK_PYTHON=$(abspath $(CPY)) $(CPY) -m pytest tests/unit tests/spark/test_spark_barrier.py \
-	  tests/spark/test_spark_recovery.py tests/spark/test_spark_dataframe.py
+	  tests/spark/test_spark_recovery.py tests/spark/test_spark_dataframe.py \
+	  tests/transparent/test_transparent_pyspark.py tests/transparent/test_transparent_install.py \
+	  tests/transparent/test_transparent_context.py
 
 # one environment per extra Python: created from that interpreter, -e ".[test]" without torch
 $(P310)/.installed: pyproject.toml
