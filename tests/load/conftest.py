@@ -6,4 +6,4 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "load: long load/soak runs of the coordinator (`make test-load`, its own CI step)")
+    config.addinivalue_line("markers", "load: long load/soak runs of the coordinator (`make test-load`, own CI step)")
