@@ -55,13 +55,17 @@ class DriverService:
 
     def release_now(self, gang_id: str, checkpoint_dir: str | None = None) -> None:
         """Forget a gang at once (the caller has waited for it to settle) and remove its checkpoint folder."""
-        try:
-            if self.server.running:
-                self.server.remove_gang(gang_id)
-        except Exception as exc:  # the coordinator is stopping: nothing left to release
-            log.debug("could not release gang %s: %s", gang_id[:8], exc)
-        if checkpoint_dir is not None:
-            shutil.rmtree(_gang_folder(checkpoint_dir, gang_id), ignore_errors=True)
+        _forget(self.server, gang_id, checkpoint_dir)
+
+
+def _forget(server: CoordinatorServer, gang_id: str, checkpoint_dir: str | None) -> None:
+    try:
+        if server.running:
+            server.remove_gang(gang_id)
+    except Exception as exc:  # the coordinator is stopping: nothing left to release
+        log.debug("could not release gang %s: %s", gang_id[:8], exc)
+    if checkpoint_dir is not None:
+        shutil.rmtree(_gang_folder(checkpoint_dir, gang_id), ignore_errors=True)
 
 
 class _Releaser:
@@ -91,12 +95,9 @@ class _Releaser:
                 while self._server.running and not self._server.gang_settled(gang_id) \
                         and time.monotonic() < deadline:
                     pause.wait(0.01)
-                if self._server.running:
-                    self._server.remove_gang(gang_id)
-            except Exception as exc:  # the coordinator is stopping: nothing left to release
-                log.debug("could not release gang %s: %s", gang_id[:8], exc)
-            if checkpoint_dir is not None:
-                shutil.rmtree(_gang_folder(checkpoint_dir, gang_id), ignore_errors=True)
+            except Exception as exc:  # the coordinator is stopping: _forget says so too
+                log.debug("could not wait for gang %s to settle: %s", gang_id[:8], exc)
+            _forget(self._server, gang_id, checkpoint_dir)
 
 
 def _gang_folder(checkpoint_dir: str, gang_id: str) -> str:
