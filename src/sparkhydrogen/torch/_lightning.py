@@ -104,12 +104,8 @@ _CLASS: Any = None
 def lightning_environment() -> Any:
     """A Lightning ``ClusterEnvironment`` for the current ``sparkhydrogen.torch.run`` rank.
 
-    Example:
-        >>> def train():                                                # doctest: +SKIP
-        ...     trainer = lightning.Trainer(strategy="ddp", accelerator="cpu", devices=1, num_nodes=2,
-        ...                                 plugins=[sparkhydrogen.torch.lightning_environment()])
-        ...     trainer.fit(model, loader)
-        >>> sparkhydrogen.torch.run(train, num_processes=2)            # doctest: +SKIP
+    Public as :func:`sparkhydrogen.torch.lightning_environment` (which has the example); the
+    class is built on first use, so importing the launcher does not import Lightning.
     """
     global _CLASS
     if _CLASS is None:
