@@ -6,13 +6,19 @@ through :class:`RankSession`: connect to the coordinator, register, start the
 heartbeat, install the :class:`~sparkhydrogen.BarrierTaskContext`, stream output
 if asked, run the body, and report its outcome to the coordinator exactly once
 (finished, closed early by its consumer, or failed), then clean up.
+
+A rank in a Spark task that was given GPUs runs with ``CUDA_VISIBLE_DEVICES`` set to
+exactly those devices (composed with the executor's own value, see
+:mod:`sparkhydrogen.task.gpus`), put back when the rank ends: Python workers are reused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -21,15 +27,17 @@ from typing import Any, ClassVar, TypeVar
 from ..context import BarrierTaskContext
 from ..coordinator.client import CoordinatorClient
 from ..errors import CollectiveError, ErrorInfo, LaunchError
+from .gpus import GpuPlacementError, RankGpus, place, task_gpu_addresses
 from .spec import TaskSpec
 
 __all__ = ["RankSession", "run_partition", "run_gated_partition", "report_failure", "gang_body", "is_gang_body",
-           "native_barrier_context", "launch_window_id"]
+           "native_barrier_context", "launch_window_id", "rank_gpus"]
 
 log = logging.getLogger("sparkhydrogen.task")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MARK = "_sparkhydrogen_gang_body"
+_VISIBLE = "CUDA_VISIBLE_DEVICES"
 
 
 def gang_body(fn: F) -> F:
@@ -56,8 +64,32 @@ def launch_window_id(gang_attempt: int, world_size: int, rank: int) -> int:
     return gang_attempt * world_size + rank
 
 
+class _CudaStart:
+    """What ``CUDA_VISIBLE_DEVICES`` CUDA saw when it initialised in this (reused) Python worker, once known."""
+
+    known: ClassVar[bool] = False
+    saw: ClassVar[str | None] = None
+
+    @staticmethod
+    def started() -> bool:
+        """Whether torch has initialised CUDA in this process (never imports torch)."""
+        torch = sys.modules.get("torch")
+        cuda = getattr(torch, "cuda", None)
+        is_initialized = getattr(cuda, "is_initialized", None)
+        return bool(is_initialized()) if callable(is_initialized) else False
+
+    @classmethod
+    def note(cls, saw: str | None) -> None:
+        if not cls.known:
+            cls.known, cls.saw = True, saw
+
+
 class RankSession:
     """Context manager: this process is rank ``rank`` of the gang ``spec`` describes, for the ``with`` body.
+
+    With a Spark task (``native``) that has GPUs, the body runs with
+    ``CUDA_VISIBLE_DEVICES`` set to the task's devices (:attr:`gpus`); without
+    ``native`` (ranks a launcher started outside Spark) the environment is left alone.
 
     Example:
         >>> with RankSession(spec, rank=0, native=native) as ctx:     # doctest: +SKIP
@@ -79,6 +111,8 @@ class RankSession:
         self.context: BarrierTaskContext | None = None
         self._capture: Any = None
         self._reported = False
+        self.gpus: RankGpus | None = None
+        self._restore_visible = False
 
     def __enter__(self) -> BarrierTaskContext:
         spec = self.spec
@@ -98,14 +132,50 @@ class RankSession:
                                               spec.collective_timeout, spec.checkpoint_dir, **extra)
             BarrierTaskContext._set(self.context)
             RankSession._active = self
+            self._place_gpus()
             if spec.stream_logs:
                 from ..logstream import OutputCapture
 
                 self._capture = OutputCapture(client.log).start()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, GpuPlacementError):  # the rank's own failure: the driver names it
+                self.report_failure(exc)
             self._teardown()
             raise
         return self.context
+
+    def _place_gpus(self) -> None:
+        """Narrow ``CUDA_VISIBLE_DEVICES`` to this task's GPUs (none: leave it alone)."""
+        resources = getattr(self.native, "resources", None)
+        if not callable(resources):
+            return
+        executor_visible = os.environ.get(_VISIBLE)
+        started = _CudaStart.started()
+        if started:
+            _CudaStart.note(executor_visible)  # it started outside any rank: with the worker's own value
+        gpus = place(task_gpu_addresses(resources()), executor_visible, cuda_started=started,
+                     cuda_saw=_CudaStart.saw)
+        if gpus is None:
+            return
+        if started:
+            log.info("rank %d: CUDA was initialised earlier in this Python worker (with CUDA_VISIBLE_DEVICES=%r); "
+                     "this process keeps that numbering, child processes see only GPU(s) %s",
+                     self.rank, gpus.cuda_saw, gpus.visible)
+        self.gpus = gpus
+        self._restore_visible = True
+        os.environ[_VISIBLE] = gpus.visible
+
+    def _restore_gpus(self) -> None:
+        gpus = self.gpus
+        if not self._restore_visible or gpus is None:
+            return
+        self._restore_visible = False
+        if not gpus.cuda_started_before and _CudaStart.started():
+            _CudaStart.note(gpus.visible)  # CUDA started during this rank: it saw this rank's devices
+        if gpus.executor_visible is None:
+            os.environ.pop(_VISIBLE, None)
+        else:
+            os.environ[_VISIBLE] = gpus.executor_visible
 
     def report_failure(self, exc: BaseException, text: str | None = None) -> None:
         """Tell the coordinator this rank failed with ``exc`` (once; later reports are ignored).
@@ -144,6 +214,7 @@ class RankSession:
 
     def _teardown(self) -> None:
         self._stop_capture()
+        self._restore_gpus()
         if RankSession._active is self:
             RankSession._active = None
         if self.context is not None and BarrierTaskContext._current is self.context:
@@ -160,6 +231,15 @@ def report_failure(exc: BaseException) -> None:
     session = RankSession._active
     if session is not None:
         session.report_failure(exc)
+
+
+def rank_gpus() -> RankGpus | None:
+    """The GPUs the session of the rank running in this process placed (``None``: none, or no rank runs).
+
+    Launchers read it rather than ``CUDA_VISIBLE_DEVICES``, which the session has narrowed.
+    """
+    session = RankSession._active
+    return session.gpus if session is not None else None
 
 
 def native_barrier_context() -> Any:
@@ -232,8 +312,6 @@ def run_gated_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Itera
 @contextlib.contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the duration (Python workers are reused: put them back after)."""
-    import os
-
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:

@@ -1,15 +1,18 @@
 """Pure arithmetic of a torch launch: node layout, rank environment, GPU mapping, backend.
 
-Nothing here talks to Spark, torch or the network, so every rule is unit tested.
+Nothing here talks to Spark, torch or the network, so every rule is unit tested. The
+general GPU rules (addresses, ``CUDA_VISIBLE_DEVICES``) live in
+:mod:`sparkhydrogen.task.gpus`, shared by every launcher; the names stay importable here.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import LaunchError
+from ..task import gpus as _gpus
+from ..task.gpus import GpuPlacementError, check_gpu_addresses
 
 __all__ = [
     "DEVICE_ENV",
@@ -30,17 +33,14 @@ __all__ = [
 #: Environment variable telling a rank (function or script) which device is its own: "cpu" or "cuda:N".
 DEVICE_ENV = "SPARKHYDROGEN_TORCH_DEVICE"
 
-_GPU_ADDRESS = re.compile(r"0|[1-9][0-9]*")
-
-
 class TorchLaunchError(LaunchError):
     """A torch launch could not be set up or one of its rank processes failed."""
 
     __module__ = "sparkhydrogen.torch"  # its public home, as errors name it
 
 
-class GpuAssignmentError(TorchLaunchError, ValueError):
-    """``use_gpu=True`` but no (or no usable) GPU is assigned to a rank."""
+class GpuAssignmentError(TorchLaunchError, GpuPlacementError):
+    """``use_gpu=True`` but no (or no usable) GPU is assigned to a rank (a ``ValueError``, too)."""
 
     __module__ = "sparkhydrogen.torch"
 
@@ -118,53 +118,22 @@ def default_backend(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-def check_gpu_addresses(addresses: Sequence[str], where: str = "Spark") -> list[str]:
-    """GPU addresses as ``CUDA_VISIBLE_DEVICES`` needs them: non-negative integers without zero padding.
-
-    >>> check_gpu_addresses(["0", "3"])
-    ['0', '3']
-    >>> check_gpu_addresses(["GPU-1f3a"])  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: Spark gave GPU addresses ['GPU-1f3a']; each must be a device index ...
-    """
-    out = [str(a).strip() for a in addresses]
-    bad = [a for a in out if not _GPU_ADDRESS.fullmatch(a)]
-    if bad:
-        raise ValueError(
-            f"{where} gave GPU addresses {list(addresses)}; each must be a device index (0, 1, ...) without "
-            "zero padding, as CUDA_VISIBLE_DEVICES expects; make the GPU discovery script print indices"
-        )
-    return out
-
-
 def physical_gpus(addresses: Sequence[str], cuda_visible_devices: str | None) -> list[str]:
     """The device ids a fresh process must see for ``addresses`` that Spark assigned to this task.
 
-    Without ``CUDA_VISIBLE_DEVICES`` the addresses are the ids. With it (an
-    executor restricted to some devices), address ``i`` means its ``i``-th entry,
-    as TorchDistributor maps them.
+    The rule is :func:`sparkhydrogen.task.gpus.physical_gpus` (address ``i`` is the
+    ``i``-th entry of ``CUDA_VISIBLE_DEVICES`` when it is set); a bad mapping is a
+    :class:`GpuAssignmentError` here.
 
     >>> physical_gpus(["0", "2"], None)
     ['0', '2']
     >>> physical_gpus(["0", "2"], "4,5,6,7")
     ['4', '6']
     """
-    addresses = check_gpu_addresses(addresses)
-    if cuda_visible_devices is None:
-        return addresses
-    visible = [v.strip() for v in cuda_visible_devices.split(",") if v.strip()]
-    out = []
-    for address in addresses:
-        index = int(address)
-        if index >= len(visible):
-            raise GpuAssignmentError(
-                f"Spark assigned GPU address {address}, but CUDA_VISIBLE_DEVICES={cuda_visible_devices!r} lists "
-                f"only {len(visible)} device(s): with CUDA_VISIBLE_DEVICES set, GPU addresses are indices into it; "
-                "make the discovery script report indices of the visible devices, or unset CUDA_VISIBLE_DEVICES"
-            )
-        out.append(visible[index])
-    return out
+    try:
+        return _gpus.physical_gpus(addresses, cuda_visible_devices)
+    except GpuPlacementError as exc:
+        raise GpuAssignmentError(str(exc)) from exc
 
 
 def assigned_gpus(task_gpus: Sequence[str] | None, driver_gpus: Sequence[str], rank: int) -> list[str]:
@@ -219,19 +188,24 @@ class DevicePlan:
 
 
 def device_plan(*, use_gpu: bool, in_process: bool, own: Sequence[str] = (), own_physical: Sequence[str] = (),
-                host_peers: Sequence[Sequence[str]] = (), local_rank: int = 0) -> DevicePlan:
+                host_peers: Sequence[Sequence[str]] = (), local_rank: int = 0,
+                ordinal: int | None = None) -> DevicePlan:
     """The device of a rank, and what its child process must see.
 
     ``own`` are Spark's addresses for this rank (indices into the visible devices
     of this process), ``own_physical`` the same as device ids, ``host_peers`` the
     device ids of every rank on this host in local-rank order (this rank's included).
 
-    In this process, address ``i`` is ``cuda:i``. A child process sees the GPUs of
+    In this process, address ``i`` is ``cuda:i`` unless ``ordinal`` says otherwise: the
+    rank's session narrows ``CUDA_VISIBLE_DEVICES`` to the rank's own GPUs, so its first
+    GPU is ``cuda:0`` (see :meth:`sparkhydrogen.task.gpus.RankGpus.ordinals`). A child process sees the GPUs of
     every rank of its host in local-rank order when each of them has exactly one
     (so ``cuda:LOCAL_RANK`` is its own GPU, as under torchrun); otherwise only its own.
 
     >>> device_plan(use_gpu=True, in_process=True, own=["1"], own_physical=["5"])
     DevicePlan(ordinal=1, visible=None)
+    >>> device_plan(use_gpu=True, in_process=True, own=["1"], own_physical=["5"], ordinal=0)
+    DevicePlan(ordinal=0, visible=None)
     >>> device_plan(use_gpu=True, in_process=False, own=["1"], own_physical=["5"],
     ...             host_peers=[["4"], ["5"]], local_rank=1)
     DevicePlan(ordinal=1, visible='4,5')
@@ -243,7 +217,7 @@ def device_plan(*, use_gpu: bool, in_process: bool, own: Sequence[str] = (), own
     if not own or len(own) != len(own_physical):
         raise GpuAssignmentError("use_gpu=True but this rank has no GPU assigned")
     if in_process:
-        return DevicePlan(ordinal=int(own[0]), visible=None)
+        return DevicePlan(ordinal=int(own[0]) if ordinal is None else ordinal, visible=None)
     flat = [p[0] for p in host_peers if len(p) == 1]
     one_each = len(flat) == len(host_peers) and len(set(flat)) == len(flat) and 0 <= local_rank < len(flat)
     if one_each and flat[local_rank] == own_physical[0]:

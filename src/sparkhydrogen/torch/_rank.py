@@ -30,7 +30,8 @@ from ..context import BarrierTaskContext
 from ..errors import NotInGangError
 from ..frameworks import TorchDistributed, form
 from ..frameworks import host_of as _host_of  # noqa: F401  (the rule lives in the framework API now)
-from ..task.lifecycle import environment, report_failure
+from ..task.gpus import GpuPlacementError, RankGpus
+from ..task.lifecycle import environment, rank_gpus, report_failure
 from ._layout import (
     DEVICE_ENV,
     DevicePlan,
@@ -89,16 +90,22 @@ def run_job(job: RankJob, local_host: str | None = None) -> Any:
     """
     ctx = BarrierTaskContext.get()
     rank, world = ctx.rank(), ctx.worldSize()
-    own = _own_gpus(ctx, job, rank, local_host is not None) if job.use_gpu else []
-    physical = physical_gpus(own, os.environ.get("CUDA_VISIBLE_DEVICES")) if own else []
+    in_process = not (job.is_script or job.use_subprocess)
+    placed = rank_gpus() if job.use_gpu and local_host is None else None
+    ordinal = None
+    if placed is not None:  # the rank's session narrowed CUDA_VISIBLE_DEVICES to these
+        own, physical = list(placed.addresses), list(placed.physical)
+        ordinal = _ordinal(placed) if in_process else None
+    else:
+        own = _own_gpus(ctx, job, rank, local_host is not None) if job.use_gpu else []
+        physical = physical_gpus(own, os.environ.get("CUDA_VISIBLE_DEVICES")) if own else []
     hosts = [local_host] * world if local_host is not None else None
     layout, holds = form(_TORCH, ctx, hosts=hosts, gpus=physical)
     store = None
     try:
-        in_process = not (job.is_script or job.use_subprocess)
         plan = device_plan(use_gpu=job.use_gpu, in_process=in_process, own=own, own_physical=physical,
                            host_peers=[list(layout.gpus[r]) for r in layout.ranks_on(layout.host)],
-                           local_rank=layout.local_rank)
+                           local_rank=layout.local_rank, ordinal=ordinal)
         env = _TORCH.environment(layout)
         env[DEVICE_ENV] = plan.device
         if holds:
@@ -128,6 +135,14 @@ def _store(host: str, port: int, timeout: float, listen_fd: int | None = None) -
     if listen_fd is not None:
         return TCPStore(host, port, None, True, delta, wait_for_workers=False, master_listen_fd=listen_fd)
     return TCPStore(host, port, None, False, delta)
+
+
+def _ordinal(placed: RankGpus) -> int:
+    """This rank's first GPU as a CUDA index of this process: 0 when CUDA starts with the narrowed view."""
+    try:
+        return placed.ordinals()[0]
+    except GpuPlacementError as exc:
+        raise GpuAssignmentError(str(exc)) from exc
 
 
 def _own_gpus(ctx: BarrierTaskContext, job: RankJob, rank: int, local: bool) -> list[str]:
