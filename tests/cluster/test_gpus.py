@@ -1,0 +1,215 @@
+"""Every rank sees exactly its task's GPUs: real executor JVMs (local-cluster) with "discovered" GPUs.
+
+There is no GPU here. Each worker runs a real Spark resource discovery script that
+reports GPUs 0 and 1, as pyspark's own tests do; the ranks check what
+``CUDA_VISIBLE_DEVICES`` they (and their child processes) see, and that the reused
+Python workers get their environment back. Three clusters, one after the other:
+``spark.task.resource.gpu.amount`` 1, then 0.5, then 1 with executors restricted to
+``CUDA_VISIBLE_DEVICES=4,5``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sparkutil import spark_session
+
+import sparkhydrogen as h2
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+DISCOVERY = """\
+#!{python}
+print('{{"name": "gpu", "addresses": ["0", "1"]}}')
+"""
+
+
+class Clusters:
+    """One local-cluster at a time: asking for another configuration stops the running one first."""
+
+    def __init__(self, script: Path) -> None:
+        self.script = script
+        self.name: str | None = None
+        self.sc: Any = None
+        self._stack = ExitStack()
+
+    def get(self, name: str) -> Any:
+        if name != self.name:
+            self.close()
+            master, conf = self._config(name)
+            self.sc = self._stack.enter_context(spark_session(master, **conf)).sparkContext
+            self.name = name
+        return self.sc
+
+    def _config(self, name: str) -> tuple[str, dict[str, str]]:
+        conf = {
+            "spark.executor.memory": "512m",
+            "spark.worker.resource.gpu.amount": "2",
+            "spark.worker.resource.gpu.discoveryScript": str(self.script),
+            "spark.executor.resource.gpu.amount": "2",
+            "spark.executor.resource.gpu.discoveryScript": str(self.script),
+            "spark.task.resource.gpu.amount": "1",
+        }
+        if name == "shared":  # 0.5: two tasks per GPU, 4 per executor (so 4 cores each)
+            return "local-cluster[2,4,1024]", {**conf, "spark.task.resource.gpu.amount": "0.5"}
+        if name == "restricted":
+            return "local-cluster[2,2,1024]", {**conf, "spark.executorEnv.CUDA_VISIBLE_DEVICES": "4,5"}
+        return "local-cluster[2,2,1024]", conf
+
+    def close(self) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+        self.name = self.sc = None
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
+    script = tmp_path_factory.mktemp("gpus") / "discover_gpus.py"
+    script.write_text(DISCOVERY.format(python=sys.executable))
+    script.chmod(0o755)
+    made = Clusters(script)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def _rank_view() -> Callable[[], dict[str, Any]]:
+    """A rank body reporting what the rank sees (nested, so it travels to executors by value)."""
+    def fn() -> dict[str, Any]:
+        import os
+        import subprocess
+        import sys
+
+        import sparkhydrogen as h2
+
+        ctx = h2.BarrierTaskContext.get()
+        code = "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        return {"rank": ctx.rank(), "executor": ctx.getTaskInfos()[ctx.rank()].address,
+                "addresses": list(ctx.resources()["gpu"].addresses),
+                "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "child": child.strip(), "pid": os.getpid()}
+
+    return fn
+
+
+def _plain_view(sc: Any, n: int) -> list[tuple[int, str | None]]:
+    """(pid, CUDA_VISIBLE_DEVICES) of ``n`` ordinary (non-gang) tasks."""
+    def view(_: Any) -> tuple[int, str | None]:
+        import os
+
+        return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    out: list[tuple[int, str | None]] = sc.parallelize(range(n), n).map(view).collect()
+    return out
+
+
+# spark.task.resource.gpu.amount=1 ----------------------------------------------------
+
+
+def test_each_rank_sees_only_its_own_gpu(clusters: Clusters) -> None:
+    sc = clusters.get("one")
+
+    out = h2.run(_rank_view(), 4)
+    assert [o["rank"] for o in out] == [0, 1, 2, 3]
+    assert all(len(o["addresses"]) == 1 for o in out)
+    pairs = {(o["executor"], o["addresses"][0]) for o in out}
+    assert len(pairs) == 4 and len({o["executor"] for o in out}) == 2  # 2 executors x GPUs 0 and 1
+    assert [o["visible"] for o in out] == [o["addresses"][0] for o in out]
+    assert [o["child"] for o in out] == [o["visible"] for o in out]  # a process the rank starts inherits it
+
+    # the reused Python workers got their environment back: ordinary tasks see no CUDA_VISIBLE_DEVICES
+    plain = _plain_view(sc, 4)
+    assert {v for _, v in plain} == {None}
+    assert {p for p, _ in plain} & {o["pid"] for o in out}, "expected the gang's Python workers to be reused"
+
+
+def test_barrier_rdd_ranks_see_their_gpu(clusters: Clusters) -> None:
+    sc = clusters.get("one")
+
+    def body(rows: Any) -> Iterator[tuple[str, str | None]]:
+        import os
+
+        import sparkhydrogen as h2
+
+        ctx = h2.BarrierTaskContext.get()
+        yield ctx.resources()["gpu"].addresses[0], os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    out = h2.barrier(sc.parallelize(range(4), 4)).mapPartitions(body).collect()
+    assert sorted(out) == [("0", "0"), ("0", "0"), ("1", "1"), ("1", "1")]
+
+
+def test_torch_ranks_see_their_gpu_and_train_on_cpu(clusters: Clusters) -> None:
+    pytest.importorskip("torch")
+    import sparkhydrogen.torch as h2torch
+
+    clusters.get("one")
+
+    def train() -> dict[str, Any]:
+        import os
+
+        import torch
+        import torch.distributed as dist
+
+        import sparkhydrogen as h2
+        import sparkhydrogen.torch as h2torch
+
+        t = torch.tensor([1.0])
+        dist.all_reduce(t)
+        ctx = h2.BarrierTaskContext.get()
+        return {"sum": t.item(), "device": str(h2torch.device()), "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "address": ctx.resources()["gpu"].addresses[0]}
+
+    out = h2torch.run(train, num_processes=2, use_gpu=False, return_all=True)
+    assert [o["sum"] for o in out] == [2.0, 2.0] and {o["device"] for o in out} == {"cpu"}
+    assert [o["visible"] for o in out] == [o["address"] for o in out]  # use_gpu=False: still only its GPU
+
+    def child() -> str | None:
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    # a training process with use_gpu=False is shown no GPU at all (as before)
+    assert h2torch.run(child, num_processes=2, use_subprocess=True, return_all=True) == ["", ""]
+
+    def nothing() -> None:
+        pass
+
+    # use_gpu=True in the task's worker: its own GPU is cuda:0 of its narrowed view; this torch has no CUDA
+    with pytest.raises(h2.GangFailedError, match=r"GpuAssignmentError: use_gpu=True and this rank was assigned "
+                                                 r"cuda:0 \(CUDA_VISIBLE_DEVICES='[01]'\), but "
+                                                 r"torch.cuda.is_available\(\) is False"):
+        h2torch.run(nothing, num_processes=2, use_gpu=True, backend="gloo")
+
+
+# spark.task.resource.gpu.amount=0.5 --------------------------------------------------
+
+
+def test_half_a_gpu_each_two_ranks_share_a_device(clusters: Clusters) -> None:
+    sc = clusters.get("shared")
+
+    out = h2.run(_rank_view(), 8)  # 2 executors x 2 GPUs x 2 tasks per GPU
+    shares = Counter((o["executor"], o["addresses"][0]) for o in out)
+    assert len(shares) == 4 and set(shares.values()) == {2}
+    assert all(o["visible"] == o["child"] == o["addresses"][0] for o in out)
+    assert {v for _, v in _plain_view(sc, 8)} == {None}
+
+
+# executors restricted to CUDA_VISIBLE_DEVICES=4,5 ------------------------------------
+
+
+def test_addresses_index_into_the_executors_visible_devices(clusters: Clusters) -> None:
+    sc = clusters.get("restricted")
+
+    out = h2.run(_rank_view(), 4)
+    devices = {"0": "4", "1": "5"}
+    assert [o["visible"] for o in out] == [devices[o["addresses"][0]] for o in out]
+    assert [o["child"] for o in out] == [o["visible"] for o in out]
+    assert len({(o["executor"], o["visible"]) for o in out}) == 4
+    assert {v for _, v in _plain_view(sc, 4)} == {"4,5"}  # the executor's own value, put back
