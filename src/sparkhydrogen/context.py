@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from . import serde
@@ -177,6 +177,7 @@ class BarrierTaskContext(_ContextBase):
         self._task_infos = None if task_infos is None else tuple(str(a) for a in task_infos)
         self._committed_file: str | None = None
         self._uncertain_files: list[str] = []
+        self._data: Any = None  # this rank's share of run(..., data=) (a sparkhydrogen.task.data.RankData)
         if isinstance(native, _pyspark_classes()[0]):
             for name in _PYSPARK_FIELDS:
                 value = getattr(native, name, None)
@@ -233,6 +234,36 @@ class BarrierTaskContext(_ContextBase):
                 delattr(owner, _PYSPARK_SLOT)
             else:
                 setattr(owner, _PYSPARK_SLOT, value)
+
+    # data ----------------------------------------------------------------
+    def batches(self) -> Iterator[Any]:
+        """This rank's share of the gang's ``data=``, as ``pyarrow.RecordBatch`` es, streamed (read once).
+
+        Every row of the DataFrame (or RDD) goes to exactly one rank; the share is the
+        task's own input, so it never passes through the driver. An RDD's elements are
+        turned into batches of up to 10,000 records (Rows and dicts by field, tuples as
+        ``_1, _2, ...``, anything else as ``value``).
+
+        Example:
+            >>> def count():                                              # doctest: +SKIP
+            ...     ctx = sparkhydrogen.BarrierTaskContext.get()
+            ...     return sum(batch.num_rows for batch in ctx.batches())
+            >>> sparkhydrogen.run(count, 2, data=spark.range(1000))      # doctest: +SKIP
+            [500, 500]
+        """
+        if self._data is None:
+            from .task.data import no_data_error
+
+            raise no_data_error("batches")
+        return cast(Iterator[Any], self._data.batches())
+
+    def rows(self) -> Iterator[Any]:
+        """This rank's share of ``data=`` row by row: an RDD's elements, or a DataFrame's rows as dicts (read once)."""
+        if self._data is None:
+            from .task.data import no_data_error
+
+            raise no_data_error("rows")
+        return cast(Iterator[Any], self._data.rows())
 
     # identity ------------------------------------------------------------
     def rank(self) -> int:

@@ -30,7 +30,8 @@ __all__ = ["run", "JaxDistributed"]
 
 def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool = False, max_retries: int = 0,
         retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
-        env: Mapping[str, str] | None = None, initialization_timeout: int = 300, **kwargs: Any) -> Any:
+        env: Mapping[str, str] | None = None, resources: Any = None, data: Any = None,
+        initialization_timeout: int = 300, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` as ``num_processes`` JAX processes, one per barrier task; rank 0's result.
 
     * ``jax.process_count()`` is ``num_processes`` and ``jax.process_index()`` the rank
@@ -42,6 +43,8 @@ def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool
     * ``stream_logs`` (default on) prints every rank's output on the driver, ``[rank N]``.
     * ``env`` adds variables for every rank; ``initialization_timeout`` bounds
       ``jax.distributed.initialize`` (seconds).
+    * ``resources`` and ``data`` are :func:`sparkhydrogen.run`'s; read the rank's share
+      of ``data`` with :func:`sparkhydrogen.jax.batches` (numpy arrays).
 
     The keyword names above are the launcher's; every other keyword goes to ``fn``.
     """
@@ -49,4 +52,4 @@ def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool
     framework = JaxDistributed(initialization_timeout=initialization_timeout)
     return _run_framework(framework, fn, *args, num_tasks=num_processes, return_all=return_all,
                           max_retries=max_retries, retry_backoff=retry_backoff, stream_logs=stream_logs, spark=spark,
-                          env=env, **kwargs)
+                          env=env, resources=resources, data=data, **kwargs)

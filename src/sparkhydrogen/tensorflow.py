@@ -37,7 +37,8 @@ __all__ = ["run", "TensorFlowMultiWorker", "KERAS3_FIT_MESSAGE"]
 
 def run(fn: Callable[..., Any], *args: Any, num_workers: int, return_all: bool = False, max_retries: int = 0,
         retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
-        env: Mapping[str, str] | None = None, legacy_keras: bool = True, **kwargs: Any) -> Any:
+        env: Mapping[str, str] | None = None, resources: Any = None, data: Any = None, legacy_keras: bool = True,
+        **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_workers`` TensorFlow workers, one per barrier task; rank 0's result.
 
     * ``TF_CONFIG`` is set (worker ``i`` is task ``{"type": "worker", "index": i}``), so
@@ -59,4 +60,5 @@ def run(fn: Callable[..., Any], *args: Any, num_workers: int, return_all: bool =
         raise TypeError(f"legacy_keras must be True or False, got {legacy_keras!r}")
     return _run_framework(TensorFlowMultiWorker(legacy_keras=legacy_keras), fn, *args, num_tasks=num_workers,
                           return_all=return_all, max_retries=max_retries, retry_backoff=retry_backoff,
-                          stream_logs=stream_logs, spark=spark, env=env, **kwargs)
+                          stream_logs=stream_logs, spark=spark, env=env, resources=resources, data=data,
+                          **kwargs)

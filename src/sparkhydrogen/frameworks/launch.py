@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..launch.placement import RankCall
+from ..launch.resources import stage_resources
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
@@ -25,15 +26,16 @@ def check_count(name: str, value: Any) -> int:
 
 def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int, return_all: bool = False,
         max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
-        env: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+        env: Mapping[str, str] | None = None, resources: Any = None, data: Any = None, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled ranks set up for ``framework``.
 
     Each rank reserves the ports the framework asks for, the gang shares them in one
     ``allGather``, the framework's variables are set (and ``env`` after them), its init
     call runs, then ``fn``; afterwards the framework is undone and the variables
     restored, even when ``fn`` raised. Returns rank 0's result, or every rank's in rank
-    order with ``return_all=True``. Failures, retries, output streaming and Spark
-    Connect behave as in :func:`sparkhydrogen.run`.
+    order with ``return_all=True``. Failures, retries, output streaming, Spark
+    Connect, ``resources`` and ``data`` behave as in :func:`sparkhydrogen.run`
+    (``data`` needs a framework that runs ``fn`` in the task's process).
 
     Example:
         >>> from sparkhydrogen.frameworks import run, TorchDistributed     # doctest: +SKIP
@@ -51,9 +53,14 @@ def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise TypeError("env must map str to str")
     check_retries(max_retries, retry_backoff)
+    wanted = stage_resources(resources)
+    if data is not None and framework.fresh_process:
+        raise ValueError(f"{framework.name} runs fn in a fresh process of each rank, which data= cannot reach (the "
+                         "share streams into the task's own worker): use sparkhydrogen.run(fn, n, data=...) and read "
+                         "it with sparkhydrogen.data loaders there")
     target = resolve(spark)
     label = f"{framework.name}.run({getattr(fn, '__qualname__', type(fn).__name__)})"
     call = RankCall(run_rank, (framework, fn, tuple(args), dict(kwargs), return_all, dict(env or {})))
     results = run_gang(call, num_tasks, target=target, max_retries=max_retries, retry_backoff=retry_backoff,
-                       stream_logs=stream_logs, name=label)
+                       stream_logs=stream_logs, name=label, resources=wanted, data=data)
     return results if return_all else results[0]

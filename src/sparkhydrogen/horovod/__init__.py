@@ -25,6 +25,7 @@ from typing import Any
 
 from ..frameworks import Framework, GangLayout, run_rank
 from ..launch.placement import RankCall
+from ..launch.resources import stage_resources
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
@@ -39,13 +40,15 @@ log = logging.getLogger("sparkhydrogen.horovod")
 
 def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
         num_proc: int | None = None, *, env: Mapping[str, str] | None = None, max_retries: int = 0,
-        retry_backoff: float = 0.5, gloo_timeout: int = 60, spark: Any = None) -> list[Any]:
+        retry_backoff: float = 0.5, gloo_timeout: int = 60, spark: Any = None, resources: Any = None,
+        data: Any = None) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``num_proc`` gang-scheduled ranks with Horovod ready; results by rank.
 
     Mirrors ``horovod.spark.run``: ``num_proc`` defaults to Spark's default
     parallelism, ``env`` adds variables for every rank. A rank that fails aborts
     the gang; with ``max_retries`` the whole gang is relaunched with a fresh
-    rendezvous token (stragglers of the failed attempt are refused).
+    rendezvous token (stragglers of the failed attempt are refused). ``resources``
+    and ``data`` are :func:`sparkhydrogen.run`'s.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -58,6 +61,7 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
     if isinstance(gloo_timeout, bool) or not isinstance(gloo_timeout, int) or gloo_timeout < 1:
         raise ValueError(f"gloo_timeout must be a positive number of seconds, got {gloo_timeout!r}")
     check_retries(max_retries, retry_backoff)
+    wanted = stage_resources(resources)
     target = resolve(spark)
     if num_proc is None:
         num_proc = _default_parallelism(target)
@@ -67,7 +71,8 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
     extra["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(gloo_timeout)
     call = RankCall(_horovod_rank, (fn, tuple(args), dict(kwargs or {}), extra))
     name = f"horovod.run({getattr(fn, '__qualname__', type(fn).__name__)})"
-    return run_gang(call, num_proc, target=target, max_retries=max_retries, retry_backoff=retry_backoff, name=name)
+    return run_gang(call, num_proc, target=target, max_retries=max_retries, retry_backoff=retry_backoff, name=name,
+                    resources=wanted, data=data)
 
 
 def _default_parallelism(target: Any) -> int:

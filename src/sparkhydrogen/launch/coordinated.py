@@ -152,7 +152,7 @@ class GateMonitor:
             except Exception:
                 return
             changed = joined != last_joined
-            if (changed and now - last_line >= 1.0) or now - last_line >= self.every:
+            if waited >= 1.0 and ((changed and now - last_line >= 1.0) or now - last_line >= self.every):
                 bound = self.gang.service.config.launch.start_timeout
                 log.warning("%s: %d of %d ranks joined the start gate after %.0f s (bound %.0f s); %s",
                             label, joined, world, waited, bound, note)
@@ -165,24 +165,27 @@ class CoordinatedStage:
 
     name = "coordinated stage"
 
-    def __init__(self, target: SparkTarget, *, poll: float = POLL_INTERVAL) -> None:
+    def __init__(self, target: SparkTarget, *, poll: float = POLL_INTERVAL, resources: Any = None,
+                 data: Any = None) -> None:
         self.target = target
+        self.resources = resources  # a StageResources, or None: the application's defaults
+        self.data = data  # a GangData whose shares the ranks read, or None
         self.poll = poll  # how often the driver polls the gate and the cluster while the gang waits
         #: The monitor of the last launch (its timings feed ``benchmarks/bench_dynamic.py``).
         self.last_monitor: GateMonitor | None = None
 
     def run(self, call: Any, world_size: int, *, name: str, on_log: Any = None) -> list[Any]:
-        from .placement import _by_rank, _result_rows
+        from .placement import _by_rank, stage_profile
 
-        sc = self.target.sc
+        profile, asks = stage_profile(self.target, self.resources)
         gang, attempt = declare(self.target, world_size, name, on_log=on_log, gated=True,
-                                on_abort=stage_canceller(self.target))
-        body = gang_body(functools.partial(run_gated_partition, gang.spec(attempt),
-                                           functools.partial(_result_rows, call)))
-        rdd = sc.parallelize(range(world_size), world_size).mapPartitionsWithIndex(body)
+                                on_abort=stage_canceller(self.target), profile=profile, resources=asks)
+        if self.data is not None:
+            log.info("gang %s (%s): data %s", gang.handle.gang_id[:8], name, self.data.how)
+        collect = self._stage(call, gang.spec(attempt), world_size, profile)
         monitor = self.last_monitor = GateMonitor(self.target, gang, attempt, poll=self.poll).start()
         try:
-            pairs = rdd.collect()
+            pairs = collect()
         except Exception as exc:
             timeout = start_failure(gang, attempt)
             if timeout is not None:  # the cluster never gave every rank a slot: retrying would not help
@@ -194,3 +197,23 @@ class CoordinatedStage:
         if len(pairs) != world_size:  # never silently short: every rank returns exactly one result
             raise LaunchError(f"gang {name!r} returned {len(pairs)} results for {world_size} ranks")
         return _by_rank(pairs)
+
+    def _stage(self, call: Any, spec: Any, world_size: int, profile: Any) -> Callable[[], list[tuple[int, bytes]]]:
+        """The gang's Spark action: ``world_size`` gated ranks over nothing, an RDD's shares or a DataFrame's."""
+        from ..task.data import fed
+        from .placement import _result_batches, _result_rows, arrow_profile_kwargs, with_profile
+
+        data = self.data
+        if data is None or not data.arrow:
+            rank_fn: Any = functools.partial(_result_rows, call)
+            if data is not None:
+                rank_fn = functools.partial(fed, rank_fn, False)
+            body = gang_body(functools.partial(run_gated_partition, spec, rank_fn))
+            source = data.source if data is not None else self.target.sc.parallelize(range(world_size), world_size)
+            rdd = with_profile(source.mapPartitionsWithIndex(body), profile)
+            return rdd.collect  # type: ignore[no-any-return]
+        arrow_body = gang_body(functools.partial(run_gated_partition, spec,
+                                                 functools.partial(fed, functools.partial(_result_batches, call),
+                                                                   True), None))
+        frame = data.source.mapInArrow(arrow_body, "rank long, value binary", **arrow_profile_kwargs(profile))
+        return lambda: [(int(row["rank"]), bytes(row["value"])) for row in frame.collect()]

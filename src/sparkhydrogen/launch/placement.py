@@ -26,14 +26,17 @@ from typing import Any, Optional, Protocol
 
 from .. import serde
 from ..coordinator.handles import LogRecord
+from ..task.data import fed
 from ..task.embedded import EmbeddedGang, embedded_partition, parse_failure_marker
 from ..task.lifecycle import gang_body, run_partition
 from .coordinated import CoordinatedStage, placement_reason, uses_coordinated
+from .data import GangData
+from .resources import StageResources, profile_for
 from .runner import declare, failure_error, launching, translate
 from .session import SparkTarget
 
 __all__ = ["RankCall", "Placement", "NativeBarrierStage", "EmbeddedCoordinator", "CoordinatedStage", "placement_for",
-           "embedded_gang"]
+           "embedded_gang", "with_profile", "arrow_profile_kwargs"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -72,6 +75,34 @@ def _by_rank(pairs: Iterable[tuple[int, bytes]]) -> list[Any]:
     return [serde.loads(payload, "return value") for _, payload in sorted(pairs, key=lambda kv: kv[0])]
 
 
+def with_profile(rdd: Any, profile: Any) -> Any:
+    """``rdd`` whose stage runs with ``profile`` (stage-level resources); ``rdd`` itself without one."""
+    return rdd if profile is None else rdd.withResources(profile)
+
+
+def arrow_profile_kwargs(profile: Any) -> dict[str, Any]:
+    """``mapInArrow`` keywords for a stage profile (pyspark >= 4.0 takes ``profile=``)."""
+    if profile is None:
+        return {}
+    import inspect
+
+    from pyspark.sql import DataFrame
+
+    if "profile" not in inspect.signature(DataFrame.mapInArrow).parameters:
+        from ..errors import LaunchError
+
+        raise LaunchError("resources= with a DataFrame stage (data=DataFrame, or Spark Connect) needs pyspark >= 4.0 "
+                          "(DataFrame.mapInArrow(profile=)); pass an RDD as data=, or upgrade pyspark")
+    return {"profile": profile}
+
+
+def stage_profile(target: SparkTarget, resources: StageResources | None) -> tuple[Any, str]:
+    """The pyspark profile of a gang stage and its description (``(None, "")`` for the application's defaults)."""
+    if resources is None:
+        return None, ""
+    return profile_for(target, resources), resources.describe()
+
+
 class Placement(Protocol):
     """Starts every rank of one gang attempt together and returns their results in rank order."""
 
@@ -86,14 +117,17 @@ class NativeBarrierStage:
 
     name = "native barrier stage"
 
-    def __init__(self, target: SparkTarget) -> None:
+    def __init__(self, target: SparkTarget, resources: StageResources | None = None) -> None:
         self.target = target
+        self.resources = resources
 
     def run(self, call: RankCall, world_size: int, *, name: str, on_log: OnLog = None) -> list[Any]:
         sc = self.target.sc
-        gang, attempt = declare(self.target, world_size, name, on_log=on_log)
+        profile, asks = stage_profile(self.target, self.resources)
+        gang, attempt = declare(self.target, world_size, name, on_log=on_log, profile=profile, resources=asks)
         body = gang_body(functools.partial(run_partition, gang.spec(attempt), functools.partial(_result_rows, call)))
-        rdd = sc.parallelize(range(world_size), world_size).barrier().mapPartitionsWithIndex(body)
+        rdd = with_profile(sc.parallelize(range(world_size), world_size).barrier().mapPartitionsWithIndex(body),
+                           profile)
         try:
             pairs = rdd.collect()
         except Exception as exc:
@@ -118,30 +152,44 @@ class EmbeddedCoordinator:
 
     name = "embedded coordinator (Spark Connect)"
 
-    def __init__(self, target: SparkTarget) -> None:
+    def __init__(self, target: SparkTarget, resources: StageResources | None = None,
+                 data: GangData | None = None) -> None:
         self.target = target
+        self.resources = resources
+        self.data = data
 
     def run(self, call: RankCall, world_size: int, *, name: str, on_log: OnLog = None) -> list[Any]:
         if on_log is not None:
             log.info("stream_logs: under Spark Connect the ranks' output stays in the executors' logs")
         gang = embedded_gang(self.target, world_size)
-        body = gang_body(functools.partial(embedded_partition, gang, functools.partial(_result_batches, call)))
-        df = self.target.spark.range(0, world_size, 1, world_size)
+        rank_fn: Any = functools.partial(_result_batches, call)
+        if self.data is not None:
+            rank_fn = functools.partial(fed, rank_fn, True)
+            df = self.data.source
+            log.info("gang %s: data %s", name, self.data.how)
+        else:
+            df = self.target.spark.range(0, world_size, 1, world_size)
+        body = gang_body(functools.partial(embedded_partition, gang, rank_fn))
+        extra = arrow_profile_kwargs(stage_profile(self.target, self.resources)[0])
         try:
-            rows = df.mapInArrow(body, "rank long, value binary", barrier=True).collect()
+            rows = df.mapInArrow(body, "rank long, value binary", barrier=True, **extra).collect()
         except Exception as exc:
             raise embedded_error(name, exc) from exc
         return _by_rank((int(row["rank"]), bytes(row["value"])) for row in rows)
 
 
-def placement_for(target: SparkTarget) -> Placement:
+def placement_for(target: SparkTarget, resources: StageResources | None = None,
+                  data: GangData | None = None) -> Placement:
     """The placement for a target: an embedded coordinator under Connect; else a native barrier stage, or a
-    coordinated stage when Spark would refuse a barrier stage (dynamic allocation) or
-    ``spark.hydrogen.launch.placement=coordinated`` says so.
+    coordinated stage when Spark would refuse a barrier stage (dynamic allocation),
+    ``spark.hydrogen.launch.placement=coordinated`` says so, or the gang reads ``data``
+    (its shares are coalesced partitions, which Spark refuses in a barrier stage).
     """
     if target.connect:
-        return EmbeddedCoordinator(target)
+        return EmbeddedCoordinator(target, resources, data)
+    if data is not None:
+        return CoordinatedStage(target, resources=resources, data=data)
     if uses_coordinated(target):
         log.info("spark-hydrogen: gangs run as coordinated stages (%s)", placement_reason(target))
-        return CoordinatedStage(target)
-    return NativeBarrierStage(target)
+        return CoordinatedStage(target, resources=resources)
+    return NativeBarrierStage(target, resources)

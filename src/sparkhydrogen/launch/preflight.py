@@ -26,6 +26,7 @@ class SlotReport:
     executors: int
     task_cpus: int
     master: str
+    resources: str = ""  # the gang stage's own resources (stage-level scheduling), as "gpu=1"
 
 
 def shortfall_message(needed: int, report: SlotReport) -> str | None:
@@ -43,9 +44,11 @@ def shortfall_message(needed: int, report: SlotReport) -> str | None:
         )
     local = report.master.startswith("local") and not report.master.startswith("local-cluster")
     where = f"master {report.master}" if local else f"{report.executors} executor(s)"
+    asks = (f"each task asking resources {report.resources}" if report.resources
+            else f"spark.task.cpus={report.task_cpus}")
     return (
         f"barrier job needs {needed} slots but the cluster has {report.slots} ({where}, "
-        f"spark.task.cpus={report.task_cpus}): lower the number of tasks (or repartition the RDD to at "
+        f"{asks}): lower the number of tasks (or repartition the RDD to at "
         f"most {report.slots} partitions), or add executors/cores. To wait for executors that are still "
         "starting, set spark.hydrogen.launch.slotWaitTimeout"
     )
@@ -77,13 +80,17 @@ def _startup_pending(needed: int, report: SlotReport) -> bool:
     return expected is not None and report.slots < expected and needed <= expected
 
 
-def cluster_slots(target: Any) -> SlotReport:
-    """Ask the JVM scheduler how many tasks of the default resource profile can run concurrently."""
+def cluster_slots(target: Any, profile: Any = None, resources: str = "") -> SlotReport:
+    """Ask the JVM scheduler how many tasks of a resource profile (default: the application's) can run at once.
+
+    ``profile`` is a JVM profile registered with the scheduler, ``resources`` its description for messages.
+    """
     target = target if isinstance(target, SparkTarget) else SparkTarget(sc=target)
     sc = target.sc
     try:
         jsc = sc._jsc.sc()
-        profile = jsc.resourceProfileManager().defaultResourceProfile()
+        if profile is None:
+            profile = jsc.resourceProfileManager().defaultResourceProfile()
         slots = int(jsc.maxNumConcurrentTasks(profile))
         executors = int(jsc.statusTracker().getExecutorInfos().__len__())
     except Exception as exc:  # Py4J errors: translate at the boundary
@@ -91,7 +98,8 @@ def cluster_slots(target: Any) -> SlotReport:
     master = sc.master or "?"
     if not master.startswith("local") or master.startswith("local-cluster"):
         executors = max(executors - 1, 0)  # the driver is listed too
-    return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus(target), master=master)
+    return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus(target), master=master,
+                      resources=resources)
 
 
 def barrier_refused(master: str, dynamic_allocation: bool) -> bool:
@@ -107,11 +115,13 @@ def barrier_refused(master: str, dynamic_allocation: bool) -> bool:
     return dynamic_allocation and not local
 
 
-def ensure_slots(target: Any, needed: int, wait: float = 0.0, *, coordinated: bool = False) -> SlotReport:
+def ensure_slots(target: Any, needed: int, wait: float = 0.0, *, coordinated: bool = False, profile: Any = None,
+                 resources: str = "") -> SlotReport:
     """Raise :class:`InsufficientSlotsError` unless ``needed`` slots exist (waiting up to ``wait`` s).
 
     ``coordinated``: the slots are for an ordinary stage gated by the coordinator, which
     Spark accepts under dynamic allocation too (see :func:`ensure_gang_fits` for that case).
+    ``profile``: count slots for the gang stage's own JVM resource profile (``resources`` describes it).
     """
     target = target if isinstance(target, SparkTarget) else SparkTarget(sc=target)
     if not coordinated and barrier_refused(target.sc.master or "", dynamic_allocation_enabled(target)):
@@ -125,7 +135,7 @@ def ensure_slots(target: Any, needed: int, wait: float = 0.0, *, coordinated: bo
     pause = threading.Event()
     last_log = 0.0
     while True:
-        report = cluster_slots(target)
+        report = cluster_slots(target, profile, resources)
         problem = shortfall_message(needed, report)
         if problem is None:
             return report
@@ -222,7 +232,8 @@ def gang_capacity(target: SparkTarget) -> GangCapacity:
                         resources=tuple(resources))
 
 
-def ensure_gang_fits(target: SparkTarget, needed: int, wait: float = 0.0) -> SlotReport | None:
+def ensure_gang_fits(target: SparkTarget, needed: int, wait: float = 0.0, *, profile: Any = None,
+                     resources: str = "") -> SlotReport | None:
     """The coordinated placement's preflight, in milliseconds.
 
     Under dynamic allocation: refuse a gang the cluster can never hold (its settings'
@@ -231,7 +242,7 @@ def ensure_gang_fits(target: SparkTarget, needed: int, wait: float = 0.0) -> Slo
     as for a barrier stage (:func:`ensure_slots`).
     """
     if not dynamic_allocation_enabled(target):
-        return ensure_slots(target, needed, wait, coordinated=True)
+        return ensure_slots(target, needed, wait, coordinated=True, profile=profile, resources=resources)
     problem = capacity_message(needed, gang_capacity(target))
     if problem is not None:
         raise InsufficientSlotsError(problem)

@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..logstream import LogPrinter
+from .data import gang_data
 from .placement import Placement, RankCall, placement_for
+from .resources import StageResources, stage_resources
 from .runner import attempts, check_retries
 from .session import SparkTarget, resolve
 
@@ -18,7 +20,7 @@ log = logging.getLogger("sparkhydrogen.launch")
 
 def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None, max_retries: int = 0, retry_backoff: float = 0.5,
-        spark: Any = None, stream_logs: bool = False) -> list[Any]:
+        spark: Any = None, stream_logs: bool = False, resources: Any = None, data: Any = None) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled tasks; return the results by rank.
 
     Inside ``fn``, :meth:`BarrierTaskContext.get` gives the rank, world size and
@@ -36,6 +38,16 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
     With ``stream_logs=True`` every rank's stdout and stderr (``print``, ``logging``,
     output of C extensions and child processes) is printed on the driver as it is
     written, each line prefixed ``[rank N]`` (classic Spark).
+
+    ``resources`` launches the gang's stage with its own task resources (Spark's
+    stage-level scheduling, on standalone, YARN and Kubernetes): a dict such as
+    ``{"gpu": 1, "cpus": 2}`` or a ``pyspark.resource.ResourceProfile``; the slot
+    preflight counts slots for it. See ``docs/gpus.md``.
+
+    ``data`` is a DataFrame (or RDD) streamed into the ranks: every row goes to exactly
+    one rank, and inside ``fn`` :meth:`BarrierTaskContext.batches` yields this rank's
+    share as Arrow record batches, read as the task's own input (never via the driver).
+    See ``docs/data.md``.
 
     Example:
         >>> def hello():                                              # doctest: +SKIP
@@ -57,16 +69,27 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
     if not isinstance(stream_logs, bool):
         raise TypeError(f"stream_logs must be a bool, got {type(stream_logs).__name__}")
     check_retries(max_retries, retry_backoff)
+    wanted = stage_resources(resources)
     target = resolve(spark)
     return run_gang(RankCall(fn, tuple(args), dict(kwargs or {})), num_tasks, target=target,
-                    max_retries=max_retries, retry_backoff=retry_backoff, stream_logs=stream_logs)
+                    max_retries=max_retries, retry_backoff=retry_backoff, stream_logs=stream_logs,
+                    resources=wanted, data=data)
 
 
 def run_gang(call: RankCall, num_tasks: int, *, target: SparkTarget, max_retries: int = 0,
              retry_backoff: float = 0.5, stream_logs: bool = False, name: str | None = None,
-             placement: Placement | None = None) -> list[Any]:
-    """``run()`` after validation, for launchers: ``call`` on ``num_tasks`` ranks with retries; results by rank."""
-    chosen = placement if placement is not None else placement_for(target)
+             placement: Placement | None = None, resources: StageResources | None = None,
+             data: Any = None) -> list[Any]:
+    """``run()`` after validation, for launchers: ``call`` on ``num_tasks`` ranks with retries; results by rank.
+
+    ``resources`` and ``data`` are ``run()``'s (already checked by :func:`stage_resources`;
+    ``data`` is checked here); a launcher's own ``placement`` takes neither.
+    """
+    if placement is not None and (resources is not None or data is not None):
+        raise ValueError(f"{placement.name} runs ranks outside Spark tasks: resources= and data= need ranks in "
+                         "Spark tasks (drop local_mode=True)")
+    shares = gang_data(data, target, num_tasks)
+    chosen = placement if placement is not None else placement_for(target, resources, shares)
     label = name or call.name
     printer = LogPrinter() if stream_logs and (placement is not None or not target.connect) else None
     log.debug("gang %s: %d ranks on %s", label, num_tasks, chosen.name)

@@ -34,6 +34,7 @@ from ..task.embedded import parse_failure_marker
 from ..task.spec import TaskSpec
 from .jobs import AttemptTag, is_cancellation
 from .preflight import STARTUP_WAIT, ensure_gang_fits, ensure_slots
+from .resources import java_profile
 from .service import DriverService, service_for
 from .session import SparkTarget
 
@@ -139,7 +140,8 @@ class DeclaredGang:
 
 def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable[[LogRecord], None] | None = None,
             on_abort: Callable[[AttemptKey, ErrorInfo], None] | None = None,
-            preflight: bool = True, gated: bool = False) -> tuple[DeclaredGang, int]:
+            preflight: bool = True, gated: bool = False, profile: Any = None,
+            resources: str = "") -> tuple[DeclaredGang, int]:
     """Check slots, make sure the coordinator runs, and register a gang of ``world_size`` ranks.
 
     Inside a scope (:func:`attempts`), the n-th gang an attempt declares is the n-th
@@ -150,7 +152,9 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable
     called (on a short-lived thread) when an attempt aborts, after the attempt's Spark
     jobs have been cancelled. ``gated``: the gang runs as an ordinary stage whose ranks
     wait at the coordinator's start gate (the coordinated placement); its preflight is
-    :func:`~.preflight.ensure_gang_fits`.
+    :func:`~.preflight.ensure_gang_fits`. ``profile``: the gang stage's own pyspark
+    ``ResourceProfile`` (stage-level resources, described by ``resources``); the slot
+    preflight counts slots for it.
     """
     scope = current_scope()
     service = service_for(target)
@@ -163,9 +167,9 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable
         if gang.handle.world_size == world_size and gang.gated == gated:
             scope.next_index += 1
             if preflight:
-                _preflight(target, world_size, wait, gated)
+                _preflight(target, world_size, wait, gated, profile, resources)
             return gang, scope.attempt
-    report = _preflight(target, world_size, wait, gated) if preflight else None
+    report = _preflight(target, world_size, wait, gated, profile, resources) if preflight else None
     hook = _canceller(scope, on_abort) if scope is not None else on_abort
     handle = service.server.add_gang(world_size, name, on_abort=hook, on_log=on_log, ephemeral=scope is None,
                                      gated=gated, start_timeout=service.config.launch.start_timeout)
@@ -179,8 +183,12 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable
     return gang, scope.attempt if scope is not None else 0
 
 
-def _preflight(target: SparkTarget, world_size: int, wait: float, gated: bool) -> Any:
-    return ensure_gang_fits(target, world_size, wait) if gated else ensure_slots(target, world_size, wait)
+def _preflight(target: SparkTarget, world_size: int, wait: float, gated: bool, profile: Any = None,
+               resources: str = "") -> Any:
+    jprofile = java_profile(target, profile) if profile is not None else None
+    if gated:
+        return ensure_gang_fits(target, world_size, wait, profile=jprofile, resources=resources)
+    return ensure_slots(target, world_size, wait, profile=jprofile, resources=resources)
 
 
 def release_with(owner: Any, gang: DeclaredGang) -> Any:

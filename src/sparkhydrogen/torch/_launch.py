@@ -26,6 +26,7 @@ from ..coordinator.handles import LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
 from ..launch.placement import RankCall
+from ..launch.resources import stage_resources
 from ..launch.run import run_gang
 from ..launch.runner import DeclaredGang, check_retries, declare
 from ..launch.session import SparkTarget, resolve
@@ -44,7 +45,7 @@ Train = Union[Callable[..., Any], str, "os.PathLike[str]"]
 def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, local_mode: bool = False,
         backend: str | None = None, return_all: bool = False, use_subprocess: bool = False,
         max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
-        **kwargs: Any) -> Any:
+        resources: Any = None, data: Any = None, **kwargs: Any) -> Any:
     """Run ``train`` on ``num_processes`` ranks with ``torch.distributed`` set up; return rank 0's result.
 
     ``train`` is a function, called as ``train(*args, **kwargs)`` on every rank, or
@@ -65,6 +66,10 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
       ``backend`` defaults to ``"nccl"`` then, ``"gloo"`` on CPU.
     * ``local_mode=True`` starts the ranks as processes on the driver (GPUs from
       ``spark.driver.resource.gpu.*``), still coordinated through spark-hydrogen.
+    * ``resources`` (e.g. ``{"gpu": 1}``) launches the ranks' stage with its own task
+      resources, as :func:`sparkhydrogen.run` does; ``data`` (a DataFrame or RDD) streams
+      one share to every rank, read with :func:`sparkhydrogen.torch.data_loader` (functions
+      run in the task's worker only: not with scripts, ``use_subprocess`` or ``local_mode``).
     * Returns rank 0's return value (``None`` for a script), or every rank's in
       rank order with ``return_all=True``.
     * With ``stream_logs`` (the default) every rank's stdout, stderr and logging
@@ -95,6 +100,12 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
     if backend is not None and (not isinstance(backend, str) or not backend.strip()):
         raise ValueError(f"backend must be a torch.distributed backend name such as 'gloo' or 'nccl', got {backend!r}")
     check_retries(max_retries, retry_backoff)
+    wanted = stage_resources(resources)
+    if data is not None and (isinstance(job_train, str) or use_subprocess or local_mode):
+        how = "a script" if isinstance(job_train, str) else ("use_subprocess=True" if use_subprocess else
+                                                             "local_mode=True")
+        raise ValueError(f"data= streams each rank's share into its Spark task's Python worker, so train must run "
+                         f"there: a function, without use_subprocess or local_mode (got {how})")
     target = resolve(spark)
     if isinstance(job_train, str) and not os.path.isfile(job_train) and local_mode:
         raise ValueError(f"training script {train} does not exist")
@@ -106,7 +117,8 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
     name = f"torch.run({_train_name(job_train)})"
     placement = LocalProcesses(target, job) if local_mode else None
     results = run_gang(RankCall(run_job, (job,)), num_processes, target=target, max_retries=max_retries,
-                       retry_backoff=retry_backoff, stream_logs=stream_logs, name=name, placement=placement)
+                       retry_backoff=retry_backoff, stream_logs=stream_logs, name=name, placement=placement,
+                       resources=wanted, data=data)
     return results if return_all else results[0]
 
 

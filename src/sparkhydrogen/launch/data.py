@@ -1,0 +1,106 @@
+"""``run(fn, n, data=df)``: the gang's data, split into one share per rank without passing through the driver.
+
+Every row goes to exactly one rank, and each rank streams its share as its task's
+input (bounded memory, as any Spark task reads its partitions):
+
+* Classic Spark, a DataFrame or RDD with at least ``n`` partitions: its partitions are
+  grouped into ``n`` shares without a shuffle (``coalesce(n)``, so shares are balanced
+  within one partition), and the gang runs as a coordinated stage over them (Spark
+  refuses ``coalesce`` inside a barrier stage; the coordinator's start gate gives the
+  all-or-nothing start instead). With exactly ``n`` partitions each rank reads one.
+* Fewer partitions than ranks, a DataFrame whose plan has a shuffle (adaptive query
+  execution may merge its partitions at run time), or Spark Connect (whose gangs are
+  barrier stages): a round-robin ``repartition(n)``, rows balanced to one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .session import SparkTarget, is_connect
+
+__all__ = ["GangData", "gang_data", "share_plan"]
+
+log = logging.getLogger("sparkhydrogen.launch")
+
+
+@dataclass(frozen=True)
+class GangData:
+    """The gang's input: a DataFrame (``arrow``: its ranks read Arrow batches) or an RDD, already cut into shares."""
+
+    source: Any
+    arrow: bool
+    how: str  # how the shares were made, for the driver log: "as is", "coalesce(5 -> 2)", "repartition(2)"
+
+
+def share_plan(partitions: int | None, ranks: int, shuffled: bool, barrier: bool) -> str:
+    """How ``partitions`` become ``ranks`` shares: ``"as is"``, ``"coalesce"`` or ``"repartition"`` (pure).
+
+    >>> share_plan(5, 2, False, False), share_plan(2, 2, False, True), share_plan(1, 2, False, False)
+    ('coalesce', 'as is', 'repartition')
+    >>> share_plan(8, 2, True, False), share_plan(8, 2, False, True), share_plan(None, 2, False, True)
+    ('repartition', 'repartition', 'repartition')
+    """
+    if partitions is None or partitions < ranks:
+        return "repartition"
+    if partitions == ranks and not shuffled:
+        return "as is"
+    if barrier or shuffled:
+        return "repartition"
+    return "coalesce"
+
+
+def _is_rdd(value: Any) -> bool:
+    return type(value).__name__ in ("RDD", "PipelinedRDD") and type(value).__module__.startswith("pyspark")
+
+
+def _is_dataframe(value: Any) -> bool:
+    return type(value).__name__ == "DataFrame" and type(value).__module__.startswith("pyspark.sql")
+
+
+def _has_shuffle(df: Any) -> bool:
+    try:
+        return "Exchange" in str(df._jdf.queryExecution().executedPlan().toString())
+    except Exception:  # cannot tell: assume it has (repartition is always correct)
+        return True
+
+
+def gang_data(value: Any, target: SparkTarget, ranks: int) -> GangData | None:
+    """Validate ``data=`` for a gang of ``ranks`` on ``target`` and cut it into one share per rank."""
+    if value is None:
+        return None
+    if _is_dataframe(value):
+        if is_connect(value) != target.connect:
+            raise ValueError("data= is a " + ("Spark Connect" if is_connect(value) else "classic") + " DataFrame but "
+                             "the gang runs on a " + ("Spark Connect" if target.connect else "classic") +
+                             " session: pass a DataFrame of the session the gang runs on")
+        if target.connect:
+            from .dataframe import planned_partitions
+
+            partitions = planned_partitions(value)
+            plan = share_plan(partitions, ranks, False, barrier=True)
+        else:
+            shuffled = _has_shuffle(value)  # read before planning partitions: that would run the shuffle
+            partitions = None if shuffled else int(value.rdd.getNumPartitions())
+            plan = share_plan(partitions, ranks, shuffled, barrier=False)
+        return _cut(value, plan, partitions, ranks, arrow=True)
+    if _is_rdd(value):
+        if target.connect:
+            raise TypeError("data= is an RDD, but Spark Connect has no RDDs: pass a DataFrame")
+        if value.context is not target.sc:
+            raise ValueError("data= is an RDD of another SparkContext than the one the gang runs on")
+        partitions = int(value.getNumPartitions())
+        return _cut(value, share_plan(partitions, ranks, False, barrier=False), partitions, ranks, arrow=False)
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    raise TypeError(f"data= must be a pyspark DataFrame or RDD, got {kind}")
+
+
+def _cut(source: Any, plan: str, partitions: int | None, ranks: int, *, arrow: bool) -> GangData:
+    known = "?" if partitions is None else str(partitions)
+    if plan == "as is":
+        return GangData(source, arrow, f"{known} partitions, one per rank")
+    if plan == "coalesce":
+        return GangData(source.coalesce(ranks), arrow, f"coalesce({known} partitions -> {ranks} shares)")
+    return GangData(source.repartition(ranks), arrow, f"repartition({known} partitions -> {ranks} shares)")

@@ -1,0 +1,110 @@
+"""A rank's share of the gang's data (``run(fn, n, data=df)``), read through ``BarrierTaskContext.get().batches()``.
+
+The share is the task's own input, streamed by Spark as the rank reads it: Arrow
+record batches for a DataFrame (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows
+each), the elements of the partitions for an RDD. It is read once; nothing is kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ..errors import LaunchError
+
+__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "no_data_error", "fed"]
+
+#: Rows per record batch that :meth:`RankData.batches` builds from an RDD's elements.
+RDD_BATCH_ROWS = 10_000
+
+
+def no_data_error(method: str) -> LaunchError:
+    return LaunchError(
+        f"BarrierTaskContext.{method}() has no data to read: this gang was launched without data=; pass "
+        "data=<DataFrame or RDD> to sparkhydrogen.run (or a launcher) to stream it into the ranks"
+    )
+
+
+def as_record(element: Any) -> dict[str, Any]:
+    """One RDD element as a record for Arrow: a Row or dict as it is, a tuple as ``_1, _2, ...``, else ``value``.
+
+    >>> as_record({"x": 1}), as_record((1, "a")), as_record(3.5)
+    ({'x': 1}, {'_1': 1, '_2': 'a'}, {'value': 3.5})
+    """
+    as_dict = getattr(element, "asDict", None)
+    if callable(as_dict):
+        return dict(as_dict())
+    if isinstance(element, dict):
+        return element
+    if isinstance(element, (tuple, list)):
+        return {f"_{i + 1}": v for i, v in enumerate(element)}
+    return {"value": element}
+
+
+class RankData:
+    """This rank's share of the gang's data: one pass, as Arrow record batches or as rows.
+
+    ``arrow`` says the source yields ``pyarrow.RecordBatch`` (a DataFrame's), else it
+    yields an RDD's elements.
+    """
+
+    def __init__(self, source: Iterable[Any], *, arrow: bool) -> None:
+        self._source = source
+        self.arrow = arrow
+        self._taken: str | None = None
+        self.rows_read = 0
+
+    def _take(self, method: str) -> Iterator[Any]:
+        if self._taken is not None:
+            raise LaunchError(
+                f"this rank's data was already read by {self._taken}(): the share is streamed once and not kept; "
+                "keep what you need from the first pass (e.g. list(ctx.batches())), or use a loader with cache=True"
+            )
+        self._taken = method
+        return iter(self._source)
+
+    def batches(self) -> Iterator[Any]:
+        """``pyarrow.RecordBatch`` after ``RecordBatch`` of this rank's share."""
+        source = self._take("batches")
+        if self.arrow:
+            for batch in source:
+                self.rows_read += batch.num_rows
+                yield batch
+            return
+        import pyarrow as pa
+
+        while True:
+            chunk = [as_record(e) for e in itertools.islice(source, RDD_BATCH_ROWS)]
+            if not chunk:
+                return
+            self.rows_read += len(chunk)
+            yield pa.RecordBatch.from_pylist(chunk)
+
+    def rows(self) -> Iterator[Any]:
+        """Row after row of this rank's share: an RDD's elements, or a DataFrame's rows as dicts."""
+        source = self._take("rows")
+        if not self.arrow:
+            for element in source:
+                self.rows_read += 1
+                yield element
+            return
+        for batch in source:
+            self.rows_read += batch.num_rows
+            yield from batch.to_pylist()
+
+
+def fed(fn: Callable[[int, Iterable[Any]], Iterable[Any]], arrow: bool, rank: int,
+        rows: Iterable[Any]) -> Iterator[Any]:
+    """Rank body: ``fn(rank, ())`` while the running context serves ``rows`` as this rank's data share.
+
+    Placements hand it to Spark as ``functools.partial(fed, fn, arrow)``.
+    """
+    from ..context import BarrierTaskContext
+
+    ctx = BarrierTaskContext.get()
+    ctx._data = RankData(rows, arrow=arrow)
+    try:
+        yield from fn(rank, ())
+    finally:
+        ctx._data = None
