@@ -1,0 +1,77 @@
+"""Arrow record batches to numpy columns: the selected columns, in order; fixed-length lists as 2-D arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Chunk", "chunk_rows", "to_chunk", "to_numpy"]
+
+#: A block of rows as columns: name -> array whose first axis is the row.
+Chunk = dict[str, npt.NDArray[Any]]
+
+
+def chunk_rows(chunk: Chunk) -> int:
+    """How many rows ``chunk`` holds (0 for a chunk without columns)."""
+    for array in chunk.values():
+        return int(array.shape[0])
+    return 0
+
+
+def to_chunk(batch: Any, columns: Sequence[str] | None) -> Chunk:
+    """``columns`` of the ``pyarrow.RecordBatch`` ``batch`` (all, in schema order, for ``None``) as numpy arrays.
+
+    >>> import pyarrow as pa
+    >>> rb = pa.RecordBatch.from_pydict({"x": [1, 2], "v": pa.array([[1.0, 2.0], [3.0, 4.0]])})
+    >>> {k: v.shape for k, v in to_chunk(rb, ["v", "x"]).items()}
+    {'v': (2, 2), 'x': (2,)}
+    """
+    names: list[str] = list(batch.schema.names)
+    wanted = names if columns is None else columns
+    chunk: Chunk = {}
+    for name in wanted:
+        index = batch.schema.get_field_index(name)
+        if index < 0:
+            raise ValueError(
+                f"column {name!r} is not in the data; its columns are: {', '.join(map(repr, names)) or '(none)'}"
+            )
+        chunk[name] = to_numpy(batch.column(index), name)
+    return chunk
+
+
+def to_numpy(array: Any, name: str) -> npt.NDArray[Any]:
+    """One Arrow array as numpy: lists of one length (fixed-size or not, nested too) gain an axis each."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if array.null_count:
+        raise ValueError(
+            f"column {name!r} has {array.null_count} null value(s) in this rank's data; fill or drop them before "
+            "feeding the DataFrame (df.na.fill(...) or df.dropna(...))"
+        )
+    if pa.types.is_dictionary(kind):
+        return to_numpy(array.dictionary_decode(), name)
+    if pa.types.is_struct(kind):
+        raise TypeError(
+            f"column {name!r} is a struct ({kind}), which has no numpy form; select its fields as columns, or for "
+            "a Spark ML vector use pyspark.ml.functions.vector_to_array(col)"
+        )
+    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        rows = len(array)
+        if pa.types.is_fixed_size_list(kind):
+            width = int(kind.list_size)
+        else:
+            lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+            if rows and int(lengths.min()) != int(lengths.max()):
+                raise ValueError(
+                    f"column {name!r} holds lists of different lengths ({int(lengths.min())} to "
+                    f"{int(lengths.max())}); only lists of one length become an array: pad or truncate them first"
+                )
+            width = int(lengths[0]) if rows else 0
+        inner = to_numpy(array.flatten(), name)
+        return inner.reshape((rows, width, *inner.shape[1:]))
+    return np.asarray(array.to_numpy(zero_copy_only=False))

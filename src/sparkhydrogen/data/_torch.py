@@ -1,0 +1,87 @@
+"""PyTorch: ``sparkhydrogen.torch.data_loader``, a ``DataLoader`` over this rank's share of ``data=``.
+
+This module imports torch; ``sparkhydrogen.data`` itself does not import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy.typing as npt
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import LaunchError
+from ._feed import DEFAULT_SHUFFLE_BUFFER, Batches, FeedOptions, from_context
+
+__all__ = ["RankDataset", "data_loader"]
+
+#: DataLoader arguments the loader sets itself: batching, order and collation happen in the rank's feed.
+_OWN_ARGUMENTS = ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last", "dataset")
+
+
+def _tensor(name: str, array: npt.NDArray[Any]) -> torch.Tensor:
+    if array.dtype.kind in "OUSMm":
+        raise TypeError(
+            f"column {name!r} holds {array.dtype} values, which a torch tensor cannot: leave it out with "
+            "columns=[...] or convert it in Spark first"
+        )
+    return torch.from_numpy(array)
+
+
+class RankDataset(IterableDataset[dict[str, torch.Tensor]]):
+    """This rank's batches as dicts of column name -> tensor (each a whole batch: use ``batch_size=None``)."""
+
+    def __init__(self, batches: Batches) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if get_worker_info() is not None:
+            raise LaunchError(
+                "the rank's data stream lives in the rank's own process and cannot be read from a DataLoader "
+                "worker: use num_workers=0"
+            )
+        for batch in self.batches:
+            yield {name: _tensor(name, array) for name, array in batch.items()}
+
+
+def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: bool = False,
+                drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
+                shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False, num_workers: int = 0,
+                **loader_kwargs: Any) -> DataLoader[dict[str, torch.Tensor]]:
+    """A ``DataLoader`` over this rank's share of ``data=``: each batch a ``dict`` column name -> tensor.
+
+    Call it inside the ``train`` function of ``sparkhydrogen.torch.run(train, num_processes=N,
+    data=df)``. Batches have ``batch_size`` rows of ``columns`` (all by default); fixed-length
+    list columns become 2-D tensors. With ``equal_steps`` (the default) every rank gets the
+    same number of batches, so DDP never waits on a rank that ran out (the rows left over
+    are logged on ``sparkhydrogen.data``). ``shuffle`` mixes rows through a buffer of
+    ``shuffle_buffer`` rows, seeded by ``(seed, rank, epoch)``. The rank's data is streamed
+    once: iterate the loader again (epochs) with ``cache=True``, which keeps the rank's rows
+    in memory. ``num_workers`` must be 0 (the stream lives in this process); other keyword
+    arguments (``pin_memory``, ...) go to ``DataLoader``.
+
+    Example:
+        >>> def train():                                                       # doctest: +SKIP
+        ...     loader = sparkhydrogen.torch.data_loader(64, columns=["x", "y"], shuffle=True, cache=True)
+        ...     for epoch in range(3):
+        ...         for batch in loader:
+        ...             loss = loss_fn(model(batch["x"]), batch["y"])
+        >>> sparkhydrogen.torch.run(train, num_processes=2, data=df)           # doctest: +SKIP
+    """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int):
+        raise TypeError(f"num_workers must be an int, got {type(num_workers).__name__}")
+    if num_workers != 0:
+        raise ValueError(
+            f"num_workers must be 0, got {num_workers}: the rank's data stream lives in this process, so "
+            "DataLoader workers cannot read it (batches are already assembled in the rank)"
+        )
+    taken = [name for name in _OWN_ARGUMENTS if name in loader_kwargs]
+    if taken:
+        raise TypeError(
+            f"data_loader() sets {', '.join(taken)} itself; use its batch_size, shuffle and drop_last arguments"
+        )
+    options = FeedOptions(batch_size=batch_size, columns=columns, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                          drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache)
+    return DataLoader(RankDataset(from_context(options)), batch_size=None, num_workers=0, **loader_kwargs)
