@@ -112,10 +112,10 @@ def test_discovered_gpus_map_through_cuda_visible_devices(sc: Any, tmp_path: Pat
     def train() -> None:
         pass
 
-    # in the task's own worker, address N is cuda:N of the executor's CUDA_VISIBLE_DEVICES=3,5; then the
-    # launcher refuses clearly, since this torch has no CUDA
+    # in the task's own worker the rank sees only its device (address N -> device 3 or 5), so it is cuda:0;
+    # then the launcher refuses clearly, since this torch has no CUDA
     with pytest.raises(h2.GangFailedError, match=r"GpuAssignmentError: use_gpu=True and this rank was assigned "
-                                                 r"cuda:[01] \(CUDA_VISIBLE_DEVICES='3,5'\), but "
+                                                 r"cuda:0 \(CUDA_VISIBLE_DEVICES='[35]'\), but "
                                                  r"torch.cuda.is_available\(\) is False") as info:
         h2torch.run(train, num_processes=2, use_gpu=True, backend="gloo")
     assert info.value.failed_rank in (0, 1)
