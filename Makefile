@@ -35,7 +35,7 @@ FSTAMP := $(VENV)/.installed-frameworks-1
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
 
-.PHONY: frameworks demo test test-unit test-load test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
+.PHONY: frameworks demo test test-unit test-load test-gpu test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
 
 venv: $(STAMP)
 
@@ -80,6 +80,10 @@ test-unit: venv
 
 test-load: venv
 	$(VPY) -m pytest -m load tests/load
+
+# real-GPU tests (tests/gpu): each skips, saying why, when torch sees no CUDA device
+test-gpu: venv java torch
+	$(VPY) -m pytest -rs tests/gpu
 
 $(CSTAMP): pyproject.toml
 	$(PYTHON) -m venv $(CVENV)
