@@ -65,8 +65,10 @@ class RankData:
         return iter(self._source)
 
     def batches(self) -> Iterator[Any]:
-        """``pyarrow.RecordBatch`` after ``RecordBatch`` of this rank's share."""
-        source = self._take("batches")
+        """``pyarrow.RecordBatch`` after ``RecordBatch`` of this rank's share (a second read raises at once)."""
+        return self._batches(self._take("batches"))
+
+    def _batches(self, source: Iterator[Any]) -> Iterator[Any]:
         if self.arrow:
             for batch in source:
                 self.rows_read += batch.num_rows
@@ -83,7 +85,9 @@ class RankData:
 
     def rows(self) -> Iterator[Any]:
         """Row after row of this rank's share: an RDD's elements, or a DataFrame's rows as dicts."""
-        source = self._take("rows")
+        return self._rows(self._take("rows"))
+
+    def _rows(self, source: Iterator[Any]) -> Iterator[Any]:
         if not self.arrow:
             for element in source:
                 self.rows_read += 1
