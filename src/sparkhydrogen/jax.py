@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .data._jax import batches
 from .frameworks import JaxDistributed
 from .frameworks.launch import check_count
 from .frameworks.launch import run as _run_framework
 
-__all__ = ["run", "JaxDistributed"]
+__all__ = ["run", "batches", "JaxDistributed"]
 
 
 def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool = False, max_retries: int = 0,

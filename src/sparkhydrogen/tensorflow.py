@@ -27,12 +27,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .data._tensorflow import dataset
 from .frameworks import TensorFlowMultiWorker
 from .frameworks._tensorflow import KERAS3_FIT_MESSAGE
 from .frameworks.launch import check_count
 from .frameworks.launch import run as _run_framework
 
-__all__ = ["run", "TensorFlowMultiWorker", "KERAS3_FIT_MESSAGE"]
+__all__ = ["run", "dataset", "TensorFlowMultiWorker", "KERAS3_FIT_MESSAGE"]
 
 
 def run(fn: Callable[..., Any], *args: Any, num_workers: int, return_all: bool = False, max_retries: int = 0,
@@ -49,6 +50,9 @@ def run(fn: Callable[..., Any], *args: Any, num_workers: int, return_all: bool =
       there, so ``tf.keras`` is tf-keras, whose ``model.fit`` supports the strategy; Keras 3's
       ``model.fit`` under the strategy fails with a :class:`~sparkhydrogen.frameworks.FrameworkError`
       that says so.
+    * ``resources`` is :func:`sparkhydrogen.run`'s. ``data`` is refused here: the workers'
+      fresh processes cannot read their task's stream; read a share with
+      :func:`sparkhydrogen.tensorflow.dataset` inside ``sparkhydrogen.run(fn, n, data=df)``.
     * Returns rank 0's return value (``return_all=True``: every rank's, in rank order). A
       failing worker aborts the others and is named with its traceback; ``max_retries``
       relaunches; ``stream_logs`` prints every worker's output on the driver, ``[rank N]``.

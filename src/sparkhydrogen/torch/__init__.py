@@ -24,7 +24,26 @@ from typing import Any
 from ._launch import run
 from ._layout import DEVICE_ENV, GpuAssignmentError, TorchLaunchError
 
-__all__ = ["GpuAssignmentError", "TorchLaunchError", "device", "lightning_environment", "run"]
+__all__ = ["GpuAssignmentError", "TorchLaunchError", "data_loader", "device", "lightning_environment", "run"]
+
+
+def data_loader(batch_size: int, columns: Any = None, **options: Any) -> Any:
+    """A ``torch.utils.data.DataLoader`` over this rank's share of ``data=`` (see ``docs/data.md``).
+
+    Batches of ``batch_size`` rows of ``columns`` as tensors; ``shuffle``, ``drop_last``,
+    ``equal_steps`` (default on: every rank yields as many batches, so DDP never waits on
+    a rank that ran out), ``seed``, ``shuffle_buffer`` and ``cache`` are
+    :func:`sparkhydrogen.data.numpy_batches`'s. Call it inside the training function.
+
+    Example:
+        >>> def train():                                                  # doctest: +SKIP
+        ...     for batch in sparkhydrogen.torch.data_loader(64, columns=["x", "y"], shuffle=True):
+        ...         ...
+        >>> sparkhydrogen.torch.run(train, num_processes=2, data=df)      # doctest: +SKIP
+    """
+    from ..data._torch import data_loader as make
+
+    return make(batch_size, columns, **options)
 
 
 def lightning_environment() -> Any:
