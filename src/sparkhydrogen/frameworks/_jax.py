@@ -58,10 +58,9 @@ class JaxDistributed(Framework):
     def initialize_arguments(self, layout: GangLayout) -> dict[str, Any]:
         """Pure: the keyword arguments of ``jax.distributed.initialize`` for this rank."""
         gpus = layout.own_gpus
-        try:
-            devices = [int(g) for g in gpus] if gpus else None
-        except ValueError:
-            raise FrameworkError(f"JAX needs integer GPU ids, Spark gave {list(gpus)}") from None
+        # the rank's process sees exactly its task's GPUs (CUDA_VISIBLE_DEVICES, narrowed by its session),
+        # so its devices are the first len(gpus) of its own view, whatever Spark's addresses were
+        devices = list(range(len(gpus))) if gpus else None
         return {
             "coordinator_address": layout.address(0),
             "num_processes": layout.world_size,
