@@ -31,6 +31,7 @@ __all__ = [
     "ProtocolError",
     "LaunchError",
     "InsufficientSlotsError",
+    "GpuPlacementError",
     "GangFailedError",
     "GangCancelledError",
     "ErrorInfo",
@@ -120,6 +121,10 @@ class LaunchError(HydrogenError):
 
 class InsufficientSlotsError(LaunchError):
     """The cluster has fewer concurrent task slots than the gang needs."""
+
+
+class GpuPlacementError(LaunchError, ValueError):
+    """The GPUs Spark assigned to a rank cannot be mapped to devices of its process."""
 
 
 class GangFailedError(LaunchError):

@@ -114,7 +114,10 @@ def test_jax_initialize_arguments() -> None:
     assert {a["cluster_detection_method"] for a in args} == {"deactivate"}  # never probes cloud metadata
     assert {a["initialization_timeout"] for a in args} == {30} and args[0]["local_device_ids"] is None
     gpu = GangLayout(rank=1, hosts=("a", "a"), ports=((1,), ()), gpus=(("0",), ("1",)))
-    assert fw.initialize_arguments(gpu)["local_device_ids"] == [1]
+    # the rank's process sees only its own GPU (CUDA_VISIBLE_DEVICES=1), so JAX's device is 0 of that view
+    assert fw.initialize_arguments(gpu)["local_device_ids"] == [0]
+    two = GangLayout(rank=0, hosts=("a",), ports=((1,),), gpus=(("2", "3"),))
+    assert fw.initialize_arguments(two)["local_device_ids"] == [0, 1]
     assert fw.environment(gpu) == {"JAX_COORDINATOR_ADDRESS": "a:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
     with pytest.raises(ValueError, match=r"initialization_timeout must be a positive number of seconds, got 0"):
         JaxDistributed(initialization_timeout=0)

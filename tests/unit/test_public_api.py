@@ -32,6 +32,7 @@ PUBLIC = {
     "GangFailedError",
     "GangCancelledError",
     "CheckpointError",
+    "GpuPlacementError",
     "RankLostError",
     "PartitionClosedError",
     "ErrorInfo",

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LaunchError
+from ..errors import GpuPlacementError
 
 __all__ = [
     "GPU_RESOURCE",
@@ -40,10 +40,6 @@ __all__ = [
 GPU_RESOURCE = "gpu"
 
 _GPU_ADDRESS = re.compile(r"0|[1-9][0-9]*")
-
-
-class GpuPlacementError(LaunchError, ValueError):
-    """The GPUs Spark assigned to a rank cannot be mapped to devices of its process."""
 
 
 def task_gpu_addresses(resources: Mapping[str, Any] | None) -> list[str]:
@@ -114,7 +110,7 @@ def physical_gpus(addresses: Sequence[str], cuda_visible_devices: str | None) ->
     >>> physical_gpus(["2"], "4,5")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    sparkhydrogen.task.gpus.GpuPlacementError: Spark assigned GPU address 2, but CUDA_VISIBLE_DEVICES='4,5' lists ...
+    sparkhydrogen.errors.GpuPlacementError: Spark assigned GPU address 2, but CUDA_VISIBLE_DEVICES='4,5' lists ...
     """
     addresses = check_gpu_addresses(addresses)
     visible = visible_entries(cuda_visible_devices)
@@ -158,7 +154,7 @@ def split_gpus(addresses: Sequence[str], processes: int, local_index: int) -> li
     >>> split_gpus(["0"], 2, 0)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    sparkhydrogen.task.gpus.GpuPlacementError: 2 processes cannot each have their own GPU: the task has 1 (['0']); ...
+    sparkhydrogen.errors.GpuPlacementError: 2 processes cannot each have their own GPU: the task has 1 (['0']); ...
     """
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be a positive integer, got {processes!r}")
@@ -234,7 +230,7 @@ def process_ordinals(physical: Sequence[str], cuda_saw: str | None) -> list[int]
     >>> process_ordinals(["5"], "4")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    sparkhydrogen.task.gpus.GpuPlacementError: this process's CUDA started with CUDA_VISIBLE_DEVICES='4', which ...
+    sparkhydrogen.errors.GpuPlacementError: this process's CUDA started with CUDA_VISIBLE_DEVICES='4', which ...
     """
     visible = visible_entries(cuda_saw)
     out = []
