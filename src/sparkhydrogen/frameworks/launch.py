@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..launch.data import session_of
 from ..launch.placement import RankCall
 from ..launch.resources import stage_resources
 from ..launch.run import run_gang
@@ -58,7 +59,7 @@ def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int
         raise ValueError(f"{framework.name} runs fn in a fresh process of each rank, which data= cannot reach (the "
                          "share streams into the task's own worker): use sparkhydrogen.run(fn, n, data=...) and read "
                          "it with sparkhydrogen.data loaders there")
-    target = resolve(spark)
+    target = resolve(session_of(data, spark))
     label = f"{framework.name}.run({getattr(fn, '__qualname__', type(fn).__name__)})"
     call = RankCall(run_rank, (framework, fn, tuple(args), dict(kwargs), return_all, dict(env or {})))
     results = run_gang(call, num_tasks, target=target, max_retries=max_retries, retry_backoff=retry_backoff,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..frameworks import Framework, GangLayout, run_rank
+from ..launch.data import session_of
 from ..launch.placement import RankCall
 from ..launch.resources import stage_resources
 from ..launch.run import run_gang
@@ -62,7 +63,7 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
         raise ValueError(f"gloo_timeout must be a positive number of seconds, got {gloo_timeout!r}")
     check_retries(max_retries, retry_backoff)
     wanted = stage_resources(resources)
-    target = resolve(spark)
+    target = resolve(session_of(data, spark))
     if num_proc is None:
         num_proc = _default_parallelism(target)
     if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:

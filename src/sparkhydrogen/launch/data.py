@@ -21,7 +21,7 @@ from typing import Any
 
 from .session import SparkTarget, is_connect
 
-__all__ = ["GangData", "gang_data", "share_plan"]
+__all__ = ["GangData", "gang_data", "share_plan", "session_of"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -65,6 +65,21 @@ def _has_shuffle(df: Any) -> bool:
         return "Exchange" in str(df._jdf.queryExecution().executedPlan().toString())
     except Exception:  # cannot tell: assume it has (repartition is always correct)
         return True
+
+
+def session_of(data: Any, spark: Any = None) -> Any:
+    """What a gang on ``data`` runs on: ``spark`` if given, else the data's own session (``None``: the active one).
+
+    A Spark Connect DataFrame must run on its Connect session even where a classic
+    SparkContext is active in the same process (a local Connect server).
+    """
+    if spark is not None or data is None:
+        return spark
+    if _is_dataframe(data):
+        return data.sparkSession
+    if _is_rdd(data):
+        return data.context
+    return None
 
 
 def gang_data(value: Any, target: SparkTarget, ranks: int) -> GangData | None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..logstream import LogPrinter
-from .data import gang_data
+from .data import gang_data, session_of
 from .placement import Placement, RankCall, placement_for
 from .resources import StageResources, stage_resources
 from .runner import attempts, check_retries
@@ -70,7 +70,7 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
         raise TypeError(f"stream_logs must be a bool, got {type(stream_logs).__name__}")
     check_retries(max_retries, retry_backoff)
     wanted = stage_resources(resources)
-    target = resolve(spark)
+    target = resolve(session_of(data, spark))
     return run_gang(RankCall(fn, tuple(args), dict(kwargs or {})), num_tasks, target=target,
                     max_retries=max_retries, retry_backoff=retry_backoff, stream_logs=stream_logs,
                     resources=wanted, data=data)

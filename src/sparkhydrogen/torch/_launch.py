@@ -25,6 +25,7 @@ from typing import Any, Union
 from ..coordinator.handles import LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
+from ..launch.data import session_of
 from ..launch.placement import RankCall
 from ..launch.resources import stage_resources
 from ..launch.run import run_gang
@@ -106,7 +107,7 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
                                                              "local_mode=True")
         raise ValueError(f"data= streams each rank's share into its Spark task's Python worker, so train must run "
                          f"there: a function, without use_subprocess or local_mode (got {how})")
-    target = resolve(spark)
+    target = resolve(session_of(data, spark))
     if isinstance(job_train, str) and not os.path.isfile(job_train) and local_mode:
         raise ValueError(f"training script {train} does not exist")
     driver_gpus: tuple[str, ...] = ()
