@@ -60,9 +60,23 @@ def _is_dataframe(value: Any) -> bool:
     return type(value).__name__ == "DataFrame" and type(value).__module__.startswith("pyspark.sql")
 
 
-def _has_shuffle(df: Any) -> bool:
+def _has_shuffle(df: Any, limit: int = 500) -> bool:
+    """Whether the physical plan shuffles (outside cached data, whose partitions are fixed), without running it."""
     try:
-        return "Exchange" in str(df._jdf.queryExecution().executedPlan().toString())
+        stack = [df._jdf.queryExecution().executedPlan()]
+        seen = 0
+        while stack:
+            node = stack.pop()
+            seen += 1
+            kind = str(node.getClass().getSimpleName())
+            if "Exchange" in kind and "Reused" not in kind or seen > limit:
+                return True
+            if kind == "AdaptiveSparkPlanExec":
+                stack.append(node.inputPlan())
+                continue
+            children = node.children()
+            stack.extend(children.apply(i) for i in range(children.size()))
+        return False
     except Exception:  # cannot tell: assume it has (repartition is always correct)
         return True
 

@@ -53,6 +53,7 @@ class RankData:
         self._source = source
         self.arrow = arrow
         self._taken: str | None = None
+        self._stream: Iterator[Any] | None = None
         self.rows_read = 0
 
     def _take(self, method: str) -> Iterator[Any]:
@@ -62,7 +63,19 @@ class RankData:
                 "keep what you need from the first pass (e.g. list(ctx.batches())), or use a loader with cache=True"
             )
         self._taken = method
-        return iter(self._source)
+        self._stream = iter(self._source)
+        return self._stream
+
+    def drain(self) -> int:
+        """Read and drop what the rank left unread; returns how many batches (or elements) that was.
+
+        Spark reuses a task's Python worker only when the task consumed its whole input:
+        a share left half-read would cost a new worker (about a second) on the next task.
+        """
+        stream = self._stream if self._stream is not None else iter(self._source)
+        self._stream = stream
+        self._taken = self._taken or "drain"
+        return sum(1 for _ in stream)
 
     def batches(self) -> Iterator[Any]:
         """``pyarrow.RecordBatch`` after ``RecordBatch`` of this rank's share (a second read raises at once)."""
@@ -107,8 +120,9 @@ def fed(fn: Callable[[int, Iterable[Any]], Iterable[Any]], arrow: bool, rank: in
     from ..context import BarrierTaskContext
 
     ctx = BarrierTaskContext.get()
-    ctx._data = RankData(rows, arrow=arrow)
+    data = ctx._data = RankData(rows, arrow=arrow)
     try:
         yield from fn(rank, ())
+        data.drain()  # the worker is reused only after its whole input was read
     finally:
         ctx._data = None
