@@ -9,7 +9,7 @@ import pytest
 from sparkutil import spark_session
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def spark() -> Iterator[Any]:
     with spark_session("local[2]", **{"spark.sql.execution.arrow.maxRecordsPerBatch": "10000"}) as session:
         yield session
