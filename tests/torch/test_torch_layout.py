@@ -33,7 +33,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_public_names() -> None:
-    assert set(h2torch.__all__) == {"GpuAssignmentError", "TorchLaunchError", "device", "lightning_environment", "run"}
+    assert set(h2torch.__all__) == {"GpuAssignmentError", "TorchLaunchError", "data_loader", "device",
+                                    "lightning_environment", "run"}
     assert issubclass(h2torch.TorchLaunchError, sparkhydrogen.LaunchError)
     assert issubclass(h2torch.GpuAssignmentError, ValueError)
 
