@@ -295,7 +295,7 @@ def test_numpy_batches_outside_a_rank_says_where_to_call_it() -> None:
 
 
 def test_torch_loader_refuses_workers_before_touching_the_stream() -> None:
-    pytest.importorskip("torch")
+    pytest.importorskip("torch.utils.data")  # not plain "torch": tests/torch is a namespace package here
     from sparkhydrogen.data._torch import data_loader
 
     with pytest.raises(ValueError, match="num_workers must be 0, got 2: the rank's data stream lives in this process"):
