@@ -7,7 +7,6 @@ from typing import Any
 
 from ..launch.data import session_of
 from ..launch.placement import RankCall
-from ..launch.resources import stage_resources
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
@@ -54,7 +53,6 @@ def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise TypeError("env must map str to str")
     check_retries(max_retries, retry_backoff)
-    wanted = stage_resources(resources)
     if data is not None and framework.fresh_process:
         raise ValueError(f"{framework.name} runs fn in a fresh process of each rank, which data= cannot reach (the "
                          "share streams into the task's own worker): use sparkhydrogen.run(fn, n, data=...) and read "
@@ -63,5 +61,5 @@ def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int
     label = f"{framework.name}.run({getattr(fn, '__qualname__', type(fn).__name__)})"
     call = RankCall(run_rank, (framework, fn, tuple(args), dict(kwargs), return_all, dict(env or {})))
     results = run_gang(call, num_tasks, target=target, max_retries=max_retries, retry_backoff=retry_backoff,
-                       stream_logs=stream_logs, name=label, resources=wanted, data=data)
+                       stream_logs=stream_logs, name=label, resources=resources, data=data)
     return results if return_all else results[0]

@@ -26,7 +26,6 @@ from typing import Any
 from ..frameworks import Framework, GangLayout, run_rank
 from ..launch.data import session_of
 from ..launch.placement import RankCall
-from ..launch.resources import stage_resources
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
@@ -62,7 +61,6 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
     if isinstance(gloo_timeout, bool) or not isinstance(gloo_timeout, int) or gloo_timeout < 1:
         raise ValueError(f"gloo_timeout must be a positive number of seconds, got {gloo_timeout!r}")
     check_retries(max_retries, retry_backoff)
-    wanted = stage_resources(resources)
     target = resolve(session_of(data, spark))
     if num_proc is None:
         num_proc = _default_parallelism(target)
@@ -73,7 +71,7 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
     call = RankCall(_horovod_rank, (fn, tuple(args), dict(kwargs or {}), extra))
     name = f"horovod.run({getattr(fn, '__qualname__', type(fn).__name__)})"
     return run_gang(call, num_proc, target=target, max_retries=max_retries, retry_backoff=retry_backoff, name=name,
-                    resources=wanted, data=data)
+                    resources=resources, data=data)
 
 
 def _default_parallelism(target: Any) -> int:

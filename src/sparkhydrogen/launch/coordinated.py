@@ -29,7 +29,9 @@ from typing import Any
 from ..coordinator.state import START_TIMEOUT_TYPE, AttemptKey
 from ..errors import ErrorInfo, InsufficientSlotsError, LaunchError
 from ..task.lifecycle import gang_body, run_gated_partition
+from .data import GangData
 from .preflight import barrier_refused, cluster_snapshot
+from .resources import StageResources, arrow_profile_kwargs, stage_profile, with_profile
 from .runner import DeclaredGang, declare, translate
 from .service import service_for
 from .session import SparkTarget, dynamic_allocation_enabled
@@ -165,17 +167,17 @@ class CoordinatedStage:
 
     name = "coordinated stage"
 
-    def __init__(self, target: SparkTarget, *, poll: float = POLL_INTERVAL, resources: Any = None,
-                 data: Any = None) -> None:
+    def __init__(self, target: SparkTarget, *, poll: float = POLL_INTERVAL, resources: StageResources | None = None,
+                 data: GangData | None = None) -> None:
         self.target = target
-        self.resources = resources  # a StageResources, or None: the application's defaults
-        self.data = data  # a GangData whose shares the ranks read, or None
+        self.resources = resources  # None: the application's defaults
+        self.data = data  # the shares the ranks read, or None
         self.poll = poll  # how often the driver polls the gate and the cluster while the gang waits
         #: The monitor of the last launch (its timings feed ``benchmarks/bench_dynamic.py``).
         self.last_monitor: GateMonitor | None = None
 
     def run(self, call: Any, world_size: int, *, name: str, on_log: Any = None) -> list[Any]:
-        from .placement import _by_rank, stage_profile
+        from .placement import _by_rank
 
         profile, asks = stage_profile(self.target, self.resources)
         gang, attempt = declare(self.target, world_size, name, on_log=on_log, gated=True,
@@ -201,7 +203,7 @@ class CoordinatedStage:
     def _stage(self, call: Any, spec: Any, world_size: int, profile: Any) -> Callable[[], list[tuple[int, bytes]]]:
         """The gang's Spark action: ``world_size`` gated ranks over nothing, an RDD's shares or a DataFrame's."""
         from ..task.data import fed
-        from .placement import _result_batches, _result_rows, arrow_profile_kwargs, with_profile
+        from .placement import _result_batches, _result_rows
 
         data = self.data
         if data is None or not data.arrow:

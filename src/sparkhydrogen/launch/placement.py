@@ -31,12 +31,12 @@ from ..task.embedded import EmbeddedGang, embedded_partition, parse_failure_mark
 from ..task.lifecycle import gang_body, run_partition
 from .coordinated import CoordinatedStage, placement_reason, uses_coordinated
 from .data import GangData
-from .resources import StageResources, profile_for
+from .resources import StageResources, arrow_profile_kwargs, stage_profile, with_profile
 from .runner import declare, failure_error, launching, translate
 from .session import SparkTarget
 
 __all__ = ["RankCall", "Placement", "NativeBarrierStage", "EmbeddedCoordinator", "CoordinatedStage", "placement_for",
-           "embedded_gang", "with_profile", "arrow_profile_kwargs"]
+           "embedded_gang"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -73,34 +73,6 @@ def _result_batches(call: RankCall, rank: int, batches: Iterable[Any]) -> Iterat
 
 def _by_rank(pairs: Iterable[tuple[int, bytes]]) -> list[Any]:
     return [serde.loads(payload, "return value") for _, payload in sorted(pairs, key=lambda kv: kv[0])]
-
-
-def with_profile(rdd: Any, profile: Any) -> Any:
-    """``rdd`` whose stage runs with ``profile`` (stage-level resources); ``rdd`` itself without one."""
-    return rdd if profile is None else rdd.withResources(profile)
-
-
-def arrow_profile_kwargs(profile: Any) -> dict[str, Any]:
-    """``mapInArrow`` keywords for a stage profile (pyspark >= 4.0 takes ``profile=``)."""
-    if profile is None:
-        return {}
-    import inspect
-
-    from pyspark.sql import DataFrame
-
-    if "profile" not in inspect.signature(DataFrame.mapInArrow).parameters:
-        from ..errors import LaunchError
-
-        raise LaunchError("resources= with a DataFrame stage (data=DataFrame, or Spark Connect) needs pyspark >= 4.0 "
-                          "(DataFrame.mapInArrow(profile=)); pass an RDD as data=, or upgrade pyspark")
-    return {"profile": profile}
-
-
-def stage_profile(target: SparkTarget, resources: StageResources | None) -> tuple[Any, str]:
-    """The pyspark profile of a gang stage and its description (``(None, "")`` for the application's defaults)."""
-    if resources is None:
-        return None, ""
-    return profile_for(target, resources), resources.describe()
 
 
 class Placement(Protocol):

@@ -33,7 +33,7 @@ from ..errors import LaunchError
 from .session import SparkTarget, dynamic_allocation_enabled
 
 __all__ = ["StageResources", "stage_resources", "unsupported_reason", "profile_for", "java_profile",
-           "executor_requests"]
+           "executor_requests", "stage_profile", "with_profile", "arrow_profile_kwargs"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -251,3 +251,29 @@ def java_profile(target: SparkTarget, profile: Any) -> Any:
         text = str(exc).strip().splitlines()
         raise LaunchError(f"Spark refused the gang's resource profile: {text[0] if text else exc}") from exc
     return jrp
+
+
+def with_profile(rdd: Any, profile: Any) -> Any:
+    """``rdd`` whose stage runs with ``profile`` (stage-level resources); ``rdd`` itself without one."""
+    return rdd if profile is None else rdd.withResources(profile)
+
+
+def arrow_profile_kwargs(profile: Any) -> dict[str, Any]:
+    """``mapInArrow`` keywords for a stage profile (pyspark >= 4.0 takes ``profile=``)."""
+    if profile is None:
+        return {}
+    import inspect
+
+    from pyspark.sql import DataFrame
+
+    if "profile" not in inspect.signature(DataFrame.mapInArrow).parameters:
+        raise LaunchError("resources= with a DataFrame stage (data=DataFrame, or Spark Connect) needs pyspark >= 4.0 "
+                          "(DataFrame.mapInArrow(profile=)); pass an RDD as data=, or upgrade pyspark")
+    return {"profile": profile}
+
+
+def stage_profile(target: SparkTarget, resources: StageResources | None) -> tuple[Any, str]:
+    """The pyspark profile of a gang stage and its description (``(None, "")`` for the application's defaults)."""
+    if resources is None:
+        return None, ""
+    return profile_for(target, resources), resources.describe()

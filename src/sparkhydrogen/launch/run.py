@@ -9,7 +9,7 @@ from typing import Any
 from ..logstream import LogPrinter
 from .data import gang_data, session_of
 from .placement import Placement, RankCall, placement_for
-from .resources import StageResources, stage_resources
+from .resources import stage_resources
 from .runner import attempts, check_retries
 from .session import SparkTarget, resolve
 
@@ -69,27 +69,26 @@ def run(fn: Callable[..., Any], num_tasks: int, *, args: Sequence[Any] = (),
     if not isinstance(stream_logs, bool):
         raise TypeError(f"stream_logs must be a bool, got {type(stream_logs).__name__}")
     check_retries(max_retries, retry_backoff)
-    wanted = stage_resources(resources)
     target = resolve(session_of(data, spark))
     return run_gang(RankCall(fn, tuple(args), dict(kwargs or {})), num_tasks, target=target,
                     max_retries=max_retries, retry_backoff=retry_backoff, stream_logs=stream_logs,
-                    resources=wanted, data=data)
+                    resources=resources, data=data)
 
 
 def run_gang(call: RankCall, num_tasks: int, *, target: SparkTarget, max_retries: int = 0,
              retry_backoff: float = 0.5, stream_logs: bool = False, name: str | None = None,
-             placement: Placement | None = None, resources: StageResources | None = None,
-             data: Any = None) -> list[Any]:
+             placement: Placement | None = None, resources: Any = None, data: Any = None) -> list[Any]:
     """``run()`` after validation, for launchers: ``call`` on ``num_tasks`` ranks with retries; results by rank.
 
-    ``resources`` and ``data`` are ``run()``'s (already checked by :func:`stage_resources`;
-    ``data`` is checked here); a launcher's own ``placement`` takes neither.
+    ``resources`` and ``data`` are ``run()``'s, checked here for every launcher; a launcher's
+    own ``placement`` takes neither.
     """
-    if placement is not None and (resources is not None or data is not None):
+    wanted = stage_resources(resources)
+    if placement is not None and (wanted is not None or data is not None):
         raise ValueError(f"{placement.name} runs ranks outside Spark tasks: resources= and data= need ranks in "
                          "Spark tasks (drop local_mode=True)")
     shares = gang_data(data, target, num_tasks)
-    chosen = placement if placement is not None else placement_for(target, resources, shares)
+    chosen = placement if placement is not None else placement_for(target, wanted, shares)
     label = name or call.name
     printer = LogPrinter() if stream_logs and (placement is not None or not target.connect) else None
     log.debug("gang %s: %d ranks on %s", label, num_tasks, chosen.name)

@@ -27,7 +27,6 @@ from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
 from ..launch.data import session_of
 from ..launch.placement import RankCall
-from ..launch.resources import stage_resources
 from ..launch.run import run_gang
 from ..launch.runner import DeclaredGang, check_retries, declare
 from ..launch.session import SparkTarget, resolve
@@ -101,7 +100,6 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
     if backend is not None and (not isinstance(backend, str) or not backend.strip()):
         raise ValueError(f"backend must be a torch.distributed backend name such as 'gloo' or 'nccl', got {backend!r}")
     check_retries(max_retries, retry_backoff)
-    wanted = stage_resources(resources)
     if data is not None and (isinstance(job_train, str) or use_subprocess or local_mode):
         how = "a script" if isinstance(job_train, str) else ("use_subprocess=True" if use_subprocess else
                                                              "local_mode=True")
@@ -119,7 +117,7 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
     placement = LocalProcesses(target, job) if local_mode else None
     results = run_gang(RankCall(run_job, (job,)), num_processes, target=target, max_retries=max_retries,
                        retry_backoff=retry_backoff, stream_logs=stream_logs, name=name, placement=placement,
-                       resources=wanted, data=data)
+                       resources=resources, data=data)
     return results if return_all else results[0]
 
 
