@@ -11,7 +11,7 @@ Validation of arguments raises the built-in ``TypeError``/``ValueError``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -195,6 +195,48 @@ class ErrorInfo:
         kind = type(exc)
         name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         return cls(type=name, message=str(exc), rank=rank, traceback=traceback)
+
+    @property
+    def others(self) -> tuple[ErrorInfo, ...]:
+        """Failures other ranks reported after this one, the attempt's first (in the order they arrived).
+
+        The coordinator adds them while the aborted attempt settles: a rank whose own
+        teardown broke its peers' connections often reports *after* the peers it broke,
+        so the first report is not always the root cause.
+        """
+        return tuple(ErrorInfo.from_json(o) for o in self.extra.get("others") or () if isinstance(o, Mapping))
+
+    def with_other(self, other: ErrorInfo) -> ErrorInfo:
+        """This failure with ``other`` (a later report of another rank) added to :attr:`others`."""
+        others = [dict(o) for o in self.extra.get("others") or () if isinstance(o, Mapping)]
+        return replace(self, extra={**self.extra, "others": [*others, other.to_json()]})
+
+    def headline(self, limit: int = 300) -> str:
+        """The first line of :meth:`describe`, at most ``limit`` characters.
+
+        >>> ErrorInfo("ValueError", "bad input\\nmore", rank=3).headline()
+        'rank 3 raised ValueError: bad input'
+        """
+        line = (self.describe().splitlines() or [""])[0]
+        return line if len(line) <= limit else line[: limit - 3] + "..."
+
+    def summary(self, limit: int = 300) -> str:
+        """:meth:`headline`, then each of :attr:`others` (``; then rank 1 raised ...``).
+
+        >>> first = ErrorInfo("OSError", "peer closed", rank=0)
+        >>> first.with_other(ErrorInfo("ZeroDivisionError", "boom", rank=1)).summary()
+        'rank 0 raised OSError: peer closed; then rank 1 raised ZeroDivisionError: boom'
+        """
+        return "; then ".join(e.headline(limit) for e in (self, *self.others))
+
+    def others_note(self) -> str:
+        """``""``, or a line naming the failures of :attr:`others` (for an error message's end)."""
+        others = self.others
+        if not others:
+            return ""
+        more = self.extra.get("others_more")
+        return "\nother ranks failed too: " + "; ".join(o.headline() for o in others) + (
+            f" (and {more} more)" if isinstance(more, int) and more > 0 else "")
 
     def describe(self) -> str:
         """One line: ``rank 3 raised ValueError: bad input`` (or ``Type: message`` for coordinator verdicts).

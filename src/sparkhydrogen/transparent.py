@@ -272,32 +272,29 @@ def _naming_rank(f: Callable[..., Any]) -> Callable[..., Any]:
     return body
 
 
-_VERDICT_TIMEOUT = 10.0  # our own report aborts the attempt, so the verdict comes at once; a bound all the same
+#: How long a failing rank waits for its peers' reports before its error leaves the task (seconds). A rank
+#: whose own teardown (xgboost's collective, a process group) broke its peers often reports after them.
+SETTLE_TIMEOUT = 2.0
 
 
 def _report_and_note(exc: Exception) -> None:
     from .context import BarrierTaskContext
-    from .errors import CollectiveError, GangAbortedError
+    from .errors import CollectiveError
+    from .task.lifecycle import report_failure
 
     ctx = BarrierTaskContext._current
     if ctx is None or isinstance(exc, CollectiveError):  # not a rank, or already the coordinator's verdict
         return
-    notes = [f"spark-hydrogen: raised by rank {ctx.rank()} of {ctx.worldSize()} (gang attempt {ctx.gangAttempt()}): "
+    me = ctx.rank()
+    notes = [f"spark-hydrogen: raised by rank {me} of {ctx.worldSize()} (gang attempt {ctx.gangAttempt()}): "
              f"{type(exc).__name__}: {exc}"]
-    report_failure: Callable[[BaseException], None] | None
-    try:
-        from .task.lifecycle import report_failure
-    except ImportError:  # a launch layer without early reports: the note is all we add
-        report_failure = None
-    if report_failure is not None:
-        report_failure(exc)  # aborts the attempt, naming this rank unless a peer's report came first
-        try:
-            ctx.barrier(timeout=_VERDICT_TIMEOUT)  # the attempt is aborted: this raises the verdict at once
-        except GangAbortedError as verdict:
-            if verdict.failed_rank is not None and verdict.failed_rank != ctx.rank():
-                notes.append(f"spark-hydrogen: the gang had already failed: {verdict}")
-        except Exception:  # noqa: BLE001 - no verdict to be had (connection gone ...): the rank's own note stands
-            pass
+    # aborts the attempt (naming this rank unless a peer's report came first), then hears the peers' reports
+    failure = report_failure(exc, settle=SETTLE_TIMEOUT)
+    if failure is not None:
+        if failure.rank != me:
+            notes.append(f"spark-hydrogen: the gang had already failed: {failure.describe()}")
+        notes.extend(f"spark-hydrogen: another rank failed too: {other.describe()}"
+                     for other in failure.others if other.rank != me)
     if hasattr(exc, "add_note"):  # Python >= 3.11
         for note in notes:
             exc.add_note(note)

@@ -267,6 +267,25 @@ def test_failing_rank_is_named_and_peers_are_not_left_waiting(sc: Any) -> None:
     assert time.monotonic() - start < 60
 
 
+def test_the_real_cause_is_named_even_when_its_report_comes_after_the_failures_it_caused(sc: Any) -> None:
+    def f(it: Any) -> Iterator[int]:
+        context = BarrierTaskContext.get()
+        context.barrier()  # every rank is in, as in a job that trained together for a while
+        if context.partitionId() != 1:
+            raise ConnectionResetError("peer closed the ring")  # what rank 1's teardown did to the others
+        try:
+            context.barrier()  # still tearing down: its own error surfaces only after theirs reached the coordinator
+        except h2.GangAbortedError:
+            pass
+        raise ZeroDivisionError("the real cause")
+        yield 0
+
+    # whichever task Spark reports: rank 1's own note, or a peer's note naming rank 1's later report
+    with pytest.raises(Exception, match=r"(raised by rank 1 of \d \(gang attempt 0\): |another rank failed too: "
+                                        r"rank 1 raised |then rank 1 raised )ZeroDivisionError: the real cause"):
+        sc.parallelize(range(sc.slots), sc.slots).barrier().mapPartitions(f).collect()
+
+
 def test_job_launched_while_installed_finishes_after_uninstall(sc: Any) -> None:
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(120)

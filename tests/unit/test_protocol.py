@@ -279,6 +279,9 @@ def test_every_request_decodes_into_its_typed_record() -> None:
     error = {"type": "ValueError", "message": "bad", "traceback": "tb", "rank": 99, "extra": {"k": 1}}
     assert decode_request(request({"op": "fail", "error": error})) == Fail(
         ErrorInfo("ValueError", "bad", None, "tb", {"k": 1}))  # the rank comes from the connection, not the peer
+    forged = {**error, "extra": {"k": 1, "others": [{"type": "X", "message": "not me"}], "others_more": 3}}
+    assert decode_request(request({"op": "fail", "error": forged, "settle": 2})) == Fail(
+        ErrorInfo("ValueError", "bad", None, "tb", {"k": 1}), 2.0)  # only the coordinator says who else failed
     assert decode_request(request({"op": "finish"})) == Finish(closed_early=False)
     assert decode_request(request({"op": "finish", "closed_early": True})) == Finish(closed_early=True)
     assert decode_request(request({"op": "log", "stream": "stderr", "dropped": 3}, "ü\n".encode())) == LogLines(
@@ -295,6 +298,9 @@ def test_every_request_decodes_into_its_typed_record() -> None:
     ({"op": "call", "kind": "barrier", "seq": 0, "timeout": 0}, r"timeout must be a positive number of seconds"),
     ({"op": "fail", "error": "boom"}, r"'error' must be an object, got str"),
     ({"op": "finish", "closed_early": "yes"}, r"closed_early must be true or false, got 'yes'"),
+    ({"op": "fail", "error": {}, "settle": -1}, r"settle must be a number of seconds in 0\.\.60, got -1"),
+    ({"op": "fail", "error": {}, "settle": True}, r"settle must be a number of seconds in 0\.\.60, got True"),
+    ({"op": "fail", "error": {}, "settle": "2"}, r"settle must be a number of seconds in 0\.\.60, got '2'"),
     ({"op": "register", "stage_id": 0, "rank": 0}, r"missing field 'gang_attempt'"),
 ])
 def test_a_known_request_with_bad_arguments_is_a_request_error(header: dict[str, object], match: str) -> None:

@@ -331,11 +331,14 @@ def test_calls_after_an_abort_are_rejected_immediately_with_the_abort_error() ->
     assert attempt.rounds == {}
 
 
-def test_second_failure_does_not_replace_the_first() -> None:
+def test_second_failure_does_not_replace_the_first_but_is_kept_with_it() -> None:
     attempt = make_attempt(3)
     attempt.fail(0, ErrorInfo("RuntimeError", "first", rank=0), 1.0)
-    assert attempt.fail(1, ErrorInfo("RuntimeError", "second", rank=1), 2.0) == []
+    actions = attempt.fail(1, ErrorInfo("RuntimeError", "second", rank=1), 2.0)
+    assert rejects(actions) == []
+    assert [log.level for log in logs(actions)] == ["warning"]
     assert attempt.failure is not None and attempt.failure.message == "first"
+    assert [(o.rank, o.message) for o in attempt.failure.others] == [(1, "second")]
 
 
 def test_registration_into_an_aborted_attempt_is_rejected() -> None:

@@ -25,6 +25,7 @@ from ..errors import (
     CollectiveTimeoutError,
     CoordinatorConnectionError,
     ErrorInfo,
+    HydrogenError,
     PayloadError,
     ProtocolError,
     from_info,
@@ -302,13 +303,33 @@ class CoordinatorClient:
         frame = encode_frame(Kind.REQUEST, {"op": "log", "stream": stream, "dropped": dropped}, text.encode("utf-8"))
         self._send(frame)
 
-    def fail(self, error: ErrorInfo) -> None:
+    def fail(self, error: ErrorInfo, settle: float | None = None) -> ErrorInfo | None:
         """Report that this rank's user code raised; the coordinator aborts the attempt.
 
         Never waits behind another thread's pending collective on this client: the
         report goes out at once (a whole frame), and that thread's call fails too.
+
+        ``settle`` (seconds): then wait, at most that long (plus the reply grace), until
+        every other rank has reported, finished or gone, and return the attempt's root
+        cause with the later reports of other ranks in its ``others`` (``None``: the
+        attempt had no failure on record, or no answer came). Without ``settle``: ``None``
+        at once.
         """
-        self._notify({"op": "fail", "error": error.to_json()})
+        header: dict[str, object] = {"op": "fail", "error": error.to_json()}
+        if settle is None:
+            self._notify(header)
+            return None
+        header["settle"] = settle
+        try:
+            self._notify(header)
+            with self._lock:  # a collective pending on another thread is rejected by this very report
+                frame = self._expect_reply(settle + REPLY_GRACE, kind="settle")
+        except HydrogenError:  # the answer is a courtesy: the report itself is what counts
+            return None
+        if frame.header.get("op") != "settle":
+            return None
+        failure = frame.header.get("failure")
+        return ErrorInfo.from_json(failure) if isinstance(failure, dict) else None
 
     def finish(self, closed_early: bool = False) -> None:
         """Report that this rank's task ended.

@@ -52,6 +52,7 @@ __all__ = [
     "Register",
     "CallRequest",
     "Fail",
+    "MAX_SETTLE",
     "Finish",
     "LogLines",
     "Ping",
@@ -64,6 +65,7 @@ __all__ = [
     "register_reply",
     "held_notice",
     "restore_reply",
+    "settle_reply",
     "collective_reply",
 ]
 
@@ -290,9 +292,19 @@ class CallRequest:
 
 @dataclass(frozen=True)
 class Fail:
-    """``fail``: the rank's user code raised ``error`` (its ``rank`` is set by the server, never trusted)."""
+    """``fail``: the rank's user code raised ``error`` (its ``rank`` is set by the server, never trusted).
+
+    ``settle`` (seconds, at most :data:`MAX_SETTLE`): the rank waits for a ``settle``
+    reply naming the attempt's failures, sent once every other rank has reported,
+    finished or gone, or after ``settle`` seconds. ``None``: no reply.
+    """
 
     error: ErrorInfo
+    settle: float | None = None
+
+
+#: The longest a failing rank may ask to wait for the other ranks' failures (seconds).
+MAX_SETTLE = 60.0
 
 
 @dataclass(frozen=True)
@@ -368,8 +380,15 @@ def _decode_fail(header: Mapping[str, Any]) -> Fail:
     if not isinstance(value, dict):
         raise RequestError(f"'error' must be an object, got {type(value).__name__}")
     extra = value.get("extra")
+    if isinstance(extra, dict):  # the coordinator alone says which other ranks failed
+        extra = {k: v for k, v in extra.items() if k not in ("others", "others_more")}
+    settle = header.get("settle")
+    if settle is not None and (isinstance(settle, bool) or not isinstance(settle, (int, float))
+                               or not 0 <= settle <= MAX_SETTLE):
+        raise RequestError(f"settle must be a number of seconds in 0..{MAX_SETTLE:g}, got {settle!r}")
     return Fail(ErrorInfo(type=str(value.get("type", "Exception"))[:200], message=str(value.get("message", "")),
-                          traceback=str(value.get("traceback", "")), extra=extra if isinstance(extra, dict) else {}))
+                          traceback=str(value.get("traceback", "")), extra=extra if isinstance(extra, dict) else {}),
+                None if settle is None else float(settle))
 
 
 def _decode_finish(header: Mapping[str, Any]) -> Finish:
@@ -445,6 +464,11 @@ def register_reply(world_size: int, addresses: Sequence[str] | None = None) -> b
 def held_notice() -> bytes:
     """Tells a second copy of a live rank (a speculative duplicate) that it will not join: wait to be killed."""
     return encode_frame(Kind.REPLY, {"op": "register", "held": True})
+
+
+def settle_reply(failure: ErrorInfo | None) -> bytes:
+    """The answer to a ``fail`` that asked to settle: the attempt's root cause, later reports in its ``others``."""
+    return encode_frame(Kind.REPLY, {"op": "settle", "failure": None if failure is None else failure.to_json()})
 
 
 def restore_reply(state: bytes | None) -> bytes:

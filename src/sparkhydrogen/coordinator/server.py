@@ -55,6 +55,7 @@ from .protocol import (
     held_notice,
     register_reply,
     restore_reply,
+    settle_reply,
 )
 from .state import (
     Action,
@@ -69,6 +70,7 @@ from .state import (
     Registry,
     Reject,
     Roster,
+    Settled,
     Start,
 )
 from .tls import ServerTls, server_tls
@@ -534,7 +536,7 @@ class CoordinatorServer:
         elif isinstance(request, Restore):
             peer.send(restore_reply(gang.restore(rank)))
         elif isinstance(request, Fail):
-            self._dispatch(attempt, attempt.fail(rank, replace(request.error, rank=rank), now))
+            self._dispatch(attempt, attempt.fail(rank, replace(request.error, rank=rank), now, request.settle))
         elif isinstance(request, Finish):
             self._dispatch(attempt, attempt.finish(rank, now, closed_early=request.closed_early))
 
@@ -629,6 +631,12 @@ class CoordinatorServer:
                         peer.send(frame)
                 log.info("coordinator: %s: all %d ranks joined, the start gate opened", attempt.label,
                          attempt.world_size)
+            elif isinstance(action, Settled):
+                frame = settle_reply(action.failure)
+                for rank in action.ranks:
+                    peer = members.get(rank)
+                    if peer is not None:
+                        peer.send(frame)
             elif isinstance(action, Log):
                 log.log(logging.ERROR if action.level == "error" else logging.WARNING, action.message)
         if attempt.state is AttemptState.ABORTED:
@@ -661,6 +669,8 @@ class CoordinatorServer:
         hook = self._abort_hooks.get(attempt.gang_id)
         if hook is None or attempt.abort_reported or attempt.failure is None:
             return
+        if attempt.settling:  # a failing rank waits for its peers' reports: the driver hears the whole story after
+            return
         attempt.abort_reported = True
         threading.Thread(target=hook, args=(attempt.key, attempt.failure), daemon=True,
                          name="sparkhydrogen-on-abort").start()
@@ -683,6 +693,8 @@ class CoordinatorServer:
         now = self.now()
         for gang in list(self.registry.gangs.values()):
             for attempt in list(gang.attempts.values()):
+                if attempt.state is AttemptState.ABORTED and attempt.settling:
+                    self._dispatch(attempt, attempt.tick(now))
                 if attempt.state is not AttemptState.RUNNING:
                     continue
                 if not attempt.started and attempt.start_deadline is not None and now >= attempt.start_deadline:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from ..errors import ErrorInfo, RegistrationError
@@ -46,6 +46,7 @@ __all__ = [
     "Log",
     "Start",
     "Hold",
+    "Settled",
     "Action",
     "AttemptState",
     "Attempt",
@@ -139,7 +140,23 @@ class Hold:
     rank: int
 
 
-Action = Complete | Reject | Log | Start | Hold
+@dataclass(frozen=True)
+class Settled:
+    """The aborted attempt settled for ``ranks``, who reported a failure and asked to hear the rest.
+
+    Every other rank has reported its own failure, finished or gone, or the settle
+    bound passed. ``failure`` is the attempt's root cause (the first failure the
+    coordinator heard) with the later reports of other ranks in ``failure.others``.
+    """
+
+    ranks: tuple[int, ...]
+    failure: ErrorInfo | None
+
+
+Action = Complete | Reject | Log | Start | Hold | Settled
+
+#: Later failure reports of other ranks kept with an attempt's root cause (each without its traceback).
+MAX_OTHER_FAILURES = 8
 
 
 class AttemptState(str, enum.Enum):
@@ -241,6 +258,10 @@ class Attempt:
         self.failure: ErrorInfo | None = None
         #: Set by the I/O layer once it has told the driver's abort hook about this attempt.
         self.abort_reported = False
+        #: Ranks that reported a failure of their own (at most one report each).
+        self.reported: set[int] = set()
+        #: Ranks waiting to hear how the aborted attempt settled, with the bound of each wait.
+        self._settle_waiters: dict[int, float] = {}
         self._last_registration_log = now
 
     # -- description -------------------------------------------------------
@@ -348,7 +369,7 @@ class Attempt:
         self._finished.add(rank)
         member.last_heard = now
         if self.state is not AttemptState.RUNNING:
-            return []
+            return self._settle(now)
         waiting = [r for r in self.rounds.values() if r.seq >= member.next_seq]
         if waiting:
             rnd = min(waiting, key=lambda r: r.seq)
@@ -370,17 +391,63 @@ class Attempt:
             self.state = AttemptState.FINISHED
         return []
 
-    def fail(self, rank: int, error: ErrorInfo, now: float) -> list[Action]:
+    def fail(self, rank: int, error: ErrorInfo, now: float, settle: float | None = None) -> list[Action]:
         """``rank``'s user code raised ``error``: abort the attempt for everyone.
 
         A call of ``rank`` itself still pending (another thread of the task waits in a
-        collective) is rejected too, so that thread does not wait forever.
+        collective) is rejected too, so that thread does not wait forever. A report
+        after the attempt aborted is kept with the root cause (:attr:`ErrorInfo.others`):
+        when a rank's teardown broke its peers' connections, the peers often report
+        first, and the report that names the real cause comes second.
+
+        ``settle`` (seconds): ``rank`` waits to hear the others' failures too; it is
+        answered (:class:`Settled`) once every other rank has reported, finished or
+        gone, or after ``settle`` seconds, whichever comes first.
         """
         member = self._member(rank)
         member.last_heard = now
-        if self.state is not AttemptState.RUNNING:
+        first = rank not in self.reported
+        self.reported.add(rank)
+        actions: list[Action] = []
+        if self.state is AttemptState.RUNNING:
+            actions = self._abort_for(rank, error, tell_failed=True)
+        elif first and self.state is AttemptState.ABORTED and self.failure is not None and self.failure.rank != rank:
+            self._add_other(error)
+            actions.append(Log("warning", f"{self.label}: after it had failed, {error.headline()}"))
+        if settle is not None:
+            self._settle_waiters[rank] = now + max(0.0, settle)
+        return actions + self._settle(now)
+
+    def _add_other(self, error: ErrorInfo) -> None:
+        assert self.failure is not None
+        kept = len(self.failure.extra.get("others") or ())
+        if kept >= MAX_OTHER_FAILURES:
+            more = int(self.failure.extra.get("others_more", 0)) + 1
+            self.failure = replace(self.failure, extra={**self.failure.extra, "others_more": more})
+            return
+        brief = ErrorInfo(error.type, error.message[:2000], error.rank)
+        self.failure = self.failure.with_other(brief)
+
+    @property
+    def settling(self) -> bool:
+        """Some rank waits to hear how this aborted attempt settles (the driver's abort hook waits too)."""
+        return bool(self._settle_waiters)
+
+    def _settle(self, now: float) -> list[Action]:
+        """Answer the ranks waiting for the settle, if every other rank is accounted for or their bound passed."""
+        if not self._settle_waiters:
             return []
-        return self._abort_for(rank, error, tell_failed=True)
+        if self.state is not AttemptState.RUNNING and all(
+            not m.connected or m.finished or r in self.reported for r, m in self.members.items()
+        ):
+            ranks = tuple(sorted(self._settle_waiters))
+        else:
+            ranks = tuple(sorted(r for r, bound in self._settle_waiters.items() if now >= bound))
+        if not ranks:
+            return []
+        for rank in ranks:
+            del self._settle_waiters[rank]
+        return [Settled(ranks, self.failure)]
 
     def disconnect(self, rank: int, now: float) -> list[Action]:
         """``rank``'s connection closed. Before it finished, that is a failure of the rank."""
@@ -388,8 +455,9 @@ class Attempt:
         if member is None:
             return []
         member.connected = False
+        self._settle_waiters.pop(rank, None)
         if member.finished or self.state is not AttemptState.RUNNING:
-            return []
+            return self._settle(now)
         if not self.started:  # lost while waiting at the gate: no user code ran, its rank may join again
             return [Log("warning", f"{self.label}: rank {rank}'s task (host {member.info.host}) was lost while "
                                    f"waiting at the start gate; {self.joined} of {self.world_size} ranks are waiting")]
@@ -499,9 +567,9 @@ class Attempt:
 
     # -- time --------------------------------------------------------------
     def tick(self, now: float) -> list[Action]:
-        """Expire timed-out calls and log rounds that wait long for missing ranks."""
+        """Expire timed-out calls and log rounds that wait long for missing ranks (aborted: settle bounds)."""
         if self.state is not AttemptState.RUNNING:
-            return []
+            return self._settle(now)
         if not self.started:
             return self._tick_gate(now)
         silent = self._silent_rank(now)

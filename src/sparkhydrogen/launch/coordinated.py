@@ -78,7 +78,7 @@ def stage_canceller(target: SparkTarget) -> Callable[[AttemptKey, ErrorInfo], No
         if stage < 0 or target.sc is None or getattr(target.sc, "_jsc", None) is None:
             return
         try:
-            target.sc._jsc.sc().cancelStage(stage, f"spark-hydrogen gang aborted: {cause.describe()[:500]}")
+            target.sc._jsc.sc().cancelStage(stage, f"spark-hydrogen gang aborted: {cause.summary()[:1000]}")
             log.info("cancelled Spark stage %d after: %s", stage, cause.describe().splitlines()[0])
         except Exception as exc:  # the context may be stopping
             log.debug("could not cancel stage %d: %s", stage, exc)

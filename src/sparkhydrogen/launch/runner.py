@@ -40,7 +40,7 @@ from .session import SparkTarget
 
 __all__ = ["GangScope", "DeclaredGang", "current_scope", "launching", "declare", "attempts", "translate",
            "release_with",
-           "backoff_delay", "check_retries", "failure_error"]
+           "backoff_delay", "check_retries", "failure_error", "gang_failed"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 R = TypeVar("R")
@@ -309,13 +309,18 @@ def _translate_scope(scope: GangScope, exc: BaseException) -> LaunchError:
     return failure_error("gang", parse_failure_marker(str(exc)), exc)  # an embedded gang (Spark Connect)
 
 
+def gang_failed(name: str, failure: ErrorInfo) -> GangFailedError:
+    """The error for gang ``name`` whose attempt failed with ``failure``: its rank, the others, its traceback."""
+    text = f"gang {name!r} failed: {failure.describe()}{failure.others_note()}"
+    if failure.traceback:
+        text += f"\n--- traceback of rank {failure.rank} ---\n{failure.traceback.rstrip()}"
+    return GangFailedError(text, failure.rank, failure)
+
+
 def failure_error(name: str, failure: ErrorInfo | None, exc: BaseException) -> LaunchError:
     """Our error for a failed gang job: the first failing rank if known, else cancellation or Spark's word."""
     if failure is not None:
-        text = f"gang {name!r} failed: {failure.describe()}"
-        if failure.traceback:
-            text += f"\n--- traceback of rank {failure.rank} ---\n{failure.traceback.rstrip()}"
-        return GangFailedError(text, failure.rank, failure)
+        return gang_failed(name, failure)
     first = str(exc).strip().splitlines()
     summary = first[0] if first else type(exc).__name__
     cancelled = is_cancellation(exc)

@@ -177,19 +177,25 @@ class RankSession:
         else:
             os.environ[_VISIBLE] = gpus.executor_visible
 
-    def report_failure(self, exc: BaseException, text: str | None = None) -> None:
+    def report_failure(self, exc: BaseException, text: str | None = None,
+                       settle: float | None = None) -> ErrorInfo | None:
         """Tell the coordinator this rank failed with ``exc`` (once; later reports are ignored).
 
         Call it before tearing down what peers depend on (a process group, a store),
         so that peers who then lose their connections are not blamed for the failure.
         A :class:`CollectiveError` is the coordinator's own verdict: nothing to report.
+
+        ``settle`` (seconds): wait, at most that long, for the other ranks to report,
+        finish or go, and return the attempt's failure as the coordinator has it (its
+        root cause, other ranks' later reports in ``others``); else ``None``.
         """
         if self._reported or self.client is None:
-            return
+            return None
         self._reported = True
         if isinstance(exc, CollectiveError):
-            return
-        self.client.fail(ErrorInfo.from_exception(exc, self.rank, text if text is not None else traceback.format_exc()))
+            return None
+        info = ErrorInfo.from_exception(exc, self.rank, text if text is not None else traceback.format_exc())
+        return self.client.fail(info, settle=settle)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -223,14 +229,13 @@ class RankSession:
             self.client.close()
 
 
-def report_failure(exc: BaseException) -> None:
+def report_failure(exc: BaseException, settle: float | None = None) -> ErrorInfo | None:
     """Report ``exc`` as the failure of the rank running in this process, if one is.
 
     See :meth:`RankSession.report_failure`.
     """
     session = RankSession._active
-    if session is not None:
-        session.report_failure(exc)
+    return session.report_failure(exc, settle=settle) if session is not None else None
 
 
 def rank_gpus() -> RankGpus | None:

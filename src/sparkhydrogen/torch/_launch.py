@@ -28,7 +28,7 @@ from ..errors import ErrorInfo, GangFailedError, LaunchError
 from ..launch.data import session_of
 from ..launch.placement import RankCall
 from ..launch.run import run_gang
-from ..launch.runner import DeclaredGang, check_retries, declare
+from ..launch.runner import DeclaredGang, check_retries, declare, gang_failed
 from ..launch.session import SparkTarget, resolve
 from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
 from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
@@ -263,10 +263,7 @@ class LocalProcesses:
                         failure = ErrorInfo.from_json(json.load(fh))
                     break
         if failure is not None:
-            text = f"gang {name!r} failed: {failure.describe()}"
-            if failure.traceback:
-                text += f"\n--- traceback of rank {failure.rank} ---\n{failure.traceback.rstrip()}"
-            return GangFailedError(text, failure.rank, failure)
+            return gang_failed(name, failure)
         rank, code = next((r, c) for r, c in exits.items() if c != 0)
         return GangFailedError(f"gang {name!r} failed: local rank {rank}'s process ended with "
                                f"{describe_exit(code)} before it reported an error", rank)
