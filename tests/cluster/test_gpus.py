@@ -188,6 +188,44 @@ def test_torch_ranks_see_their_gpu_and_train_on_cpu(clusters: Clusters) -> None:
         h2torch.run(nothing, num_processes=2, use_gpu=True, backend="gloo")
 
 
+TWO_PROCESS_SCRIPT = """\
+import json, os, sys
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+with open(os.path.join(sys.argv[1], f"{dist.get_rank()}.json"), "w") as fh:
+    json.dump({"sum": t.item(), "parent": os.getppid(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+               "device": os.environ["SPARKHYDROGEN_TORCH_DEVICE"], "local_rank": os.environ["LOCAL_RANK"]}, fh)
+dist.destroy_process_group()
+"""
+
+
+def test_two_training_processes_per_task_each_get_one_of_its_gpus(clusters: Clusters, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import json
+
+    import sparkhydrogen.torch as h2torch
+
+    clusters.get("one")  # executors of 2 GPUs; the gang's stage asks for both per task
+    script = tmp_path / "train.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    h2torch.run(str(script), str(tmp_path), num_processes=4, processes_per_task=2, use_gpu=True, backend="gloo",
+                resources={"gpu": 2})
+    views = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(4)]
+    assert {v["sum"] for v in views} == {10.0}  # one process group of 4 across 2 tasks
+    by_task: dict[int, list[dict[str, Any]]] = {}
+    for view in views:
+        by_task.setdefault(view["parent"], []).append(view)
+    assert len(by_task) == 2  # two tasks (one per executor), two processes each
+    for task_views in by_task.values():
+        assert sorted(v["visible"] for v in task_views) == ["0", "1"]  # a distinct GPU of the task's two each
+        assert {v["device"] for v in task_views} == {"cuda:0"}  # each trains on the one GPU it sees
+
+
 # spark.task.resource.gpu.amount=0.5 --------------------------------------------------
 
 

@@ -26,6 +26,8 @@ from sparkhydrogen.torch._layout import (
     local_mode_gpus,
     node_layout,
     physical_gpus,
+    process_environments,
+    process_plans,
     rank_environment,
 )
 
@@ -182,6 +184,33 @@ def test_task_host_of_an_executor_address() -> None:
     assert _rank._host_of("worker-7") == "worker-7"
 
 
+# several training processes per task ---------------------------------------------------
+
+
+def test_each_process_of_a_task_takes_consecutive_global_and_local_ranks() -> None:
+    hosts = ["a", "a", "b"]
+    tasks = [rank_environment(rank=t, world_size=3, layout=node_layout(hosts, t), master_addr="a", master_port=7)
+             for t in range(3)]
+    envs = [e for task in tasks for e in process_environments(task, 2)]
+    assert [e["RANK"] for e in envs] == [str(r) for r in range(6)]
+    assert {e["WORLD_SIZE"] for e in envs} == {"6"}
+    assert [(e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) for e in envs] == [
+        ("0", "4"), ("1", "4"), ("2", "4"), ("3", "4"), ("0", "2"), ("1", "2")]  # host a: tasks 0, 1; host b: 2
+    assert [e["GROUP_RANK"] for e in envs] == ["0", "0", "0", "0", "1", "1"]
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("a", "7")}
+    assert process_environments(tasks[1], 1) == [tasks[1]]
+
+
+def test_each_process_of_a_task_gets_its_own_slice_of_the_tasks_gpus() -> None:
+    plans = process_plans(use_gpu=True, own_physical=["4", "5", "6", "7"], processes=2)
+    assert plans == [DevicePlan(ordinal=0, visible="4,5"), DevicePlan(ordinal=0, visible="6,7")]
+    assert {p.device for p in plans} == {"cuda:0"}
+    with pytest.raises(GpuAssignmentError, match=r"2 processes cannot each have their own GPU: the task has 1"):
+        process_plans(use_gpu=True, own_physical=["4"], processes=2)
+    with pytest.raises(GpuAssignmentError, match=r"this rank's task has no GPU assigned"):
+        process_plans(use_gpu=True, own_physical=[], processes=2)
+
+
 # arguments (checked before any Spark is needed) ---------------------------------------
 
 
@@ -199,6 +228,16 @@ def _train() -> None:
     (lambda: h2torch.run(_train, num_processes=2, backend=""), ValueError, "backend must be a torch.distributed"),
     (lambda: h2torch.run("train.py", num_processes=2, lr=0.1), TypeError,
      r"keyword arguments \['lr'\] cannot be passed to a script"),
+    (lambda: h2torch.run(_train, num_processes=4, processes_per_task=2.0), TypeError,
+     "processes_per_task must be an int, got float"),
+    (lambda: h2torch.run(_train, num_processes=4, processes_per_task=0), ValueError,
+     "processes_per_task must be >= 1, got 0"),
+    (lambda: h2torch.run(_train, num_processes=3, processes_per_task=2), ValueError,
+     "num_processes=3 is not a multiple of processes_per_task=2"),
+    (lambda: h2torch.run(_train, num_processes=4, processes_per_task=2, local_mode=True), ValueError,
+     "processes_per_task does not apply with local_mode=True"),
+    (lambda: h2torch.run(_train, num_processes=4, processes_per_task=2, data=object()), ValueError,
+     r"data= streams each rank's share into its Spark task's Python worker.*got processes_per_task=2"),
 ])
 def test_bad_arguments_are_refused_clearly(call: object, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):

@@ -258,6 +258,43 @@ def test_output_streams_while_the_rank_is_still_running(sc: Any, monkeypatch: py
     assert result == ["go"]
 
 
+def test_several_training_processes_per_task(sc: Any) -> None:
+    def train(scale: float) -> dict[str, Any]:
+        import os
+
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(t)
+        return {"sum": t.item() * scale, "env": {k: os.environ[k] for k in ENV_KEYS}, "parent": os.getppid(),
+                "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    out = h2torch.run(train, 2.0, num_processes=4, processes_per_task=2, return_all=True)
+    assert [o["sum"] for o in out] == [20.0] * 4  # (1 + 2 + 3 + 4) * 2 over one process group of 4
+    assert [o["env"]["RANK"] for o in out] == ["0", "1", "2", "3"]
+    assert {o["env"]["WORLD_SIZE"] for o in out} == {"4"}
+    assert [o["env"]["LOCAL_RANK"] for o in out] == ["0", "1", "2", "3"]  # one host: local ranks follow the tasks
+    assert {o["env"]["LOCAL_WORLD_SIZE"] for o in out} == {"4"}
+    parents = [o["parent"] for o in out]  # two processes of each of the two tasks' Python workers
+    assert parents[0] == parents[1] != parents[2] == parents[3]
+    assert {o["visible"] for o in out} == {""}  # use_gpu=False: no GPU shown to a training process
+    assert h2torch.run(train, 1.0, num_processes=4, processes_per_task=2)["sum"] == 10.0  # rank 0's alone
+
+    def fails() -> None:
+        import torch
+        import torch.distributed as dist
+
+        if dist.get_rank() == 3:
+            raise KeyError("missing_feature")
+        dist.all_reduce(torch.ones(1))  # rank 3 never joins: its peers are stopped, not left waiting
+
+    with pytest.raises(h2.GangFailedError, match=r"rank 1 raised KeyError: 'missing_feature'") as info:
+        h2torch.run(fails, num_processes=4, processes_per_task=2)
+    assert info.value.failed_rank == 1  # the gang's ranks are the Spark tasks
+    assert "in training process 2 of 2 of this task (torch RANK=3)" in str(info.value)
+
+
 def test_use_gpu_without_gpus_is_refused_before_launch(sc: Any) -> None:
     with pytest.raises(h2torch.GpuAssignmentError, match=r"use_gpu=True but Spark assigns no GPU to tasks "
                                                           r"\(spark.task.resource.gpu.amount is not set"):

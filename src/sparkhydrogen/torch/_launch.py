@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import pickle
-import queue
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from ..launch.session import SparkTarget, resolve
 from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
 from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
 from ._local import LocalRank, error_path, result_path
-from ._rank import ENTRY_MODULE, PARENT_PID_ENV, RankJob, describe_exit, run_job
+from ._rank import ENTRY_MODULE, PARENT_PID_ENV, RankJob, describe_exit, run_job, stop_group, wait_all
 
 __all__ = ["run"]
 
@@ -45,7 +43,7 @@ Train = Union[Callable[..., Any], str, "os.PathLike[str]"]
 def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, local_mode: bool = False,
         backend: str | None = None, return_all: bool = False, use_subprocess: bool = False,
         max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
-        resources: Any = None, data: Any = None, **kwargs: Any) -> Any:
+        resources: Any = None, data: Any = None, processes_per_task: int = 1, **kwargs: Any) -> Any:
     """Run ``train`` on ``num_processes`` ranks with ``torch.distributed`` set up; return rank 0's result.
 
     ``train`` is a function, called as ``train(*args, **kwargs)`` on every rank, or
@@ -70,6 +68,11 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
       resources, as :func:`sparkhydrogen.run` does; ``data`` (a DataFrame or RDD) streams
       one share to every rank, read with :func:`sparkhydrogen.torch.data_loader` (functions
       run in the task's worker only: not with scripts, ``use_subprocess`` or ``local_mode``).
+    * ``processes_per_task=k`` starts ``num_processes // k`` Spark tasks, each running ``k``
+      training processes (child processes, torch ranks ``t*k .. t*k+k-1`` of task ``t``), as
+      torchrun's ``--nproc-per-node`` does; with ``use_gpu`` each process gets a distinct
+      slice of its task's GPUs (ask for them with ``resources={"gpu": k}``) and trains on its
+      ``cuda:0``. Not with ``local_mode`` (already one process per rank) or ``data``.
     * Returns rank 0's return value (``None`` for a script), or every rank's in
       rank order with ``return_all=True``.
     * With ``stream_logs`` (the default) every rank's stdout, stderr and logging
@@ -100,9 +103,11 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
     if backend is not None and (not isinstance(backend, str) or not backend.strip()):
         raise ValueError(f"backend must be a torch.distributed backend name such as 'gloo' or 'nccl', got {backend!r}")
     check_retries(max_retries, retry_backoff)
-    if data is not None and (isinstance(job_train, str) or use_subprocess or local_mode):
+    tasks = _check_processes_per_task(processes_per_task, num_processes, local_mode)
+    if data is not None and (isinstance(job_train, str) or use_subprocess or local_mode or processes_per_task > 1):
         how = "a script" if isinstance(job_train, str) else ("use_subprocess=True" if use_subprocess else
-                                                             "local_mode=True")
+                                                             "local_mode=True" if local_mode else
+                                                             f"processes_per_task={processes_per_task}")
         raise ValueError(f"data= streams each rank's share into its Spark task's Python worker, so train must run "
                          f"there: a function, without use_subprocess or local_mode (got {how})")
     target = resolve(session_of(data, spark))
@@ -112,12 +117,15 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
     if use_gpu:
         driver_gpus = _gpu_preflight(target, num_processes, local_mode)
     job = RankJob(train=job_train, args=tuple(args), kwargs=dict(kwargs), backend=backend or default_backend(use_gpu),
-                  use_gpu=use_gpu, use_subprocess=use_subprocess, return_all=return_all, driver_gpus=driver_gpus)
+                  use_gpu=use_gpu, use_subprocess=use_subprocess, return_all=return_all, driver_gpus=driver_gpus,
+                  processes_per_task=processes_per_task)
     name = f"torch.run({_train_name(job_train)})"
     placement = LocalProcesses(target, job) if local_mode else None
-    results = run_gang(RankCall(run_job, (job,)), num_processes, target=target, max_retries=max_retries,
+    results = run_gang(RankCall(run_job, (job,)), tasks, target=target, max_retries=max_retries,
                        retry_backoff=retry_backoff, stream_logs=stream_logs, name=name, placement=placement,
                        resources=resources, data=data)
+    if processes_per_task > 1:  # every task returned its processes' results (task 0 alone unless return_all)
+        results = [r for per_task in results if per_task is not None for r in per_task]
     return results if return_all else results[0]
 
 
@@ -145,6 +153,21 @@ def _check_count(num_processes: Any) -> None:
         raise TypeError(f"num_processes must be an int, got {type(num_processes).__name__}")
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+
+
+def _check_processes_per_task(processes_per_task: Any, num_processes: int, local_mode: bool) -> int:
+    """The number of Spark tasks: ``num_processes`` split into tasks of ``processes_per_task`` processes."""
+    if isinstance(processes_per_task, bool) or not isinstance(processes_per_task, int):
+        raise TypeError(f"processes_per_task must be an int, got {type(processes_per_task).__name__}")
+    if processes_per_task < 1:
+        raise ValueError(f"processes_per_task must be >= 1, got {processes_per_task}")
+    if processes_per_task > 1 and local_mode:
+        raise ValueError("processes_per_task does not apply with local_mode=True (every rank is already a process "
+                         "of its own on the driver): drop it, or use num_processes alone")
+    if num_processes % processes_per_task:
+        raise ValueError(f"num_processes={num_processes} is not a multiple of processes_per_task="
+                         f"{processes_per_task}: every Spark task starts the same number of processes")
+    return num_processes // processes_per_task
 
 
 def _train_name(train: Callable[..., Any] | str) -> str:
@@ -237,22 +260,7 @@ class LocalProcesses:
 
     def _wait(self, procs: list[subprocess.Popen[bytes]]) -> dict[int, int]:
         """Wait for every rank process; when one fails, stop the others (they would wait for it forever)."""
-        done: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-        for rank, proc in enumerate(procs):
-            threading.Thread(target=lambda r=rank, p=proc: done.put((r, p.wait())), daemon=True,
-                             name=f"sparkhydrogen-local-rank-{rank}").start()
-        exits: dict[int, int] = {}
-        try:
-            while len(exits) < len(procs):
-                rank, code = done.get()
-                exits[rank] = code
-                if code != 0:
-                    for proc in procs:
-                        _kill(proc)
-        finally:
-            for proc in procs:
-                _kill(proc)
-        return exits
+        return wait_all(procs, "local-rank")
 
     def _failure(self, gang: DeclaredGang, attempt: int, exits: dict[int, int], out: str, name: str) -> LaunchError:
         failure = gang.last_failure(attempt)
@@ -276,26 +284,13 @@ class LocalProcesses:
             log.info("stopping %d local rank process(es) of attempt %d after: %s", len(procs), key[0],
                      cause.describe())
         for proc in procs:
-            _kill(proc)
+            stop_group(proc)
 
     def kill_all(self) -> None:
         with self._lock:
             procs = [p for ps in self._procs.values() for p in ps]
         for proc in procs:
-            _kill(proc)
+            stop_group(proc)
             proc.wait()
         with self._lock:
             self._procs.clear()
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a rank process and its process group (children included), by pid."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass

@@ -27,6 +27,8 @@ __all__ = [
     "local_mode_gpus",
     "node_layout",
     "physical_gpus",
+    "process_environments",
+    "process_plans",
     "rank_environment",
 ]
 
@@ -223,6 +225,56 @@ def device_plan(*, use_gpu: bool, in_process: bool, own: Sequence[str] = (), own
     if one_each and flat[local_rank] == own_physical[0]:
         return DevicePlan(ordinal=local_rank, visible=",".join(flat))
     return DevicePlan(ordinal=0, visible=",".join(own_physical))
+
+
+def process_environments(env: Mapping[str, str], processes: int) -> list[dict[str, str]]:
+    """The torchrun variables of each of the ``processes`` processes one task starts, from the task's own.
+
+    Task ``t`` of ``T`` holds global ranks ``t*k .. t*k+k-1`` of ``T*k``; its local
+    ranks follow the task's own local rank the same way (every task starts ``k``).
+    ``GROUP_RANK``/``NODE_RANK`` (the host) and ``MASTER_ADDR``/``MASTER_PORT`` stay.
+
+    >>> task = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "7"}
+    >>> [(e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) for e in process_environments(task, 2)]
+    [('2', '4', '2', '4'), ('3', '4', '3', '4')]
+    """
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be a positive integer, got {processes!r}")
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local, local_world = int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])
+    out = []
+    for i in range(processes):
+        child = dict(env)
+        child.update({
+            "RANK": str(rank * processes + i), "WORLD_SIZE": str(world * processes),
+            "LOCAL_RANK": str(local * processes + i), "LOCAL_WORLD_SIZE": str(local_world * processes),
+        })
+        if "ROLE_RANK" in child:
+            child["ROLE_RANK"], child["ROLE_WORLD_SIZE"] = child["RANK"], child["WORLD_SIZE"]
+        out.append(child)
+    return out
+
+
+def process_plans(*, use_gpu: bool, own_physical: Sequence[str], processes: int) -> list[DevicePlan]:
+    """The device of each of the ``processes`` processes of one task: a distinct slice of its GPUs each.
+
+    Each process sees only its own GPUs (``CUDA_VISIBLE_DEVICES``), so its device is
+    ``cuda:0``; without ``use_gpu`` it sees none.
+
+    >>> process_plans(use_gpu=True, own_physical=["4", "5"], processes=2)
+    [DevicePlan(ordinal=0, visible='4'), DevicePlan(ordinal=0, visible='5')]
+    >>> process_plans(use_gpu=False, own_physical=[], processes=2)
+    [DevicePlan(ordinal=None, visible=''), DevicePlan(ordinal=None, visible='')]
+    """
+    if not use_gpu:
+        return [DevicePlan(ordinal=None, visible="") for _ in range(processes)]
+    if not own_physical:
+        raise GpuAssignmentError("use_gpu=True but this rank's task has no GPU assigned")
+    try:
+        slices = [_gpus.split_gpus(own_physical, processes, i) for i in range(processes)]
+    except GpuPlacementError as exc:
+        raise GpuAssignmentError(str(exc)) from exc
+    return [DevicePlan(ordinal=0, visible=",".join(s)) for s in slices]
 
 
 def env_overrides_summary(env: Mapping[str, str]) -> str:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +42,11 @@ from ._layout import (
     assigned_gpus,
     device_plan,
     physical_gpus,
+    process_environments,
+    process_plans,
 )
 
-__all__ = ["RankJob", "run_job", "describe_exit"]
+__all__ = ["RankJob", "run_job", "describe_exit", "wait_all", "stop_group"]
 
 #: Environment variable with the pid a child process must die with (see ``_child.die_with_parent``).
 PARENT_PID_ENV = "SPARKHYDROGEN_PARENT_PID"
@@ -63,6 +67,8 @@ class RankJob:
     return_all: bool = False
     driver_gpus: tuple[str, ...] = ()
     store_timeout: float = 300.0
+    #: Training processes each Spark task starts (``> 1``: always child processes, torch ranks ``t*k + i``).
+    processes_per_task: int = 1
 
     @property
     def is_script(self) -> bool:
@@ -90,7 +96,8 @@ def run_job(job: RankJob, local_host: str | None = None) -> Any:
     """
     ctx = BarrierTaskContext.get()
     rank, world = ctx.rank(), ctx.worldSize()
-    in_process = not (job.is_script or job.use_subprocess)
+    several = job.processes_per_task > 1
+    in_process = not (job.is_script or job.use_subprocess or several)
     placed = rank_gpus() if job.use_gpu and local_host is None else None
     ordinal = None
     if placed is not None:  # the rank's session narrowed CUDA_VISIBLE_DEVICES to these
@@ -103,14 +110,19 @@ def run_job(job: RankJob, local_host: str | None = None) -> Any:
     layout, holds = form(_TORCH, ctx, hosts=hosts, gpus=physical)
     store = None
     try:
-        plan = device_plan(use_gpu=job.use_gpu, in_process=in_process, own=own, own_physical=physical,
-                           host_peers=[list(layout.gpus[r]) for r in layout.ranks_on(layout.host)],
-                           local_rank=layout.local_rank, ordinal=ordinal)
         env = _TORCH.environment(layout)
-        env[DEVICE_ENV] = plan.device
+        if several:
+            plans = process_plans(use_gpu=job.use_gpu, own_physical=physical, processes=job.processes_per_task)
+        else:
+            plan = device_plan(use_gpu=job.use_gpu, in_process=in_process, own=own, own_physical=physical,
+                               host_peers=[list(layout.gpus[r]) for r in layout.ranks_on(layout.host)],
+                               local_rank=layout.local_rank, ordinal=ordinal)
+            env[DEVICE_ENV] = plan.device
         if holds:
             store = _store(layout.hosts[0], layout.ports[0][0], job.store_timeout, listen_fd=holds[0].take())
-        if in_process:
+        if several:
+            result = _run_children(job, process_environments(env, job.processes_per_task), plans)
+        elif in_process:
             result = _run_in_process(ctx, job, env, plan, store)
         else:
             result = _run_child(ctx, job, env, plan)
@@ -247,53 +259,123 @@ def _child_env(env: Mapping[str, str], plan: DevicePlan) -> dict[str, str]:
     return child
 
 
-def _run_child(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan: DevicePlan) -> Any:
+def _start_child(job: RankJob, env: dict[str, str], plan: DevicePlan, tmp: str) -> subprocess.Popen[bytes]:
     from . import _child
 
+    if isinstance(job.train, str):
+        script = job.train
+        if not os.path.isfile(script):
+            raise FileNotFoundError(
+                f"training script {script} does not exist on {socket.gethostname()}: the path must exist on "
+                "every executor (use a shared file system, or ship it with SparkContext.addFile and pass "
+                "SparkFiles.get(name))")
+        cmd = [sys.executable, "-m", _ENTRY, "script", script, *map(str, job.args)]
+    else:
+        _child.write_job(tmp, job.train, job.args, dict(job.kwargs), job.backend)
+        cmd = [sys.executable, "-m", _ENTRY, "function", tmp]
+    return subprocess.Popen(cmd, env=_child_env(env, plan), stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _child_outcome(job: RankJob, tmp: str, code: int, rank: int, where: str = "") -> Any:
+    """A child's result, or (reported to the coordinator first) the error it ended with."""
+    from . import _child
+
+    if code != 0:
+        exc = _child_failure(tmp, job, code, rank, where)
+        try:
+            raise exc
+        except BaseException as raised:
+            report_failure(raised)
+            raise
+    return None if job.is_script else _child.read_result(tmp)
+
+
+def _run_child(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan: DevicePlan) -> Any:
     with tempfile.TemporaryDirectory(prefix="sparkhydrogen-torch-") as tmp:
-        if isinstance(job.train, str):
-            script = job.train
-            if not os.path.isfile(script):
-                raise FileNotFoundError(
-                    f"training script {script} does not exist on {socket.gethostname()}: the path must exist on "
-                    "every executor (use a shared file system, or ship it with SparkContext.addFile and pass "
-                    "SparkFiles.get(name))")
-            cmd = [sys.executable, "-m", _ENTRY, "script", script, *map(str, job.args)]
-        else:
-            _child.write_job(tmp, job.train, job.args, dict(job.kwargs), job.backend)
-            cmd = [sys.executable, "-m", _ENTRY, "function", tmp]
-        proc = subprocess.Popen(cmd, env=_child_env(env, plan), stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = _start_child(job, env, plan, tmp)
         try:
             code = proc.wait()
         finally:
             if proc.poll() is None:  # we are being torn down: take the child (and its group) along
                 _kill_group(proc)
-        if code != 0:
-            exc = _child_failure(tmp, job, code, ctx.rank())
-            try:
-                raise exc
-            except BaseException as raised:
-                report_failure(raised)
-                raise
-        return None if job.is_script else _child.read_result(tmp)
+        return _child_outcome(job, tmp, code, ctx.rank())
 
 
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
+def _run_children(job: RankJob, envs: list[dict[str, str]], plans: list[DevicePlan]) -> list[Any]:
+    """The task's ``processes_per_task`` training processes, each with its own ranks and GPUs; their results.
+
+    When one fails the others are stopped at once (they would wait for it in a
+    collective), and the task fails with the error of the one that failed first.
+    """
+    with tempfile.TemporaryDirectory(prefix="sparkhydrogen-torch-") as tmp:
+        dirs = [os.path.join(tmp, str(i)) for i in range(len(envs))]
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for folder, env, plan in zip(dirs, envs, plans, strict=True):
+                os.mkdir(folder)
+                procs.append(_start_child(job, {**env, DEVICE_ENV: plan.device}, plan, folder))
+            exits = wait_all(procs, "training-process")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:  # we are being torn down: take the children along
+                    _kill_group(proc)
+        for i, code in exits.items():  # in the order they ended: the first failure is the cause
+            if code != 0:
+                _child_outcome(job, dirs[i], code, int(envs[i]["RANK"]),
+                               f"training process {i + 1} of {len(envs)} of this task (torch RANK={envs[i]['RANK']})")
+        return [_child_outcome(job, folder, 0, int(env["RANK"])) for folder, env in zip(dirs, envs, strict=True)]
+
+
+def wait_all(procs: list[subprocess.Popen[bytes]], what: str) -> dict[int, int]:
+    """Wait for every process (its exit code by index, in the order they ended); the first failure stops the rest."""
+    done: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+    for index, proc in enumerate(procs):
+        threading.Thread(target=lambda i=index, p=proc: done.put((i, p.wait())), daemon=True,
+                         name=f"sparkhydrogen-{what}-{index}").start()
+    exits: dict[int, int] = {}
+    try:
+        while len(exits) < len(procs):
+            index, code = done.get()
+            exits[index] = code
+            if code != 0:
+                for proc in procs:
+                    stop_group(proc)
+    finally:
+        for proc in procs:
+            stop_group(proc)
+    return exits
+
+
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a process and its process group (its children included), by pid, if it still runs."""
+    if proc.poll() is not None:
+        return
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        proc.kill()
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    stop_group(proc)
     proc.wait()
 
 
-def _child_failure(tmp: str, job: RankJob, code: int, rank: int) -> BaseException:
+def _child_failure(tmp: str, job: RankJob, code: int, rank: int, where: str = "") -> BaseException:
+    """The exception a child process ended with (its traceback as the cause), or one saying how it ended.
+
+    ``where`` names the process among several of one task (``training process 2 of 2 ...``).
+    """
     from . import _child
 
     raised = _child.read_error(tmp)
     if raised is not None:
         exc, text = raised
-        exc.__cause__ = _ChildTraceback(text)
+        exc.__cause__ = _ChildTraceback(f"in {where}:\n{text}" if where else text)
         return exc
     what = f"training script {job.train}" if job.is_script else "training process"
-    return TorchLaunchError(f"rank {rank}'s {what} ended with {describe_exit(code)} (its output is in the "
-                            "rank's stderr, streamed to the driver with stream_logs=True)")
+    return TorchLaunchError(f"rank {rank}'s {what} ended with {describe_exit(code)}" + (f" ({where})" if where else "")
+                            + " (its output is in the rank's stderr, streamed to the driver with stream_logs=True)")
