@@ -149,6 +149,15 @@ def test_a_gang_the_cluster_can_never_hold_is_refused_at_once_with_the_numbers(s
     assert time.monotonic() - started < 1.0
 
 
+def test_the_capacity_check_counts_the_gangs_own_resources(sc: Any) -> None:
+    started = time.monotonic()  # 4 slots by the application's settings, but 2 tasks of 2 CPUs fill the cluster
+    with pytest.raises(InsufficientSlotsError, match=r"needs 3 slots at once but the cluster can never hold more "
+                                                     r"than 2.*\(spark.executor.cores=2 / the gang's tasks' cpus=2\) "
+                                                     r"= 2 slots for the gang's resources \(cpus=2\)"):
+        h2.run(lambda: 1, 3, resources={"cpus": 2})
+    assert time.monotonic() - started < 5.0
+
+
 def test_bare_barrier_rdd_and_dataframe_run_coordinated(sc: Any) -> None:
     from pyspark.sql import SparkSession
 

@@ -279,6 +279,36 @@ def test_capacity_arithmetic_refuses_a_gang_the_cluster_can_never_hold() -> None
     assert GangCapacity(max_executors=4, executor_cores=4, task_cpus=3).slots == 4
 
 
+class _Conf:
+    """The application's settings, as the launch layer reads them (``target.conf(key)``)."""
+
+    def __init__(self, **settings: str) -> None:
+        self.settings = {k.replace("_", "."): v for k, v in settings.items()}
+
+    def conf(self, key: str) -> str | None:
+        return self.settings.get(key)
+
+
+def test_capacity_arithmetic_uses_the_gangs_own_resource_profile() -> None:
+    from pyspark.resource import ExecutorResourceRequests, ResourceProfileBuilder, TaskResourceRequests
+
+    from sparkhydrogen.launch.preflight import gang_capacity
+
+    app = _Conf(spark_dynamicAllocation_maxExecutors="2", spark_executor_cores="4",
+                spark_executor_resource_gpu_amount="2")
+    assert gang_capacity(app).slots == 8  # the application's tasks ask for one CPU and no GPU
+    asks = ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", 1)).build
+    cap = gang_capacity(app, asks, "cpus=1, gpu=1")  # executors as configured: 2 GPUs each
+    assert cap.slots == 4
+    text = capacity_message(5, cap) or ""
+    assert "limited by spark.executor.resource.gpu.amount=2 / the gang's tasks' resource.gpu.amount=1" in text
+    assert text.endswith("slots for the gang's resources (cpus=1, gpu=1). Lower the number of tasks to at most 4, "
+                         "or raise spark.dynamicAllocation.maxExecutors (or the cores/resources per executor)")
+    bigger = ResourceProfileBuilder().require(TaskResourceRequests().cpus(2)).require(
+        ExecutorResourceRequests().cores(8)).build
+    assert gang_capacity(app, bigger, "cpus=2").slots == 8  # its own executors: 8 cores, 2 per task
+
+
 # -- over real loopback sockets ------------------------------------------------------------
 
 

@@ -166,6 +166,7 @@ class GangCapacity:
     executor_cores: int | None  # spark.executor.cores (None: unknown, e.g. standalone's whole worker)
     task_cpus: int
     resources: tuple[tuple[str, float, float], ...] = ()  # (name, per executor, per task)
+    profile: str = ""  # the gang stage's own resource profile, described ("": the application's)
 
     @property
     def slots_per_executor(self) -> int | None:
@@ -195,12 +196,13 @@ def capacity_message(needed: int, cap: GangCapacity) -> str | None:
     slots = cap.slots
     if slots is None or needed <= slots:
         return None
+    task = "the gang's tasks' " if cap.profile else "spark.task."
     arithmetic = (f"spark.dynamicAllocation.maxExecutors={cap.max_executors} x "
-                  f"(spark.executor.cores={cap.executor_cores} / spark.task.cpus={cap.task_cpus}")
+                  f"(spark.executor.cores={cap.executor_cores} / {task}cpus={cap.task_cpus}")
     for name, per_executor, per_task in cap.resources:
         arithmetic += (f", limited by spark.executor.resource.{name}.amount={per_executor:g} / "
-                       f"spark.task.resource.{name}.amount={per_task:g}")
-    arithmetic += f") = {slots} slots"
+                       f"{task}resource.{name}.amount={per_task:g}")
+    arithmetic += f") = {slots} slots" + (f" for the gang's resources ({cap.profile})" if cap.profile else "")
     return (f"coordinated gang needs {needed} slots at once but the cluster can never hold more than {slots} "
             f"under dynamic allocation: {arithmetic}. Lower the number of tasks to at most {slots}, or raise "
             "spark.dynamicAllocation.maxExecutors (or the cores/resources per executor)")
@@ -215,35 +217,57 @@ def _number(text: str | None, key: str) -> float | None:
         raise ValueError(f"{key}={text!r} is not a number") from None
 
 
-def gang_capacity(target: SparkTarget) -> GangCapacity:
-    """Read the settings that bound a coordinated gang under dynamic allocation (through the target's conf)."""
+def gang_capacity(target: SparkTarget, profile: Any = None, described: str = "") -> GangCapacity:
+    """Read the settings that bound a coordinated gang under dynamic allocation (through the target's conf).
+
+    ``profile``: the gang stage's own pyspark ``ResourceProfile``; its task requests
+    replace ``spark.task.*`` and its executor requests (where it has them)
+    ``spark.executor.*``.
+    """
     max_executors = _number(target.conf("spark.dynamicAllocation.maxExecutors"), "spark.dynamicAllocation.maxExecutors")
     cores = _number(target.conf("spark.executor.cores"), "spark.executor.cores")
+    cpus = task_cpus(target)
+
+    def per_executor(name: str) -> float:
+        return _number(target.conf(f"spark.executor.resource.{name}.amount"),
+                       f"spark.executor.resource.{name}.amount") or 0.0
+
     resources = []
-    for name in RESOURCES:
-        per_task = _number(target.conf(f"spark.task.resource.{name}.amount"), f"spark.task.resource.{name}.amount")
-        if per_task:
-            per_executor = _number(target.conf(f"spark.executor.resource.{name}.amount"),
-                                   f"spark.executor.resource.{name}.amount") or 0.0
-            resources.append((name, per_executor, per_task))
+    if profile is None:
+        for name in RESOURCES:
+            per_task = _number(target.conf(f"spark.task.resource.{name}.amount"), f"spark.task.resource.{name}.amount")
+            if per_task:
+                resources.append((name, per_executor(name), per_task))
+    else:
+        tasks, executors = dict(profile.taskResources), dict(profile.executorResources)
+        if "cpus" in tasks:
+            cpus = int(tasks.pop("cpus").amount)
+        if "cores" in executors:
+            cores = float(executors["cores"].amount)
+        for name, request in sorted(tasks.items()):
+            own = executors.get(name)
+            has = float(own.amount) if own is not None else per_executor(name)
+            resources.append((name, has, float(request.amount)))
     unbounded = max_executors is None or max_executors >= 2**31 - 1
     return GangCapacity(max_executors=None if unbounded else int(max_executors),  # type: ignore[arg-type]
-                        executor_cores=None if cores is None else int(cores), task_cpus=task_cpus(target),
-                        resources=tuple(resources))
+                        executor_cores=None if cores is None else int(cores), task_cpus=cpus,
+                        resources=tuple(resources), profile=described if profile is not None else "")
 
 
 def ensure_gang_fits(target: SparkTarget, needed: int, wait: float = 0.0, *, profile: Any = None,
-                     resources: str = "") -> SlotReport | None:
+                     resources: str = "", stage_profile: Any = None) -> SlotReport | None:
     """The coordinated placement's preflight, in milliseconds.
 
     Under dynamic allocation: refuse a gang the cluster can never hold (its settings'
     arithmetic, :func:`capacity_message`); executors that are not there yet are what
     the start gate waits for. Without dynamic allocation: the slots must be there now,
-    as for a barrier stage (:func:`ensure_slots`).
+    as for a barrier stage (:func:`ensure_slots`). ``profile`` is the gang stage's JVM
+    profile (for the scheduler's count), ``stage_profile`` the same as pyspark's
+    ``ResourceProfile`` (for the arithmetic), ``resources`` its description.
     """
     if not dynamic_allocation_enabled(target):
         return ensure_slots(target, needed, wait, coordinated=True, profile=profile, resources=resources)
-    problem = capacity_message(needed, gang_capacity(target))
+    problem = capacity_message(needed, gang_capacity(target, stage_profile, resources))
     if problem is not None:
         raise InsufficientSlotsError(problem)
     return None

@@ -187,7 +187,7 @@ def _preflight(target: SparkTarget, world_size: int, wait: float, gated: bool, p
                resources: str = "") -> Any:
     jprofile = java_profile(target, profile) if profile is not None else None
     if gated:
-        return ensure_gang_fits(target, world_size, wait, profile=jprofile, resources=resources)
+        return ensure_gang_fits(target, world_size, wait, profile=jprofile, resources=resources, stage_profile=profile)
     return ensure_slots(target, world_size, wait, profile=jprofile, resources=resources)
 
 
