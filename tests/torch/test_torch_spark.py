@@ -289,10 +289,15 @@ def test_several_training_processes_per_task(sc: Any) -> None:
             raise KeyError("missing_feature")
         dist.all_reduce(torch.ones(1))  # rank 3 never joins: its peers are stopped, not left waiting
 
-    with pytest.raises(h2.GangFailedError, match=r"rank 1 raised KeyError: 'missing_feature'") as info:
+    with pytest.raises(h2.GangFailedError) as info:
         h2torch.run(fails, num_processes=4, processes_per_task=2)
-    assert info.value.failed_rank == 1  # the gang's ranks are the Spark tasks
-    assert "in training process 2 of 2 of this task (torch RANK=3)" in str(info.value)
+    text = str(info.value)
+    # rank 3's crash breaks every task's process group: task 1 (holding the cause) may report second, and the
+    # gang's error then names it among the others; either way the failing process's own error is there
+    assert "rank 1 raised KeyError: 'missing_feature'" in text, text
+    assert info.value.failed_rank in (0, 1)  # the gang's ranks are the Spark tasks
+    if info.value.failed_rank == 1:
+        assert "in training process 2 of 2 of this task (torch RANK=3)" in text
 
 
 def test_use_gpu_without_gpus_is_refused_before_launch(sc: Any) -> None:

@@ -56,6 +56,14 @@ def read_result(folder: str) -> Any:
         return pickle.load(fh)
 
 
+def error_time(folder: str) -> int | None:
+    """When the process in ``folder`` wrote its error (ns since the epoch), ``None`` if it wrote none."""
+    try:
+        return os.stat(os.path.join(folder, _ERROR)).st_mtime_ns
+    except OSError:
+        return None
+
+
 def read_error(folder: str) -> tuple[BaseException, str] | None:
     """The exception (and formatted traceback) the child's function raised, if it wrote one."""
     path = os.path.join(folder, _ERROR)
@@ -104,6 +112,7 @@ def _run_function(folder: str) -> int:
 
     with open(os.path.join(folder, _JOB), "rb") as fh:
         train, args, kwargs, backend = pickle.load(fh)
+    written = False
     try:
         device = os.environ.get(DEVICE_ENV, "cpu")
         if device.startswith("cuda"):
@@ -115,10 +124,16 @@ def _run_function(folder: str) -> int:
         dist.init_process_group(backend, init_method="env://")
         try:
             result = train(*args, **kwargs)
+        except BaseException as exc:
+            # before the teardown breaks the peers' connections: the cause is written before its consequences
+            _write_error(folder, exc)
+            written = True
+            raise
         finally:
             dist.destroy_process_group()
     except BaseException as exc:
-        _write_error(folder, exc)
+        if not written:
+            _write_error(folder, exc)
         traceback.print_exc()
         return 1
     _write(folder, _RESULT, result)

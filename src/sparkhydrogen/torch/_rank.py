@@ -276,8 +276,12 @@ def _start_child(job: RankJob, env: dict[str, str], plan: DevicePlan, tmp: str) 
     return subprocess.Popen(cmd, env=_child_env(env, plan), stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _child_outcome(job: RankJob, tmp: str, code: int, rank: int, where: str = "") -> Any:
-    """A child's result, or (reported to the coordinator first) the error it ended with."""
+def _child_outcome(job: RankJob, tmp: str, code: int, rank: int, where: str = "", settle: float | None = None) -> Any:
+    """A child's result, or (reported to the coordinator first) the error it ended with.
+
+    ``settle``: after reporting, wait that long at most for the other tasks' reports (see
+    :meth:`~sparkhydrogen.task.RankSession.report_failure`), so the gang's error names them too.
+    """
     from . import _child
 
     if code != 0:
@@ -285,7 +289,7 @@ def _child_outcome(job: RankJob, tmp: str, code: int, rank: int, where: str = ""
         try:
             raise exc
         except BaseException as raised:
-            report_failure(raised)
+            report_failure(raised, settle=settle)
             raise
     return None if job.is_script else _child.read_result(tmp)
 
@@ -299,6 +303,11 @@ def _run_child(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan:
             if proc.poll() is None:  # we are being torn down: take the child (and its group) along
                 _kill_group(proc)
         return _child_outcome(job, tmp, code, ctx.rank())
+
+
+#: How long a task whose training process failed waits for the other tasks' reports: one process's crash
+#: breaks the process group of every task, and the task holding the cause may report second.
+SETTLE_TIMEOUT = 2.0
 
 
 def _run_children(job: RankJob, envs: list[dict[str, str]], plans: list[DevicePlan]) -> list[Any]:
@@ -319,11 +328,21 @@ def _run_children(job: RankJob, envs: list[dict[str, str]], plans: list[DevicePl
             for proc in procs:
                 if proc.poll() is None:  # we are being torn down: take the children along
                     _kill_group(proc)
-        for i, code in exits.items():  # in the order they ended: the first failure is the cause
-            if code != 0:
-                _child_outcome(job, dirs[i], code, int(envs[i]["RANK"]),
-                               f"training process {i + 1} of {len(envs)} of this task (torch RANK={envs[i]['RANK']})")
+        failed = [i for i, code in exits.items() if code != 0]  # in the order they ended
+        if failed:
+            # the cause is the error written first: a peer broken by its teardown may well end before it
+            first = min(failed, key=lambda i: (_error_time(dirs[i]), failed.index(i)))
+            _child_outcome(job, dirs[first], exits[first], int(envs[first]["RANK"]),
+                           f"training process {first + 1} of {len(envs)} of this task "
+                           f"(torch RANK={envs[first]['RANK']})", settle=SETTLE_TIMEOUT)
         return [_child_outcome(job, folder, 0, int(env["RANK"])) for folder, env in zip(dirs, envs, strict=True)]
+
+
+def _error_time(folder: str) -> float:
+    from . import _child
+
+    written = _child.error_time(folder)
+    return float("inf") if written is None else float(written)
 
 
 def wait_all(procs: list[subprocess.Popen[bytes]], what: str) -> dict[int, int]:
