@@ -31,7 +31,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -82,6 +82,14 @@ T = TypeVar("T")
 
 #: How long a driver-API call waits for the coordinator's loop to run it.
 LOOP_CALL_TIMEOUT = 30.0
+
+
+def _send_to(members: Mapping[int, Peer], ranks: Sequence[int], frame: bytes, shared: Outgoing | None = None) -> None:
+    """Queue ``frame`` to each of ``ranks`` that still has a connection."""
+    for rank in ranks:
+        peer = members.get(rank)
+        if peer is not None:
+            peer.send(frame, shared)
 
 
 class CoordinatorServer:
@@ -612,31 +620,15 @@ class CoordinatorServer:
             elif isinstance(action, Complete):
                 gang = self.registry.get(attempt.gang_id)
                 frame = collective_reply(action.op, action.seq, action.payloads)
-                shared = Outgoing(frame, gang.budget if gang is not None else None)
-                for rank in action.ranks:
-                    peer = members.get(rank)
-                    if peer is not None:
-                        peer.send(frame, shared)
+                _send_to(members, action.ranks, frame, Outgoing(frame, gang.budget if gang is not None else None))
             elif isinstance(action, Reject):
-                frame = error_frame(action.error)
-                for rank in action.ranks:
-                    peer = members.get(rank)
-                    if peer is not None:
-                        peer.send(frame)
+                _send_to(members, action.ranks, error_frame(action.error))
             elif isinstance(action, Start):
-                frame = register_reply(attempt.world_size, action.addresses)
-                for rank in action.ranks:
-                    peer = members.get(rank)
-                    if peer is not None:
-                        peer.send(frame)
+                _send_to(members, action.ranks, register_reply(attempt.world_size, action.addresses))
                 log.info("coordinator: %s: all %d ranks joined, the start gate opened", attempt.label,
                          attempt.world_size)
             elif isinstance(action, Settled):
-                frame = settle_reply(action.failure)
-                for rank in action.ranks:
-                    peer = members.get(rank)
-                    if peer is not None:
-                        peer.send(frame)
+                _send_to(members, action.ranks, settle_reply(action.failure))
             elif isinstance(action, Log):
                 log.log(logging.ERROR if action.level == "error" else logging.WARNING, action.message)
         if attempt.state is AttemptState.ABORTED:
@@ -683,11 +675,7 @@ class CoordinatorServer:
             frame = encode_frame(Kind.REPLY, {"op": action.op.value, "seq": action.seq, "sizes": []})
         else:
             frame = error_frame(error)
-        members = self.roster.endpoints(attempt)
-        for rank in action.ranks:
-            peer = members.get(rank)
-            if peer is not None:
-                peer.send(frame)
+        _send_to(self.roster.endpoints(attempt), action.ranks, frame)
 
     def _expire(self) -> None:
         now = self.now()

@@ -230,7 +230,7 @@ class LocalProcesses:
                 finally:
                     with self._lock:
                         self._procs[attempt] = procs
-                exits = self._wait(procs)
+                exits = wait_all(procs, "local-rank")  # one failing stops the others
                 if all(code == 0 for code in exits.values()):
                     gang.settle()
                     return [self._load(result_path(out, rank)) for rank in range(world_size)]
@@ -257,10 +257,6 @@ class LocalProcesses:
     def _load(path: str) -> Any:
         with open(path, "rb") as fh:
             return pickle.load(fh)
-
-    def _wait(self, procs: list[subprocess.Popen[bytes]]) -> dict[int, int]:
-        """Wait for every rank process; when one fails, stop the others (they would wait for it forever)."""
-        return wait_all(procs, "local-rank")
 
     def _failure(self, gang: DeclaredGang, attempt: int, exits: dict[int, int], out: str, name: str) -> LaunchError:
         failure = gang.last_failure(attempt)

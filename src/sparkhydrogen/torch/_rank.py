@@ -330,19 +330,15 @@ def _run_children(job: RankJob, envs: list[dict[str, str]], plans: list[DevicePl
                     _kill_group(proc)
         failed = [i for i, code in exits.items() if code != 0]  # in the order they ended
         if failed:
-            # the cause is the error written first: a peer broken by its teardown may well end before it
-            first = min(failed, key=lambda i: (_error_time(dirs[i]), failed.index(i)))
+            from . import _child
+
+            # the cause is the error written first (ties: the first to end): a peer broken by its teardown
+            # may well end before it
+            first = min(failed, key=lambda i: _child.error_time(dirs[i]) or float("inf"))
             _child_outcome(job, dirs[first], exits[first], int(envs[first]["RANK"]),
                            f"training process {first + 1} of {len(envs)} of this task "
                            f"(torch RANK={envs[first]['RANK']})", settle=SETTLE_TIMEOUT)
         return [_child_outcome(job, folder, 0, int(env["RANK"])) for folder, env in zip(dirs, envs, strict=True)]
-
-
-def _error_time(folder: str) -> float:
-    from . import _child
-
-    written = _child.error_time(folder)
-    return float("inf") if written is None else float(written)
 
 
 def wait_all(procs: list[subprocess.Popen[bytes]], what: str) -> dict[int, int]:
