@@ -3,6 +3,10 @@
 Spark conf keys (all optional)::
 
     spark.hydrogen.coordinator.host            address to bind (default: spark.driver.host, never all interfaces)
+    spark.hydrogen.coordinator.advertiseHost   address tasks connect to, when it differs from the bound one (NAT,
+                                               containers: like spark.driver.host next to spark.driver.bindAddress;
+                                               default: spark.driver.host when the bound host is 0.0.0.0 or ::,
+                                               else the bound host)
     spark.hydrogen.coordinator.port            first port to try, 0 = any free port (default 0);
                                                or a range "7100-7115" for firewalled clusters
     spark.hydrogen.coordinator.portMaxRetries  further ports tried after a busy one (default 16)
@@ -40,6 +44,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .netaddr import is_wildcard
 
 __all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "PLACEMENTS", "HydrogenConfig", "parse_size",
            "parse_duration",
@@ -134,9 +140,16 @@ class TlsConfig:
 class CoordinatorConfig:
     """How the coordinator listens and what it accepts.
 
+    ``host`` is the address the coordinator binds; ``advertise_host`` the one tasks are
+    told to connect to, when they differ (a driver behind NAT or in a container binds
+    its local or a wildcard address and is reached by another name). ``None``: tasks
+    connect to ``host``. See :attr:`advertised_host`.
+
     Example:
         >>> CoordinatorConfig(host="127.0.0.1", port=0).max_payload_bytes
         268435456
+        >>> CoordinatorConfig(host="0.0.0.0", advertise_host="driver.example.com").advertised_host
+        'driver.example.com'
     """
 
     host: str = "127.0.0.1"
@@ -153,10 +166,13 @@ class CoordinatorConfig:
     max_gangs: int = 256
     max_connections: int = 4096
     tls: TlsConfig = field(default_factory=TlsConfig)
+    advertise_host: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"coordinator host must be a non-empty string, got {self.host!r}")
+        if self.advertise_host is not None:
+            _check_advertise_host(self.advertise_host)
         if not isinstance(self.tls, TlsConfig):
             raise TypeError(f"tls must be a TlsConfig, got {type(self.tls).__name__}")
         if not 0 <= self.port <= 65535:
@@ -169,6 +185,25 @@ class CoordinatorConfig:
             _check_positive(name, getattr(self, name))
         if self.liveness_timeout is not None:
             _check_positive("liveness_timeout", self.liveness_timeout)
+
+    @property
+    def advertised_host(self) -> str:
+        """The host tasks connect to: ``advertise_host`` when set, else the bound ``host``."""
+        return self.advertise_host if self.advertise_host is not None else self.host
+
+
+def _check_advertise_host(host: object) -> None:
+    """An address tasks can connect to: a bare host name or IP address, not a wildcard, no port, no brackets."""
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"advertise_host must be a non-empty host name or address, got {host!r}")
+    if is_wildcard(host):
+        raise ValueError(f"advertise_host={host!r} listens on every interface but cannot be connected to; set "
+                         "spark.hydrogen.coordinator.advertiseHost to the name or address executors reach the "
+                         "driver by (e.g. its public DNS name)")
+    if any(c.isspace() or c in "[]/" for c in host) or host.count(":") == 1:
+        raise ValueError(f"advertise_host={host!r} is not a bare host: give spark.hydrogen.coordinator."
+                         "advertiseHost a host name or IP address without port, brackets or scheme "
+                         "(e.g. driver.example.com, 10.0.0.5 or ::1)")
 
 
 #: Values of ``spark.hydrogen.launch.placement``.
@@ -234,6 +269,7 @@ class HydrogenConfig:
         prefix = "spark.hydrogen."
         coordinator: dict[str, tuple[str, Callable[[str, str], object]]] = {
             "host": ("coordinator.host", lambda v, k: normalize_host(v)),
+            "advertise_host": ("coordinator.advertiseHost", lambda v, k: normalize_host(v)),
             "port_max_retries": ("coordinator.portMaxRetries", _parse_int),
             "max_payload_bytes": ("coordinator.maxPayload", parse_size),
             "max_gang_buffer_bytes": ("coordinator.maxGangBuffer", parse_size),
@@ -263,13 +299,17 @@ class HydrogenConfig:
             try:
                 return cls(**kwargs)
             except ValueError as exc:
-                for name, (key, raw) in keys.items():
-                    if str(exc).startswith(name) or f" {name} " in str(exc):
+                text = str(exc)  # the field the message starts with, else one it names
+                for name, (key, raw) in sorted(keys.items(), key=lambda item: not text.startswith(item[0])):
+                    if text.startswith(name) or f" {name} " in text:
                         raise ValueError(f"{key}={raw!r}: {exc}") from exc
                 raise
 
         extra: dict[str, object] = {"host": normalize_host(driver_host),
                                     "tls": _tls_config(opt, prefix, encryption_required_by)}
+        bind_host = opt(prefix + "coordinator.host")
+        if bind_host is not None and is_wildcard(bind_host) and opt(prefix + "coordinator.advertiseHost") is None:
+            extra["advertise_host"] = normalize_host(driver_host)  # tasks cannot connect to 0.0.0.0 / ::
         port_key = prefix + "coordinator.port"
         if (port_raw := opt(port_key)) is not None:
             first, last = _parse_port_range(port_raw, port_key)

@@ -34,6 +34,7 @@ __all__ = [
     "GpuPlacementError",
     "GangFailedError",
     "GangCancelledError",
+    "GangSetupError",
     "ErrorInfo",
     "from_info",
 ]
@@ -151,6 +152,15 @@ class GangFailedError(LaunchError):
 
 class GangCancelledError(LaunchError):
     """The gang's Spark job was cancelled from outside (its job group, a tag, ``cancelAllJobs``); never retried."""
+
+
+class GangSetupError(LaunchError):
+    """No rank could start: its task failed before joining the gang in a way a retry repeats.
+
+    For example ``sparkhydrogen`` (or the user's module) is not importable on the
+    executors, the task's closure does not unpickle there, or the coordinator's address
+    is unreachable from them. The message names the Python exception; never retried.
+    """
 
 
 @dataclass(frozen=True)

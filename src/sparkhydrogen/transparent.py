@@ -39,7 +39,6 @@ log = logging.getLogger("sparkhydrogen.transparent")
 
 _MISSING = object()
 _ORIGIN = "_sparkhydrogen_origin"  # on a DataFrame made by a non-barrier mapInPandas/mapInArrow, and its .rdd
-_KEEP = "_sparkhydrogen_gang_frame"  # on that idiom's RDD: the gang's DataFrame, kept alive with the RDD
 _lock = threading.RLock()
 
 
@@ -200,9 +199,7 @@ def _rdd_barrier_method(name: str, original: Callable[..., Any]) -> Callable[...
         if origin is not None:  # df.mapInPandas(g, schema).rdd.barrier().mapPartitions(f): the gang runs g
             parent, method_name, func, schema = origin
             gang_df = getattr(sparkhydrogen.barrier(parent), method_name)(_naming_rank(func), schema)
-            out = getattr(gang_df.rdd, name)(f, preservesPartitioning)
-            setattr(out, _KEEP, gang_df)  # the gang lives as long as the DataFrame it was declared for
-            return out
+            return getattr(gang_df.rdd, name)(f, preservesPartitioning)
         return getattr(sparkhydrogen.barrier(self.rdd), name)(_naming_rank(f), preservesPartitioning)
 
     return method

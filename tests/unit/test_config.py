@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +97,17 @@ def test_configs_are_frozen() -> None:
         ({"handshake_timeout": 0.0}, "handshake_timeout must be > 0"),
         ({"missing_log_interval": -1.0}, "missing_log_interval must be > 0"),
         ({"tick_interval": 0}, "tick_interval must be > 0"),
+        ({"advertise_host": ""}, "advertise_host must be a non-empty host name or address, got ''"),
+        ({"advertise_host": 7}, "advertise_host must be a non-empty host name or address, got 7"),
+        ({"advertise_host": "0.0.0.0"}, r"advertise_host='0\.0\.0\.0' listens on every interface but cannot be "
+                                        r"connected to; set spark\.hydrogen\.coordinator\.advertiseHost"),
+        ({"advertise_host": "::"}, "advertise_host='::' listens on every interface"),
+        ({"advertise_host": "driver:7077"}, r"advertise_host='driver:7077' is not a bare host: give "
+                                            r"spark\.hydrogen\.coordinator\.advertiseHost a host name or IP "
+                                            "address without port, brackets or scheme"),
+        ({"advertise_host": "[::1]"}, r"advertise_host='\[::1\]' is not a bare host"),
+        ({"advertise_host": "http://driver"}, "advertise_host='http://driver' is not a bare host"),
+        ({"advertise_host": "my driver"}, "advertise_host='my driver' is not a bare host"),
     ],
 )
 def test_coordinator_config_validates(kwargs: dict[str, object], match: str) -> None:
@@ -144,7 +157,7 @@ def test_from_conf_reads_every_key() -> None:
     })
     assert cfg.coordinator == CoordinatorConfig(host="0.0.0.0", port=7100, port_max_retries=4,
                                                 max_payload_bytes=64 * MiB, liveness_timeout=20.0,
-                                                checkpoint_max_bytes=GiB)
+                                                checkpoint_max_bytes=GiB, advertise_host="10.0.0.5")
     assert cfg.launch == LaunchConfig(connect_timeout=0.5, collective_timeout=300.0, slot_wait_timeout=45.0,
                                       heartbeat_interval=0.25, embedded_linger=90.0)
 
@@ -217,3 +230,64 @@ def test_from_conf_malformed_values_name_the_key(key: str, value: str, match: st
 def test_from_conf_out_of_range_values_name_the_key(key: str, value: str) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         from_conf({key: value})
+
+
+# ------------------------------------------------------- advertised host
+
+
+def test_the_advertised_host_is_the_bound_one_unless_set() -> None:
+    assert CoordinatorConfig(host="10.0.0.5").advertised_host == "10.0.0.5"
+    assert CoordinatorConfig(host="172.17.0.2", advertise_host="driver.example.com").advertised_host == (
+        "driver.example.com")
+    assert CoordinatorConfig(host="127.0.0.1", advertise_host="::1").advertised_host == "::1"
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::", "[::]"])
+def test_a_wildcard_bind_host_advertises_the_driver_host(wildcard: str) -> None:
+    cfg = from_conf({"spark.hydrogen.coordinator.host": wildcard}, driver_host="driver-7.cluster")
+    assert cfg.coordinator.host == wildcard.strip("[]")
+    assert cfg.coordinator.advertised_host == "driver-7.cluster"
+
+
+def test_a_specific_bind_host_is_advertised_as_it_is() -> None:
+    cfg = from_conf({"spark.hydrogen.coordinator.host": "172.17.0.2"})
+    assert cfg.coordinator.advertise_host is None
+    assert cfg.coordinator.advertised_host == "172.17.0.2"
+    assert from_conf({}).coordinator.advertised_host == "10.0.0.5"  # no key: spark.driver.host, bound and told
+
+
+@pytest.mark.parametrize("bind", [None, "0.0.0.0", "172.17.0.2"])
+def test_advertise_host_overrides_the_default(bind: str | None) -> None:
+    conf = {"spark.hydrogen.coordinator.advertiseHost": " [2001:db8::5] "}
+    if bind is not None:
+        conf["spark.hydrogen.coordinator.host"] = bind
+    cfg = from_conf(conf)
+    assert cfg.coordinator.advertised_host == "2001:db8::5"  # kept bare, as every host is
+    assert cfg.coordinator.host == (bind or "10.0.0.5")
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("0.0.0.0", r"spark\.hydrogen\.coordinator\.advertiseHost='0\.0\.0\.0': advertise_host='0\.0\.0\.0' listens "
+                 r"on every interface but cannot be connected to"),
+     ("driver:7077", r"spark\.hydrogen\.coordinator\.advertiseHost='driver:7077': advertise_host='driver:7077' is "
+                     "not a bare host")],
+)
+def test_a_bad_advertise_host_names_the_key(value: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        from_conf({"spark.hydrogen.coordinator.host": "0.0.0.0", "spark.hydrogen.coordinator.advertiseHost": value})
+
+
+def test_the_readme_lists_every_key_from_conf_reads() -> None:
+    asked: list[str] = []
+
+    def get(key: str) -> str | None:
+        asked.append(key)
+        return None
+
+    HydrogenConfig.from_conf(get, "h")
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index("## Configuration") + 1)]
+    listed = set(re.findall(r"^\| `(spark\.hydrogen\.[\w.]+)` \|", table, flags=re.MULTILINE))
+    assert set(asked) - listed == set(), "keys read but missing from the README's configuration table"
+    assert listed - set(asked) == set(), "keys in the README's configuration table that nothing reads"

@@ -31,6 +31,7 @@ PUBLIC = {
     "InsufficientSlotsError",
     "GangFailedError",
     "GangCancelledError",
+    "GangSetupError",
     "CheckpointError",
     "GpuPlacementError",
     "RankLostError",

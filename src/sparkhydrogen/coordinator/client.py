@@ -38,6 +38,7 @@ from .protocol import (
     FrameDecoder,
     Kind,
     Limits,
+    StageGangInfo,
     client_proof,
     decode_header,
     decode_prefix,
@@ -200,7 +201,8 @@ class CoordinatorClient:
 
     # requests --------------------------------------------------------------
     def register(self, rank: int, *, gang_attempt: int = 0, stage_id: int = 0, host: str = "",
-                 task_attempt_id: int = -1, address: str = "", gate_timeout: float | None = None) -> int:
+                 task_attempt_id: int = -1, address: str = "", gate_timeout: float | None = None,
+                 stage: StageGangInfo | None = None) -> int:
         """Join the gang as ``rank`` (of gang attempt ``gang_attempt``, Spark stage ``stage_id``).
 
         Returns the gang's world size. In a gated gang the reply comes when every rank
@@ -208,6 +210,8 @@ class CoordinatorClient:
         the coordinator's own bound, and :attr:`addresses` then lists every rank's
         ``address``. A task the coordinator holds aside (a second copy of a live rank)
         waits for its verdict without a bound: Spark kills it once the live copy is done.
+        ``stage``: for a stage gang (formed by the first task that joins), what the
+        coordinator needs to form it: the stage's task count, its start gate, a name.
         """
         header = {
             "op": "register",
@@ -220,6 +224,9 @@ class CoordinatorClient:
         }
         if address:
             header["address"] = address
+        if stage is not None:
+            header["stage"] = {"world_size": stage.world_size, "name": stage.name, "gated": stage.gated,
+                               "start_timeout": stage.start_timeout}
         with self._lock:
             self._send(encode_frame(Kind.REQUEST, header))
             wait = None if gate_timeout is None else gate_timeout + REPLY_GRACE

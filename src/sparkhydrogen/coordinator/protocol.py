@@ -50,6 +50,8 @@ __all__ = [
     "NONCE_BYTES",
     "RequestError",
     "Register",
+    "StageGangInfo",
+    "MAX_START_TIMEOUT",
     "CallRequest",
     "Fail",
     "MAX_SETTLE",
@@ -281,6 +283,20 @@ class Register:
     stage_id: int
     rank: int
     member: MemberInfo
+    #: A stage gang (formed by its first task, see :meth:`CoordinatorServer.stage_credential`) needs what
+    #: the driver would otherwise have declared: the stage's task count, whether its start is gated (and
+    #: within what bound) and a name for messages. Ignored for declared gangs.
+    stage: StageGangInfo | None = None
+
+
+@dataclass(frozen=True)
+class StageGangInfo:
+    """What the first task of a stage attempt tells the coordinator to form a stage gang."""
+
+    world_size: int
+    name: str = ""
+    gated: bool = False
+    start_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +361,27 @@ def _int(header: Mapping[str, Any], name: str, default: int | None = None) -> in
     return value
 
 
+#: Longest start bound a stage gang's task may ask for (a day): the bound is the user's, the cap is ours.
+MAX_START_TIMEOUT = 86400.0
+
+
+def _decode_stage(value: Any) -> StageGangInfo | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise RequestError(f"stage must be an object, got {type(value).__name__}")
+    size = value.get("world_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise RequestError(f"stage.world_size must be a positive integer, got {size!r}")
+    bound = value.get("start_timeout")
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                              or not 0 < bound <= MAX_START_TIMEOUT):
+        raise RequestError(f"stage.start_timeout must be a number of seconds in (0, {MAX_START_TIMEOUT:g}], "
+                           f"got {bound!r}")
+    return StageGangInfo(world_size=size, name=str(value.get("name", ""))[:200], gated=value.get("gated") is True,
+                         start_timeout=None if bound is None else float(bound))
+
+
 def _decode_register(header: Mapping[str, Any]) -> Register:
     return Register(
         gang_attempt=_int(header, "gang_attempt"),
@@ -353,6 +390,7 @@ def _decode_register(header: Mapping[str, Any]) -> Register:
         member=MemberInfo(host=str(header.get("host", "?"))[:256], pid=_int(header, "pid", 0),
                           task_attempt_id=_int(header, "task_attempt_id", -1),
                           address=str(header.get("address", ""))[:300]),
+        stage=_decode_stage(header.get("stage")),
     )
 
 

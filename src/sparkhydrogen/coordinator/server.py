@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import hmac
 import ipaddress
 import logging
 import secrets
@@ -31,6 +33,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -75,13 +78,27 @@ from .state import (
 )
 from .tls import ServerTls, server_tls
 
-__all__ = ["CoordinatorServer", "GangHandle", "LogRecord"]
+__all__ = ["CoordinatorServer", "GangHandle", "LogRecord", "STAGE_PREFIX", "MAX_STAGE_TOMBSTONES", "stage_secret"]
 
 log = logging.getLogger("sparkhydrogen.coordinator")
 T = TypeVar("T")
 
 #: How long a driver-API call waits for the coordinator's loop to run it.
 LOOP_CALL_TIMEOUT = 30.0
+
+#: Ids of stage gangs (see :meth:`CoordinatorServer.stage_credential`) start with this.
+STAGE_PREFIX = "stage-"
+#: Failed stage gangs kept, idle, so that their late tasks are refused rather than forming the gang anew.
+MAX_STAGE_TOMBSTONES = 32
+
+
+def stage_secret(key: bytes, gang_id: str) -> bytes:
+    """The secret of stage gang ``gang_id``: HMAC-SHA256 of its id under the coordinator's key.
+
+    The coordinator recomputes it when a task authenticates, so a stage gang needs no
+    declaration; a task of one gang learns nothing about another gang's secret.
+    """
+    return hmac.new(key, b"sparkhydrogen stage gang\x00" + gang_id.encode(), hashlib.sha256).digest()
 
 
 def _send_to(members: Mapping[int, Peer], ranks: Sequence[int], frame: bytes, shared: Outgoing | None = None) -> None:
@@ -119,6 +136,13 @@ class CoordinatorServer:
         self._refusals_unlogged = 0
         #: Second copies of live ranks (speculative duplicates), held unanswered: peer -> (gang id, attempt key).
         self._held: dict[Peer, tuple[str, AttemptKey]] = {}
+        #: The key stage gangs' secrets derive from (never leaves this process).
+        self._stage_key = secrets.token_bytes(32)
+        #: Failed stage gangs kept idle (oldest first), at most :data:`MAX_STAGE_TOMBSTONES`.
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        #: Called (like an ``on_abort`` hook) when an attempt of a gated stage gang aborts: the driver cancels
+        #: the attempt's Spark stage there, so ranks busy outside collectives stop too.
+        self.stage_abort_hook: Callable[[AttemptKey, ErrorInfo], None] | None = None
 
     # lifecycle ---------------------------------------------------------------
     @property
@@ -127,9 +151,10 @@ class CoordinatorServer:
 
     @property
     def address(self) -> tuple[str, int]:
+        """``(host, port)`` tasks connect to: the advertised host (``config.advertised_host``) and the bound port."""
         if self._address is None:
             raise RuntimeError("coordinator is not running")
-        return self._address
+        return self.config.advertised_host, self._address[1]
 
     @property
     def running(self) -> bool:
@@ -343,6 +368,22 @@ class CoordinatorServer:
         host, port = self.address
         return GangHandle(gang.gang_id, gang.secret, world_size, host, port, self.tls_fingerprint)
 
+    def stage_credential(self) -> GangHandle:
+        """What the tasks of a lazily built gang stage carry: an id and its secret, nothing declared here.
+
+        The gang is formed when the first task of a Spark stage attempt registers with it
+        (its size is the stage's task count, which that task states), and forgotten once
+        its stages are done, so a plan built on it can run any number of times, composed
+        in any way, and the coordinator keeps nothing per job. ``world_size`` is 0 in the
+        handle: the stage decides it. Thread-safe; needs the coordinator started.
+
+        Example:
+            >>> handle = server.stage_credential()     # doctest: +SKIP
+        """
+        gang_id = STAGE_PREFIX + uuid.uuid4().hex
+        host, port = self.address
+        return GangHandle(gang_id, stage_secret(self._stage_key, gang_id), 0, host, port, self.tls_fingerprint)
+
     def remove_gang(self, gang_id: str) -> None:
         """Forget a gang: its running attempts are aborted, its connections refused, no trace of it is left."""
 
@@ -434,7 +475,8 @@ class CoordinatorServer:
         (payloads being received, held or queued), ``roster_attempts`` and
         ``roster_connections`` (connections speaking for ranks), ``abort_hooks``,
         ``log_hooks``, ``held`` (second copies of live ranks held aside, see
-        :class:`~.state.Hold`) and ``connections`` (open).
+        :class:`~.state.Hold`), ``connections`` (open) and ``stage_tombstones`` (failed stage
+        gangs kept idle, at most :data:`MAX_STAGE_TOMBSTONES`).
 
         Example:
             >>> server.footprint()["checkpoint_bytes"]  # doctest: +SKIP
@@ -458,6 +500,7 @@ class CoordinatorServer:
                 "roster_connections": self.roster.endpoint_count,
                 "abort_hooks": len(self._abort_hooks),
                 "log_hooks": len(self._log_hooks),
+                "stage_tombstones": len(self._tombstones),
                 "held": len(self._held),
                 "connections": len(self._connections),
             }
@@ -498,7 +541,12 @@ class CoordinatorServer:
         self._collect(attempt)
 
     def find_gang(self, gang_id: str) -> Gang | None:
-        return self.registry.get(gang_id)
+        """The gang a peer authenticates against: a declared one, or a stage gang (formed or not yet)."""
+        gang = self.registry.get(gang_id)
+        if gang is not None or not gang_id.startswith(STAGE_PREFIX) or len(gang_id) > 64:
+            return gang
+        return Gang(gang_id=gang_id, secret=stage_secret(self._stage_key, gang_id), world_size=0, ephemeral=True,
+                    derived=True)
 
     def heard(self, peer: Peer) -> None:
         if peer.attempt is not None and peer.rank is not None:
@@ -569,18 +617,57 @@ class CoordinatorServer:
         log.error("coordinator: %s", context.get("message", "error in the event loop"),
                   exc_info=exc if isinstance(exc, BaseException) else None)
 
-    def _register(self, peer: Peer, request: Register) -> None:
-        gang = peer.gang
-        if gang is None:
+    def _joining(self, peer: Peer, request: Register) -> tuple[Gang, bool]:
+        """The gang a registering peer joins (looked up now, not at authentication), and whether it is new.
+
+        A declared gang removed since the peer authenticated refuses it; a stage gang
+        that is not formed (or was forgotten) is formed from what the task states.
+        """
+        claimed = peer.gang
+        if claimed is None:
             raise RegistrationError("'register' before authentication")
+        live = self.registry.get(claimed.gang_id)
+        if live is not None:
+            stage = request.stage
+            if live.derived and stage is not None and stage.world_size != live.world_size:
+                if not live.idle:
+                    raise RegistrationError(
+                        f"gang {live.gang_id[:14]} ({live.name or 'unnamed'}) runs a stage of {live.world_size} "
+                        f"tasks; this task's stage has {stage.world_size}: run the two plans one after the other, "
+                        "or give them the same number of partitions")
+                self._remove_stage_gang(live.gang_id)  # a stage of another size: form the gang anew
+            else:
+                return live, False
+        if not claimed.derived:
+            raise RegistrationError(
+                f"gang {claimed.gang_id[:8]} ({claimed.name or 'unnamed'}) was removed by the driver before this "
+                "task registered (its job or scope ended): the task is late and is refused")
+        if request.stage is None:
+            raise RegistrationError(
+                "this task joins a stage gang but did not state its stage's task count: the executors run an "
+                "older spark-hydrogen than the driver; install the same version on both")
+        stage = request.stage
+        return Gang(gang_id=claimed.gang_id, secret=claimed.secret, world_size=stage.world_size, name=stage.name,
+                    ephemeral=True, derived=True, gated=stage.gated,
+                    start_timeout=stage.start_timeout if stage.gated else None), True
+
+    def _register(self, peer: Peer, request: Register) -> None:
+        gang, new = self._joining(peer, request)
         rank = request.rank
         if not 0 <= rank < gang.world_size:
             raise RegistrationError(f"rank {rank} is outside 0..{gang.world_size - 1} for this gang")
         refusal = self.registry.admit(gang, request.gang_attempt, request.stage_id, rank, self.config.max_gangs)
         if refusal is not None:
-            if gang.record(refusal):
+            if gang.record(refusal):  # a new stage gang is not kept: its refusal is logged every time
                 log.error("coordinator: %s", refusal.error.message)
             raise RegistrationError(refusal.error.message)
+        if new:
+            self.registry.add(gang)
+            if gang.gated and self.stage_abort_hook is not None:
+                self._abort_hooks[gang.gang_id] = self.stage_abort_hook
+        elif gang.derived:
+            self._tombstones.pop(gang.gang_id, None)  # a new stage of a failed stage gang: live again
+        peer.gang = gang
         now, cfg = self.now(), self.config
         attempt, superseded = gang.attempt_for(request.gang_attempt, request.stage_id, rank,
                                                request.member.task_attempt_id, now,
@@ -611,6 +698,32 @@ class CoordinatorServer:
             return
         gang.prune()
         gang.retire_if_complete()
+        if gang.derived:
+            self._forget_stage_gang(gang)
+
+    def _forget_stage_gang(self, gang: Gang) -> None:
+        """A stage gang whose stages are all done is forgotten: at once after success, as a tombstone after failure.
+
+        A failed one stays (idle, bounded by :data:`MAX_STAGE_TOMBSTONES`) so that a late
+        task of its aborted attempt is refused instead of forming the gang anew.
+        """
+        if not gang.idle or any(g == gang.gang_id for g, _ in self._held.values()):
+            return
+        if not gang.attempts:  # retired after success (or it never ran)
+            self._remove_stage_gang(gang.gang_id)
+            return
+        self._tombstones[gang.gang_id] = None
+        self._tombstones.move_to_end(gang.gang_id)
+        while len(self._tombstones) > MAX_STAGE_TOMBSTONES:
+            oldest, _ = self._tombstones.popitem(last=False)
+            self._remove_stage_gang(oldest)
+
+    def _remove_stage_gang(self, gang_id: str) -> None:
+        self._tombstones.pop(gang_id, None)
+        self.registry.remove(gang_id)
+        self._abort_hooks.pop(gang_id, None)
+        self._log_hooks.pop(gang_id, None)
+        self.roster.drop_gang(gang_id)
 
     def _dispatch(self, attempt: Attempt, actions: list[Action]) -> None:
         members = self.roster.endpoints(attempt)

@@ -762,6 +762,9 @@ class Gang:
     windows: dict[int, float] = field(default_factory=dict)
     #: The driver's latest word on the cluster (executors alive/requested, slots), quoted in start-timeout errors.
     note: str = ""
+    #: A *stage gang*: formed by the first task of a Spark stage that joins with a stage credential, not
+    #: declared by the driver; the coordinator forgets it once its stages are done (see ``idle``).
+    derived: bool = False
 
     # -- the start gate ----------------------------------------------------
     def open_window(self, gang_attempt: int, now: float) -> None:
@@ -966,6 +969,12 @@ class Gang:
         self.attempts.clear()
         self.checkpoint = None
         return True
+
+    @property
+    def idle(self) -> bool:
+        """No attempt runs and no task is connected: nothing of this gang can happen until a new stage joins."""
+        return not any(a.state is AttemptState.RUNNING or any(m.connected for m in a.members.values())
+                       for a in self.attempts.values())
 
     # -- failures ----------------------------------------------------------
     def record(self, failure: FailureRecord) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LaunchError
+from ..netaddr import join_host_port, split_host_port
 
 __all__ = ["FrameworkError", "GangLayout", "Framework", "PortSource", "host_of"]
 
@@ -35,12 +36,7 @@ def host_of(address: str) -> str:
     >>> host_of("10.0.0.7:41233"), host_of("[::1]:41233"), host_of("worker-3")
     ('10.0.0.7', '::1', 'worker-3')
     """
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
-    return host.strip("[]")
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return split_host_port(address)[0]
 
 
 @dataclass(frozen=True)
@@ -143,7 +139,7 @@ class GangLayout:
         if not 0 <= index < len(ports):
             raise FrameworkError(f"rank {rank} reserved {len(ports)} port(s), so it has no port number {index}: "
                                  "the framework's ports() must ask for it")
-        return _address(self.hosts[rank], ports[index])
+        return join_host_port(self.hosts[rank], ports[index])
 
     def addresses(self, index: int = 0) -> list[str]:
         """``host:port`` of every rank's ``index``-th reserved port, in rank order."""

@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..coordinator.state import START_TIMEOUT_TYPE, AttemptKey
+from ..coordinator.state import START_TIMEOUT_TYPE
 from ..errors import ErrorInfo, InsufficientSlotsError, LaunchError
 from ..task.lifecycle import gang_body, run_gated_partition
 from .data import GangData
+from .jobs import stage_canceller
 from .preflight import barrier_refused, cluster_snapshot
 from .resources import StageResources, arrow_profile_kwargs, stage_profile, with_profile
 from .runner import DeclaredGang, declare, translate
@@ -68,22 +69,6 @@ def placement_reason(target: SparkTarget) -> str:
         return "spark.hydrogen.launch.placement=coordinated"
     return (f"spark.dynamicAllocation.enabled=true on {target.sc.master}: Spark refuses barrier stages "
             "(SPARK-24942), so the coordinator gates the start")
-
-
-def stage_canceller(target: SparkTarget) -> Callable[[AttemptKey, ErrorInfo], None]:
-    """An abort hook cancelling the aborted attempt's Spark stage (bare ``barrier()`` jobs carry no tag of ours)."""
-
-    def cancel(key: AttemptKey, cause: ErrorInfo) -> None:
-        stage = key[1]
-        if stage < 0 or target.sc is None or getattr(target.sc, "_jsc", None) is None:
-            return
-        try:
-            target.sc._jsc.sc().cancelStage(stage, f"spark-hydrogen gang aborted: {cause.summary()[:1000]}")
-            log.info("cancelled Spark stage %d after: %s", stage, cause.describe().splitlines()[0])
-        except Exception as exc:  # the context may be stopping
-            log.debug("could not cancel stage %d: %s", stage, exc)
-
-    return cancel
 
 
 def start_failure(gang: DeclaredGang, gang_attempt: int) -> ErrorInfo | None:

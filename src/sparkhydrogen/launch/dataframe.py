@@ -14,9 +14,10 @@ from typing import Any
 
 from ..task.embedded import embedded_partition
 from ..task.lifecycle import gang_body, run_gated_partition, run_partition
-from .coordinated import stage_canceller, uses_coordinated
+from .coordinated import uses_coordinated
+from .jobs import stage_canceller
 from .placement import embedded_gang
-from .runner import declare, release_with
+from .runner import current_scope, stage_spec
 from .session import SparkTarget, is_connect
 
 __all__ = ["DataFrameBarrier", "is_connect", "planned_partitions"]
@@ -87,13 +88,18 @@ class DataFrameBarrier:
             size = self._num_tasks if self._num_tasks is not None else planned_partitions(self._df)
             body = gang_body(functools.partial(embedded_partition, embedded_gang(target, size), rank_fn))
             return getattr(self._df, method)(body, schema, barrier=True)
-        world = self._num_tasks if self._num_tasks is not None else int(self._df.rdd.getNumPartitions())
         target = SparkTarget(sc=self._df.sparkSession.sparkContext)
+        name = getattr(fn, "__qualname__", method)
         if uses_coordinated(target):  # dynamic allocation: an ordinary stage, its start gated by the coordinator
-            gang, attempt = declare(target, world, getattr(fn, "__qualname__", method), gated=True,
-                                    on_abort=stage_canceller(target))
-            body = gang_body(functools.partial(run_gated_partition, gang.spec(attempt), rank_fn, None))
-            return release_with(getattr(self._df, method)(body, schema), gang)
-        gang, attempt = declare(target, world, getattr(fn, "__qualname__", method))
-        body = gang_body(functools.partial(run_partition, gang.spec(attempt), rank_fn, None))
-        return release_with(getattr(self._df, method)(body, schema, barrier=True), gang)
+            world = self._num_tasks if self._num_tasks is not None else int(self._df.rdd.getNumPartitions())
+            if world == 0:  # no task, no gang: the stage is empty
+                return getattr(self._df, method)(fn, schema)
+            spec = stage_spec(target, world, name, gated=True, on_abort=stage_canceller(target))
+            body = gang_body(functools.partial(run_gated_partition, spec, rank_fn, None))
+            return getattr(self._df, method)(body, schema)
+        # a barrier stage: outside a scope the gang has as many ranks as the stage has tasks (the query is not
+        # planned here); a scope's gang is declared with its size
+        world = self._num_tasks or (int(self._df.rdd.getNumPartitions()) if current_scope() is not None else 0)
+        spec = stage_spec(target, world, name)
+        body = gang_body(functools.partial(run_partition, spec, rank_fn, None))
+        return getattr(self._df, method)(body, schema, barrier=True)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from types import TracebackType
 
+from ..coordinator.state import AttemptKey
+from ..errors import ErrorInfo
 from .session import SparkTarget
 
-__all__ = ["AttemptTag", "is_cancellation"]
+__all__ = ["AttemptTag", "is_cancellation", "stage_canceller"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -78,3 +81,19 @@ def is_cancellation(exc: BaseException) -> str | None:
         if _CANCELLED.search(line):
             return line.strip()
     return None
+
+
+def stage_canceller(target: SparkTarget) -> Callable[[AttemptKey, ErrorInfo], None]:
+    """An abort hook cancelling the aborted attempt's Spark stage (bare ``barrier()`` jobs carry no tag of ours)."""
+
+    def cancel(key: AttemptKey, cause: ErrorInfo) -> None:
+        stage = key[1]
+        if stage < 0 or target.sc is None or getattr(target.sc, "_jsc", None) is None:
+            return
+        try:
+            target.sc._jsc.sc().cancelStage(stage, f"spark-hydrogen gang aborted: {cause.summary()[:1000]}")
+            log.info("cancelled Spark stage %d after: %s", stage, cause.describe().splitlines()[0])
+        except Exception as exc:  # the context may be stopping
+            log.debug("could not cancel stage %d: %s", stage, exc)
+
+    return cancel

@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from ..task.lifecycle import gang_body, run_gated_partition, run_partition
-from .coordinated import stage_canceller, uses_coordinated
-from .runner import declare, release_with
+from .coordinated import uses_coordinated
+from .jobs import stage_canceller
+from .runner import stage_spec
 from .session import SparkTarget
 
 __all__ = ["RDDBarrier", "barrier"]
@@ -25,8 +26,9 @@ class RDDBarrier(Generic[T]):
     """Wraps an RDD so that the next ``mapPartitions`` runs as a spark-hydrogen gang.
 
     The result is an ordinary RDD: narrow transformations chained after it run in
-    the same tasks and still see :class:`~sparkhydrogen.BarrierTaskContext`. Outside
-    :func:`~sparkhydrogen.retry`, the gang lives as long as that RDD does.
+    the same tasks and still see :class:`~sparkhydrogen.BarrierTaskContext`. It can be
+    composed, cached and run any number of times: every Spark stage attempt that runs
+    it forms its own gang (nothing is held on the driver per RDD or per job).
     """
 
     def __init__(self, rdd: Any) -> None:
@@ -46,16 +48,17 @@ class RDDBarrier(Generic[T]):
         return self._launch(f, preservesPartitioning, _name(f))
 
     def _launch(self, f: Callable[[int, Iterable[Any]], Iterable[Any]], preserves: bool, name: str) -> Any:
+        partitions = self.rdd.getNumPartitions()
+        if partitions == 0:  # no task, no gang: the stage is empty and returns nothing, as pyspark's does
+            return self.rdd.mapPartitionsWithIndex(f, preservesPartitioning=preserves)
         target = SparkTarget(sc=self.rdd.context)
         if uses_coordinated(target):  # dynamic allocation: an ordinary stage, its start gated by the coordinator
-            gang, attempt = declare(target, self.rdd.getNumPartitions(), name, gated=True,
-                                    on_abort=stage_canceller(target))
-            body = gang_body(functools.partial(run_gated_partition, gang.spec(attempt), f))
-            return release_with(self.rdd.mapPartitionsWithIndex(body, preservesPartitioning=preserves), gang)
-        gang, attempt = declare(target, self.rdd.getNumPartitions(), name)
-        body = gang_body(functools.partial(run_partition, gang.spec(attempt), f))
-        out = self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
-        return release_with(out, gang)
+            spec = stage_spec(target, partitions, name, gated=True, on_abort=stage_canceller(target))
+            body = gang_body(functools.partial(run_gated_partition, spec, f))
+            return self.rdd.mapPartitionsWithIndex(body, preservesPartitioning=preserves)
+        spec = stage_spec(target, partitions, name)
+        body = gang_body(functools.partial(run_partition, spec, f))
+        return self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
 
 
 def _name(f: Callable[..., Any]) -> str:

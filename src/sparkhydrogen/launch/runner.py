@@ -11,8 +11,12 @@ launchers, transparent mode) goes through these functions:
   n-th gang of the first attempt again), after the slot preflight;
 * :func:`translate` turns a failed Spark action into :class:`GangFailedError` naming
   the rank that failed first, :class:`GangCancelledError`, or :class:`LaunchError`;
-* a gang declared outside any scope (a bare ``barrier(rdd)`` job) is released when
-  the Spark object built on it is garbage-collected (:func:`release_with`).
+* outside any scope (a bare ``barrier(rdd)`` job, transparent mode) nothing is
+  declared: :func:`stage_spec` hands the lazily built stage a *stage credential*, and
+  the coordinator forms the gang when the first task of each Spark stage attempt
+  joins and forgets it when the stage is done. The gang's life follows Spark's
+  execution of the plan (however it is composed, cached, viewed through SQL or run
+  again), not the Python object it was built from.
 
 *Where* the ranks run is a placement (:mod:`.placement`).
 """
@@ -22,14 +26,20 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..coordinator.handles import GangHandle, LogRecord
 from ..coordinator.state import AttemptKey
-from ..errors import ErrorInfo, GangCancelledError, GangFailedError, InsufficientSlotsError, LaunchError
+from ..errors import (
+    ErrorInfo,
+    GangCancelledError,
+    GangFailedError,
+    GangSetupError,
+    InsufficientSlotsError,
+    LaunchError,
+)
 from ..task.embedded import parse_failure_marker
 from ..task.spec import TaskSpec
 from .jobs import AttemptTag, is_cancellation
@@ -37,9 +47,10 @@ from .preflight import STARTUP_WAIT, ensure_gang_fits, ensure_slots
 from .resources import java_profile
 from .service import DriverService, service_for
 from .session import SparkTarget
+from .spark_errors import cannot_succeed, python_exception
 
 __all__ = ["GangScope", "DeclaredGang", "current_scope", "launching", "declare", "attempts", "translate",
-           "release_with",
+           "stage_spec",
            "backoff_delay", "check_retries", "failure_error", "gang_failed"]
 
 log = logging.getLogger("sparkhydrogen.launch")
@@ -147,8 +158,8 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable
     Inside a scope (:func:`attempts`), the n-th gang an attempt declares is the n-th
     gang of the first attempt again (same id and checkpoints), so tasks learn which
     attempt they are in and stale tasks are refused. Returns the gang and the attempt
-    number its tasks must use. Outside a scope the gang is ephemeral: the caller ties
-    its release to what it builds (:func:`release_with`). ``on_abort(key, cause)`` is
+    number its tasks must use. Outside a scope the gang is ephemeral: the caller
+    releases it (bare stages use :func:`stage_spec` instead). ``on_abort(key, cause)`` is
     called (on a short-lived thread) when an attempt aborts, after the attempt's Spark
     jobs have been cancelled. ``gated``: the gang runs as an ordinary stage whose ranks
     wait at the coordinator's start gate (the coordinated placement); its preflight is
@@ -191,14 +202,34 @@ def _preflight(target: SparkTarget, world_size: int, wait: float, gated: bool, p
     return ensure_slots(target, world_size, wait, profile=jprofile, resources=resources)
 
 
-def release_with(owner: Any, gang: DeclaredGang) -> Any:
-    """Release an ephemeral gang when ``owner`` (the RDD or DataFrame built on it) is garbage-collected.
+def stage_spec(target: SparkTarget, world_size: int, name: str, *, gated: bool = False,
+               on_abort: Callable[[AttemptKey, ErrorInfo], None] | None = None, preflight: bool = True) -> TaskSpec:
+    """What the tasks of a lazily built gang stage carry in their closure.
 
-    Inside a scope, the scope releases its gangs when it ends instead.
+    Inside a scope (``run()``, ``retry()``, a launcher) the scope's gang is declared
+    (:func:`declare`): retries, checkpoints and job tags follow the scope. Outside one,
+    nothing is declared or held: the spec carries a stage credential and the gang is
+    formed by the first task of every Spark stage attempt that runs the plan.
+    ``world_size`` 0 means the stage's task count (native barrier stages only; a gated
+    stage must know it). The slot preflight runs when the size is known.
     """
-    if current_scope() is None:
-        weakref.finalize(owner, gang.release)
-    return owner
+    if current_scope() is not None:
+        gang, attempt = declare(target, world_size, name, gated=gated, on_abort=on_abort,
+                                preflight=preflight and world_size > 0)
+        return gang.spec(attempt)
+    if gated and world_size < 1:
+        raise ValueError("a gated gang stage needs its size (world_size >= 1)")
+    service = service_for(target)
+    if preflight and world_size > 0:
+        _preflight(target, world_size, service.config.launch.slot_wait_timeout, gated)
+    handle = service.server.stage_credential()
+    launch = service.config.launch
+    return TaskSpec(
+        gang_id=handle.gang_id, secret=handle.secret, host=handle.host, port=handle.port, world_size=world_size,
+        connect_timeout=launch.connect_timeout, collective_timeout=launch.collective_timeout,
+        heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
+        tls_fingerprint=handle.tls_fingerprint, gated=gated,
+        start_timeout=launch.start_timeout if gated else None, stage_gang=True, name=name[:200])
 
 
 def _canceller(scope: GangScope, then: Callable[[AttemptKey, ErrorInfo], None] | None
@@ -245,7 +276,7 @@ def _spark_failure(exc: BaseException) -> bool:
 
 def _retryable(exc: BaseException) -> bool:
     """Retry decides on explicit classes: a gang that failed, or a Spark job that failed, is retried."""
-    if isinstance(exc, (GangCancelledError, InsufficientSlotsError)):
+    if isinstance(exc, (GangCancelledError, InsufficientSlotsError, GangSetupError)):
         return False
     return isinstance(exc, (GangFailedError, LaunchError))
 
@@ -327,7 +358,16 @@ def failure_error(name: str, failure: ErrorInfo | None, exc: BaseException) -> L
     if cancelled is not None:
         return GangCancelledError(f"gang {name!r} was cancelled from outside spark-hydrogen (its Spark job was "
                                   f"cancelled by job group, tag or interrupt): {cancelled}")
-    return LaunchError(f"gang {name!r} failed in Spark before any rank reported an error: {summary}")
+    found = python_exception(str(exc))
+    if found is None:
+        return LaunchError(f"gang {name!r} failed in Spark before any rank reported an error: {summary}")
+    kind, message = found
+    raised = f"{kind}: {message}".strip().splitlines()[0][:1000]
+    reason = cannot_succeed(kind, message)
+    if reason is not None:
+        return GangSetupError(f"gang {name!r} could not start: its tasks raised {raised}\n{reason} "
+                              "(not retried: every attempt would fail the same way)")
+    return LaunchError(f"gang {name!r} failed in Spark before any rank reported an error: a task raised {raised}")
 
 
 def translate(gang: DeclaredGang, exc: BaseException, gang_attempt: int | None = None) -> LaunchError:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import HydrogenConfig
 from ..coordinator.server import CoordinatorServer
+from .jobs import stage_canceller
 from .session import SparkTarget, encryption_required_by, read_config, resolve
 
 __all__ = ["DriverService", "service_for", "stop_all", "read_config", "encryption_required_by"]
@@ -121,8 +122,10 @@ def service_for(spark: Any) -> DriverService:
                 _stop(other)  # contexts stopped without stop()
         config = read_config(target)
         if target.connect:  # only ranks on this machine (local mode) connect to a Connect client's coordinator
-            config = replace(config, coordinator=replace(config.coordinator, host="127.0.0.1"))
+            config = replace(config, coordinator=replace(config.coordinator, host="127.0.0.1", advertise_host=None))
         server = CoordinatorServer(config.coordinator)
+        if target.sc is not None:  # a gated stage gang that aborts has its Spark stage cancelled
+            server.stage_abort_hook = stage_canceller(target)
         server.start()
         service = DriverService(app_id, config, server, _Releaser(server))
         _services[app_id] = service

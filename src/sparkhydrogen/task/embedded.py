@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import HydrogenConfig
 from ..errors import CollectiveError, ErrorInfo, GangAbortedError, HydrogenError, LaunchError
+from ..netaddr import join_host_port, split_host_port
 from .lifecycle import RankSession, native_barrier_context
 from .spec import TaskSpec
 
@@ -83,13 +84,33 @@ def _root_cause(exc: BaseException, rank: int) -> ErrorInfo:
 
 
 def _host_coordinator(gang: EmbeddedGang, world_size: int, host: str) -> Any:
+    """Start rank 0's coordinator on ``host`` with the gang declared; nothing is left running if a step fails."""
     from ..coordinator.server import CoordinatorServer
 
-    coordinator = replace(gang.config.coordinator, host=host)
+    # the driver's advertised host names the driver, not this executor: tasks connect to ``host``
+    coordinator = replace(gang.config.coordinator, host=host, advertise_host=None)
     server = CoordinatorServer(coordinator)
     server.start()
-    server.add_gang(world_size, "embedded", gang_id=gang.gang_id, secret=gang.secret)
+    try:
+        server.add_gang(world_size, "embedded", gang_id=gang.gang_id, secret=gang.secret)
+    except BaseException:
+        server.stop()
+        raise
     return server
+
+
+def _offer(server: Any, host: str) -> str:
+    """What rank 0 shares through ``allGather``: ``host:port#fingerprint`` (IPv6 hosts in brackets)."""
+    return f"{join_host_port(host, server.address[1])}#{server.tls_fingerprint or ''}"
+
+
+def _stop_coordinator(server: Any, gang_id: str, linger: float | None) -> None:
+    """Stop rank 0's coordinator, first serving the peers for up to ``linger`` s (``None``: they never learnt it)."""
+    try:
+        if linger is not None:
+            _linger(server, gang_id, linger)
+    finally:
+        server.stop()
 
 
 def _linger(server: Any, gang_id: str, timeout: float) -> None:
@@ -122,16 +143,21 @@ def embedded_partition(gang: EmbeddedGang, fn: Callable[[int, Iterable[Any]], It
             "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
         )
     server = None
-    offer = ""
-    if rank == 0:
-        host = infos[0].address.rsplit(":", 1)[0]
-        server = _host_coordinator(gang, world_size, host)
-        offer = f"{host}:{server.address[1]}#{server.tls_fingerprint or ''}"
+    shared = False  # whether the peers learnt rank 0's address (then it serves them before stopping)
     try:
+        offer = ""
+        if rank == 0:
+            host = split_host_port(infos[0].address)[0]
+            server = _host_coordinator(gang, world_size, host)
+            offer = _offer(server, host)
         address, _, pin = native.allGather(offer)[0].partition("#")  # once per gang: the ~1 s native round
-        host, port_text = address.rsplit(":", 1)
+        shared = True
+        host, port = split_host_port(address)
+        if port is None:
+            raise LaunchError(f"rank 0 shared the coordinator address {address!r} without a port: the ranks of "
+                              "this gang run different spark-hydrogen versions; install the same one everywhere")
         launch = gang.config.launch
-        spec = TaskSpec(gang_id=gang.gang_id, secret=gang.secret, host=host, port=int(port_text),
+        spec = TaskSpec(gang_id=gang.gang_id, secret=gang.secret, host=host, port=port,
                         world_size=world_size, gang_attempt=gang.gang_attempt,
                         connect_timeout=launch.connect_timeout, collective_timeout=launch.collective_timeout,
                         heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
@@ -147,5 +173,4 @@ def embedded_partition(gang: EmbeddedGang, fn: Callable[[int, Iterable[Any]], It
             raise RankTaskError(f"rank {rank} failed: {cause.describe()}\n{failure_marker(cause)}") from exc
     finally:
         if server is not None:
-            _linger(server, gang.gang_id, gang.config.launch.embedded_linger)
-            server.stop()
+            _stop_coordinator(server, gang.gang_id, gang.config.launch.embedded_linger if shared else None)

@@ -21,11 +21,13 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from ..context import BarrierTaskContext
 from ..coordinator.client import CoordinatorClient
+from ..coordinator.protocol import StageGangInfo
 from ..errors import CollectiveError, ErrorInfo, LaunchError
 from .gpus import GpuPlacementError, RankGpus, place, task_gpu_addresses
 from .spec import TaskSpec
@@ -120,10 +122,12 @@ class RankSession:
                                            tls_fingerprint=spec.tls_fingerprint)
         self.client = client
         try:
+            stage = (StageGangInfo(spec.world_size, spec.name, spec.gated, spec.start_timeout if spec.gated else None)
+                     if spec.stage_gang else None)
             world = client.register(self.rank, gang_attempt=spec.gang_attempt, stage_id=self.stage_id,
                                     host=socket.gethostname(), task_attempt_id=self.task_attempt_id,
                                     address=client.local_address if spec.gated else "",
-                                    gate_timeout=spec.start_timeout if spec.gated else None)
+                                    gate_timeout=spec.start_timeout if spec.gated else None, stage=stage)
             if spec.heartbeat_interval is not None:
                 client.start_heartbeat(spec.heartbeat_interval)
             infos = self.task_infos if self.task_infos is not None else client.addresses  # gated: from the gate
@@ -276,6 +280,8 @@ def run_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[An
     if index is not None and partition != index:
         raise LaunchError(f"partition index {index} differs from the task's partition id {partition}")
     stage_tasks = len(native.getTaskInfos())
+    if spec.world_size == 0:  # a stage gang: as many ranks as the stage has tasks
+        spec = replace(spec, world_size=stage_tasks)
     if stage_tasks != spec.world_size:
         raise LaunchError(
             f"this barrier stage has {stage_tasks} tasks but the gang was declared with {spec.world_size} ranks "

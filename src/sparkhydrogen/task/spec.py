@@ -19,7 +19,7 @@ class TaskSpec:
     secret: bytes
     host: str
     port: int
-    world_size: int
+    world_size: int  # 0: the stage's task count (a stage gang in a barrier stage)
     gang_attempt: int = 0
     connect_timeout: float = 30.0
     collective_timeout: float | None = None
@@ -29,6 +29,10 @@ class TaskSpec:
     tls_fingerprint: str | None = None  # SHA-256 of the coordinator's TLS certificate; None: plaintext
     gated: bool = False  # coordinated placement: registration waits at the coordinator's start gate
     start_timeout: float | None = None  # bound of that wait (the coordinator enforces it; this side too)
+    #: A stage gang: formed by the first task of each Spark stage attempt that joins (nothing was declared
+    #: on the driver), so the task states what the coordinator needs to form it; ``name`` is for messages.
+    stage_gang: bool = False
+    name: str = ""
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
