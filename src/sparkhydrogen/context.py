@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from . import serde
 from .coordinator.client import CoordinatorClient
-from .errors import CheckpointError, CollectiveMismatchError, GangAbortedError, NotInGangError
+from .errors import CheckpointError, CollectiveMismatchError, GangAbortedError, LaunchError, NotInGangError
 
 __all__ = ["BarrierTaskContext", "BarrierTaskInfo"]
 
@@ -252,17 +252,13 @@ class BarrierTaskContext(_ContextBase):
             [500, 500]
         """
         if self._data is None:
-            from .task.data import no_data_error
-
-            raise no_data_error("batches")
+            raise _no_data_error("batches")
         return cast(Iterator[Any], self._data.batches())
 
     def rows(self) -> Iterator[Any]:
         """This rank's share of ``data=`` row by row: an RDD's elements, or a DataFrame's rows as dicts (read once)."""
         if self._data is None:
-            from .task.data import no_data_error
-
-            raise no_data_error("rows")
+            raise _no_data_error("rows")
         return cast(Iterator[Any], self._data.rows())
 
     # identity ------------------------------------------------------------
@@ -448,3 +444,10 @@ def _delegate(name: str) -> Callable[..., Any]:
 
 if "pyspark" in sys.modules:  # the usual case: a Spark program imported pyspark first
     _pyspark_classes()
+
+
+def _no_data_error(method: str) -> LaunchError:
+    return LaunchError(
+        f"BarrierTaskContext.{method}() has no data to read: this gang was launched without data=; pass "
+        "data=<DataFrame or RDD> to sparkhydrogen.run (or a launcher) to stream it into the ranks"
+    )

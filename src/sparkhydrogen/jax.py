@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .data._jax import batches
+from .data.jax_feed import batches
 from .frameworks import JaxDistributed
 from .frameworks.launch import check_count
 from .frameworks.launch import run as _run_framework

@@ -27,9 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .data._tensorflow import dataset
-from .frameworks import TensorFlowMultiWorker
-from .frameworks._tensorflow import KERAS3_FIT_MESSAGE
+from .data.tensorflow_feed import dataset
+from .frameworks import KERAS3_FIT_MESSAGE, TensorFlowMultiWorker
 from .frameworks.launch import check_count
 from .frameworks.launch import run as _run_framework
 

@@ -44,7 +44,7 @@ def test_torch_ddp_over_uneven_shares_finishes_in_equal_steps_and_learns(spark: 
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        from sparkhydrogen.data._torch import data_loader
+        from sparkhydrogen.data.torch_feed import data_loader
 
         torch.manual_seed(0)
         model = DistributedDataParallel(torch.nn.Linear(2, 1))
@@ -105,7 +105,7 @@ def test_tensorflow_dataset_is_consumed_in_a_rank(spark: Any) -> None:
     df = spark.range(5_000, numPartitions=3).selectExpr("id", "array(cast(id AS float), 1.0f) AS v")
 
     def consume() -> dict[str, Any]:
-        from sparkhydrogen.data._tensorflow import dataset
+        from sparkhydrogen.data.tensorflow_feed import dataset
 
         ds = dataset(256, columns=["v", "id"], drop_last=True)
         spec = {k: (str(s.dtype.name), s.shape.as_list()) for k, s in ds.element_spec.items()}
@@ -124,7 +124,7 @@ def test_jax_batches_are_consumed_in_a_rank(spark: Any) -> None:
     def consume() -> float:
         import jax.numpy as jnp
 
-        from sparkhydrogen.data._jax import batches
+        from sparkhydrogen.data.jax_feed import batches
 
         return float(sum(float(jnp.sum(jnp.asarray(b["x"]))) for b in batches(1000, drop_last=True)))
 

@@ -296,7 +296,7 @@ def test_numpy_batches_outside_a_rank_says_where_to_call_it() -> None:
 
 def test_torch_loader_refuses_workers_before_touching_the_stream() -> None:
     pytest.importorskip("torch.utils.data")  # not plain "torch": tests/torch is a namespace package here
-    from sparkhydrogen.data._torch import data_loader
+    from sparkhydrogen.data.torch_feed import data_loader
 
     with pytest.raises(ValueError, match="num_workers must be 0, got 2: the rank's data stream lives in this process"):
         data_loader(8, num_workers=2)
@@ -305,7 +305,7 @@ def test_torch_loader_refuses_workers_before_touching_the_stream() -> None:
 
 
 def test_importing_the_package_imports_no_framework() -> None:
-    code = ("import sys, sparkhydrogen.data, sparkhydrogen.data._jax; "
+    code = ("import sys, sparkhydrogen.data, sparkhydrogen.data.jax_feed; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'jax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

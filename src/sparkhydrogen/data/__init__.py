@@ -7,8 +7,8 @@ Inside a rank of ``sparkhydrogen.run(fn, n, data=df)`` (or a launcher's ``data=`
         step(batch["x"], batch["y"])
 
 The framework loaders build on the same core: ``sparkhydrogen.torch.data_loader``
-(``sparkhydrogen.data._torch``), ``sparkhydrogen.tensorflow.dataset``
-(``sparkhydrogen.data._tensorflow``) and ``sparkhydrogen.jax.batches``. Importing this
+(``sparkhydrogen.data.torch_feed``), ``sparkhydrogen.tensorflow.dataset``
+(``sparkhydrogen.data.tensorflow_feed``) and ``sparkhydrogen.jax.batches``. Importing this
 package imports none of the frameworks. See ``docs/data.md``.
 """
 

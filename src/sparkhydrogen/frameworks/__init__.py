@@ -21,13 +21,14 @@ See ``docs/frameworks.md``. Importing this package imports no framework.
 from __future__ import annotations
 
 from ._jax import JaxDistributed
-from ._tensorflow import TensorFlowMultiWorker
+from ._tensorflow import KERAS3_FIT_MESSAGE, TensorFlowMultiWorker
 from ._torch import TorchDistributed
 from .api import Framework, FrameworkError, GangLayout, PortSource, host_of
 from .gang import PortHold, activated, form, reserve_ports, run_rank, task_hosts
 from .launch import run
 
 __all__ = [
+    "KERAS3_FIT_MESSAGE",
     "Framework",
     "FrameworkError",
     "GangLayout",

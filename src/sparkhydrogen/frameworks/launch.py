@@ -6,10 +6,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..launch.data import session_of
-from ..launch.placement import RankCall
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
+from ..launch.stage import RankCall
 from .api import Framework
 from .gang import run_rank
 

@@ -25,10 +25,10 @@ from typing import Any
 
 from ..frameworks import Framework, GangLayout, run_rank
 from ..launch.data import session_of
-from ..launch.placement import RankCall
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
+from ..launch.stage import RankCall
 from .rendezvous import RendezvousServer
 from .topology import HorovodLayout, layout
 from .topology import layout as topology_layout

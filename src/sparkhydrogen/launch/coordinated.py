@@ -23,21 +23,31 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..coordinator.state import START_TIMEOUT_TYPE
-from ..errors import ErrorInfo, InsufficientSlotsError, LaunchError
-from ..task.lifecycle import gang_body, run_gated_partition
+from ..errors import ErrorInfo, InsufficientSlotsError
+from ..task.data import fed
+from ..task.partition import Join
 from .data import GangData
 from .jobs import stage_canceller
-from .preflight import barrier_refused, cluster_snapshot
-from .resources import StageResources, arrow_profile_kwargs, stage_profile, with_profile
+from .preflight import cluster_snapshot
+from .resources import StageResources, stage_profile
 from .runner import DeclaredGang, declare, translate
-from .service import service_for
-from .session import SparkTarget, dynamic_allocation_enabled
+from .session import SparkTarget
+from .stage import (
+    RESULT_SCHEMA,
+    FrameSource,
+    RankCall,
+    RddSource,
+    build_stage,
+    checked,
+    rank_results,
+    result_batches,
+    result_rows,
+)
 
-__all__ = ["CoordinatedStage", "GateMonitor", "uses_coordinated", "stage_canceller", "start_failure"]
+__all__ = ["CoordinatedStage", "GateMonitor", "stage_canceller", "start_failure"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -45,30 +55,6 @@ log = logging.getLogger("sparkhydrogen.launch")
 POLL_INTERVAL = 1.0
 #: How often it logs the gang's progress when nothing changed (a change is logged at once, at most once a second).
 LOG_INTERVAL = 10.0
-
-
-def uses_coordinated(target: SparkTarget, placement: str | None = None) -> bool:
-    """Whether gangs on ``target`` run coordinated: ``spark.hydrogen.launch.placement``, or ``auto``'s rule.
-
-    ``auto`` chooses the coordinated placement exactly when Spark would refuse a barrier
-    stage: dynamic allocation on and a master that honours it.
-    """
-    if target.connect:
-        return False
-    mode = placement if placement is not None else service_for(target).config.launch.placement
-    if mode == "coordinated":
-        return True
-    if mode == "barrier":
-        return False
-    return barrier_refused(target.sc.master or "", dynamic_allocation_enabled(target))
-
-
-def placement_reason(target: SparkTarget) -> str:
-    """Why the coordinated placement was chosen, for the driver log."""
-    if service_for(target).config.launch.placement == "coordinated":
-        return "spark.hydrogen.launch.placement=coordinated"
-    return (f"spark.dynamicAllocation.enabled=true on {target.sc.master}: Spark refuses barrier stages "
-            "(SPARK-24942), so the coordinator gates the start")
 
 
 def start_failure(gang: DeclaredGang, gang_attempt: int) -> ErrorInfo | None:
@@ -161,15 +147,13 @@ class CoordinatedStage:
         #: The monitor of the last launch (its timings feed ``benchmarks/bench_dynamic.py``).
         self.last_monitor: GateMonitor | None = None
 
-    def run(self, call: Any, world_size: int, *, name: str, on_log: Any = None) -> list[Any]:
-        from .placement import _by_rank
-
+    def run(self, call: RankCall, world_size: int, *, name: str, on_log: Any = None) -> list[Any]:
         profile, asks = stage_profile(self.target, self.resources)
         gang, attempt = declare(self.target, world_size, name, on_log=on_log, gated=True,
                                 on_abort=stage_canceller(self.target), profile=profile, resources=asks)
         if self.data is not None:
             log.info("gang %s (%s): data %s", gang.handle.gang_id[:8], name, self.data.how)
-        collect = self._stage(call, gang.spec(attempt), world_size, profile)
+        collect = rank_results(self._stage(call, Join.gated(gang.spec(attempt)), world_size, profile))
         monitor = self.last_monitor = GateMonitor(self.target, gang, attempt, poll=self.poll).start()
         try:
             pairs = collect()
@@ -181,26 +165,16 @@ class CoordinatedStage:
         finally:
             monitor.stop()
         gang.settle()
-        if len(pairs) != world_size:  # never silently short: every rank returns exactly one result
-            raise LaunchError(f"gang {name!r} returned {len(pairs)} results for {world_size} ranks")
-        return _by_rank(pairs)
+        return checked(name, pairs, world_size)  # never silently short: exactly one result per rank
 
-    def _stage(self, call: Any, spec: Any, world_size: int, profile: Any) -> Callable[[], list[tuple[int, bytes]]]:
-        """The gang's Spark action: ``world_size`` gated ranks over nothing, an RDD's shares or a DataFrame's."""
-        from ..task.data import fed
-        from .placement import _result_batches, _result_rows
-
+    def _stage(self, call: RankCall, join: Join, world_size: int, profile: Any) -> Any:
+        """The gang's stage: ``world_size`` gated ranks over nothing, an RDD's shares or a DataFrame's."""
         data = self.data
-        if data is None or not data.arrow:
-            rank_fn: Any = functools.partial(_result_rows, call)
-            if data is not None:
-                rank_fn = functools.partial(fed, rank_fn, False)
-            body = gang_body(functools.partial(run_gated_partition, spec, rank_fn))
-            source = data.source if data is not None else self.target.sc.parallelize(range(world_size), world_size)
-            rdd = with_profile(source.mapPartitionsWithIndex(body), profile)
-            return rdd.collect  # type: ignore[no-any-return]
-        arrow_body = gang_body(functools.partial(run_gated_partition, spec,
-                                                 functools.partial(fed, functools.partial(_result_batches, call),
-                                                                   True), None))
-        frame = data.source.mapInArrow(arrow_body, "rank long, value binary", **arrow_profile_kwargs(profile))
-        return lambda: [(int(row["rank"]), bytes(row["value"])) for row in frame.collect()]
+        if data is not None and data.arrow:
+            rank_fn: Any = functools.partial(fed, functools.partial(result_batches, call), True)
+            return build_stage(join, rank_fn, FrameSource(data.source, "mapInArrow", RESULT_SCHEMA), profile)
+        rank_fn = functools.partial(result_rows, call)
+        if data is not None:
+            rank_fn = functools.partial(fed, rank_fn, False)
+        source = data.source if data is not None else self.target.sc.parallelize(range(world_size), world_size)
+        return build_stage(join, rank_fn, RddSource(source), profile)

@@ -21,7 +21,7 @@ from typing import Any
 
 from .session import SparkTarget, is_connect
 
-__all__ = ["GangData", "gang_data", "share_plan", "session_of"]
+__all__ = ["GangData", "gang_data", "share_plan", "session_of", "planned_partitions"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -106,8 +106,6 @@ def gang_data(value: Any, target: SparkTarget, ranks: int) -> GangData | None:
                              "the gang runs on a " + ("Spark Connect" if target.connect else "classic") +
                              " session: pass a DataFrame of the session the gang runs on")
         if target.connect:
-            from .dataframe import planned_partitions
-
             partitions = planned_partitions(value)
             plan = share_plan(partitions, ranks, False, barrier=True)
         else:
@@ -133,3 +131,28 @@ def _cut(source: Any, plan: str, partitions: int | None, ranks: int, *, arrow: b
     if plan == "coalesce":
         return GangData(source.coalesce(ranks), arrow, f"coalesce({known} partitions -> {ranks} shares)")
     return GangData(source.repartition(ranks), arrow, f"repartition({known} partitions -> {ranks} shares)")
+
+
+#: Connect plan nodes that keep their child's partitioning (walked through to find the partition count).
+_NARROW = {"Project", "Filter", "WithColumns", "WithColumnsRenamed", "Drop", "ToDF", "SubqueryAlias", "Hint",
+           "Sample", "WithWatermark"}
+
+
+def planned_partitions(df: Any) -> int | None:
+    """Partitions a Spark Connect DataFrame's plan states (``repartition(n)``, ``range(..., numPartitions)``).
+
+    ``None`` when the plan does not say (the size is then the stage's task count, read in the tasks).
+    """
+    node = getattr(df, "_plan", None)
+    while node is not None:
+        kind = type(node).__name__
+        if kind in ("Repartition", "Range"):
+            count = getattr(node, "_num_partitions", None)
+            return count if isinstance(count, int) and count > 0 else None
+        if kind == "RepartitionByExpression":
+            count = getattr(node, "num_partitions", None)
+            return count if isinstance(count, int) and count > 0 else None
+        if kind not in _NARROW:
+            return None
+        node = getattr(node, "_child", None)
+    return None

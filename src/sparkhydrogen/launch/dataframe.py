@@ -12,42 +12,18 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..task.embedded import embedded_partition
-from ..task.lifecycle import gang_body, run_gated_partition, run_partition
-from .coordinated import uses_coordinated
+from ..task.partition import Join
+from . import choice
+from .data import planned_partitions
 from .jobs import stage_canceller
 from .placement import embedded_gang
 from .runner import current_scope, stage_spec
 from .session import SparkTarget, is_connect
+from .stage import FrameSource, build_stage
 
 __all__ = ["DataFrameBarrier", "is_connect", "planned_partitions"]
 
 log = logging.getLogger("sparkhydrogen.launch")
-
-#: Connect plan nodes that keep their child's partitioning (walked through to find the partition count).
-_NARROW = {"Project", "Filter", "WithColumns", "WithColumnsRenamed", "Drop", "ToDF", "SubqueryAlias", "Hint",
-           "Sample", "WithWatermark"}
-
-
-def planned_partitions(df: Any) -> int | None:
-    """Partitions a Spark Connect DataFrame's plan states (``repartition(n)``, ``range(..., numPartitions)``).
-
-    ``None`` when the plan does not say (the size is then the stage's task count, read in the tasks).
-    """
-    node = getattr(df, "_plan", None)
-    while node is not None:
-        kind = type(node).__name__
-        if kind in ("Repartition", "Range"):
-            count = getattr(node, "_num_partitions", None)
-            return count if isinstance(count, int) and count > 0 else None
-        if kind == "RepartitionByExpression":
-            count = getattr(node, "num_partitions", None)
-            return count if isinstance(count, int) and count > 0 else None
-        if kind not in _NARROW:
-            return None
-        node = getattr(node, "_child", None)
-    return None
-
 
 def _ignore_index(fn: Callable[[Iterable[Any]], Iterable[Any]], index: int, batches: Iterable[Any]) -> Iterable[Any]:
     return fn(batches)
@@ -83,23 +59,20 @@ class DataFrameBarrier:
         if not callable(fn):
             raise TypeError(f"{method} needs a function, got {type(fn).__name__}")
         rank_fn = functools.partial(_ignore_index, fn)
+        source = FrameSource(self._df, method, schema)
         if is_connect(self._df):
             target = SparkTarget(spark=self._df.sparkSession)
             size = self._num_tasks if self._num_tasks is not None else planned_partitions(self._df)
-            body = gang_body(functools.partial(embedded_partition, embedded_gang(target, size), rank_fn))
-            return getattr(self._df, method)(body, schema, barrier=True)
+            return build_stage(Join.embedded(embedded_gang(target, size)), rank_fn, source)
         target = SparkTarget(sc=self._df.sparkSession.sparkContext)
         name = getattr(fn, "__qualname__", method)
-        if uses_coordinated(target):  # dynamic allocation: an ordinary stage, its start gated by the coordinator
+        if choice.choose(choice.settings_of(target)) == "coordinated":  # an ordinary stage, its start gated
             world = self._num_tasks if self._num_tasks is not None else int(self._df.rdd.getNumPartitions())
             if world == 0:  # no task, no gang: the stage is empty
                 return getattr(self._df, method)(fn, schema)
             spec = stage_spec(target, world, name, gated=True, on_abort=stage_canceller(target))
-            body = gang_body(functools.partial(run_gated_partition, spec, rank_fn, None))
-            return getattr(self._df, method)(body, schema)
+            return build_stage(Join.gated(spec), rank_fn, source)
         # a barrier stage: outside a scope the gang has as many ranks as the stage has tasks (the query is not
         # planned here); a scope's gang is declared with its size
         world = self._num_tasks or (int(self._df.rdd.getNumPartitions()) if current_scope() is not None else 0)
-        spec = stage_spec(target, world, name)
-        body = gang_body(functools.partial(run_partition, spec, rank_fn, None))
-        return getattr(self._df, method)(body, schema, barrier=True)
+        return build_stage(Join.barrier(stage_spec(target, world, name)), rank_fn, source)

@@ -6,11 +6,12 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
-from ..task.lifecycle import gang_body, run_gated_partition, run_partition
-from .coordinated import uses_coordinated
+from ..task.partition import Join
+from . import choice
 from .jobs import stage_canceller
 from .runner import stage_spec
 from .session import SparkTarget
+from .stage import RddSource, build_stage
 
 __all__ = ["RDDBarrier", "barrier"]
 
@@ -52,13 +53,11 @@ class RDDBarrier(Generic[T]):
         if partitions == 0:  # no task, no gang: the stage is empty and returns nothing, as pyspark's does
             return self.rdd.mapPartitionsWithIndex(f, preservesPartitioning=preserves)
         target = SparkTarget(sc=self.rdd.context)
-        if uses_coordinated(target):  # dynamic allocation: an ordinary stage, its start gated by the coordinator
-            spec = stage_spec(target, partitions, name, gated=True, on_abort=stage_canceller(target))
-            body = gang_body(functools.partial(run_gated_partition, spec, f))
-            return self.rdd.mapPartitionsWithIndex(body, preservesPartitioning=preserves)
-        spec = stage_spec(target, partitions, name)
-        body = gang_body(functools.partial(run_partition, spec, f))
-        return self.rdd.barrier().mapPartitionsWithIndex(body, preservesPartitioning=preserves)
+        if choice.choose(choice.settings_of(target)) == "coordinated":  # an ordinary stage, its start gated
+            join = Join.gated(stage_spec(target, partitions, name, gated=True, on_abort=stage_canceller(target)))
+        else:
+            join = Join.barrier(stage_spec(target, partitions, name))
+        return build_stage(join, f, RddSource(self.rdd, preserves))
 
 
 def _name(f: Callable[..., Any]) -> str:

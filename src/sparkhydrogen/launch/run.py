@@ -8,10 +8,11 @@ from typing import Any
 
 from ..logstream import LogPrinter
 from .data import gang_data, session_of
-from .placement import Placement, RankCall, placement_for
+from .placement import Placement, placement_for
 from .resources import stage_resources
 from .runner import attempts, check_retries
 from .session import SparkTarget, resolve
+from .stage import RankCall
 
 __all__ = ["run", "run_gang"]
 

@@ -100,23 +100,11 @@ class DeclaredGang:
     gated: bool = False  # coordinated placement: the coordinator's start gate, not a barrier stage
 
     def spec(self, gang_attempt: int = 0) -> TaskSpec:
-        launch = self.service.config.launch
-        return TaskSpec(
-            gang_id=self.handle.gang_id,
-            secret=self.handle.secret,
-            host=self.handle.host,
-            port=self.handle.port,
-            world_size=self.handle.world_size,
-            gang_attempt=gang_attempt,
-            connect_timeout=launch.connect_timeout,
-            collective_timeout=launch.collective_timeout,
-            heartbeat_interval=launch.heartbeat_interval,
-            checkpoint_dir=launch.checkpoint_dir,
-            stream_logs=self.stream_logs,
-            tls_fingerprint=self.handle.tls_fingerprint,
-            gated=self.gated,
-            start_timeout=launch.start_timeout if self.gated else None,
-        )
+        handle = self.handle
+        return TaskSpec.build(self.service.config.launch, gang_id=handle.gang_id, secret=handle.secret,
+                              host=handle.host, port=handle.port, world_size=handle.world_size,
+                              gang_attempt=gang_attempt, tls_fingerprint=handle.tls_fingerprint,
+                              stream_logs=self.stream_logs, gated=self.gated, name=self.name)
 
     def last_failure(self, gang_attempt: int | None = None) -> ErrorInfo | None:
         return self.service.server.last_failure(self.handle.gang_id, gang_attempt)
@@ -223,13 +211,9 @@ def stage_spec(target: SparkTarget, world_size: int, name: str, *, gated: bool =
     if preflight and world_size > 0:
         _preflight(target, world_size, service.config.launch.slot_wait_timeout, gated)
     handle = service.server.stage_credential()
-    launch = service.config.launch
-    return TaskSpec(
-        gang_id=handle.gang_id, secret=handle.secret, host=handle.host, port=handle.port, world_size=world_size,
-        connect_timeout=launch.connect_timeout, collective_timeout=launch.collective_timeout,
-        heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
-        tls_fingerprint=handle.tls_fingerprint, gated=gated,
-        start_timeout=launch.start_timeout if gated else None, stage_gang=True, name=name[:200])
+    return TaskSpec.build(service.config.launch, gang_id=handle.gang_id, secret=handle.secret, host=handle.host,
+                          port=handle.port, world_size=world_size, tls_fingerprint=handle.tls_fingerprint,
+                          gated=gated, stage_gang=True, name=name)
 
 
 def _canceller(scope: GangScope, then: Callable[[AttemptKey, ErrorInfo], None] | None

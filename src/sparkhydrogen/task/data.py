@@ -13,17 +13,10 @@ from typing import Any
 
 from ..errors import LaunchError
 
-__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "no_data_error", "fed"]
+__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "fed"]
 
 #: Rows per record batch that :meth:`RankData.batches` builds from an RDD's elements.
 RDD_BATCH_ROWS = 10_000
-
-
-def no_data_error(method: str) -> LaunchError:
-    return LaunchError(
-        f"BarrierTaskContext.{method}() has no data to read: this gang was launched without data=; pass "
-        "data=<DataFrame or RDD> to sparkhydrogen.run (or a launcher) to stream it into the ranks"
-    )
 
 
 def as_record(element: Any) -> dict[str, Any]:

@@ -26,10 +26,11 @@ from typing import Any
 from ..config import HydrogenConfig
 from ..errors import CollectiveError, ErrorInfo, GangAbortedError, HydrogenError, LaunchError
 from ..netaddr import join_host_port, split_host_port
-from .lifecycle import RankSession, native_barrier_context
+from .lifecycle import RankSession, native_barrier_context, stage_world_size
 from .spec import TaskSpec
 
-__all__ = ["EmbeddedGang", "embedded_partition", "failure_marker", "parse_failure_marker", "RankTaskError"]
+__all__ = ["EmbeddedGang", "embedded_partition", "hosted_rank", "failure_marker", "parse_failure_marker",
+           "RankTaskError"]
 
 log = logging.getLogger("sparkhydrogen.task")
 
@@ -134,14 +135,16 @@ def embedded_partition(gang: EmbeddedGang, fn: Callable[[int, Iterable[Any]], It
                        rows: Iterable[Any]) -> Iterator[Any]:
     """Body of one barrier task whose gang's coordinator runs in rank 0 (``mapInArrow``/``mapInPandas`` signature)."""
     native = native_barrier_context()
-    rank = native.partitionId()
+    yield from hosted_rank(gang, native, native.partitionId(), fn, rows)
+
+
+def hosted_rank(gang: EmbeddedGang, native: Any, rank: int, fn: Callable[[int, Iterable[Any]], Iterable[Any]],
+                rows: Iterable[Any]) -> Iterator[Any]:
+    """Rank ``rank`` of a gang whose coordinator rank 0 hosts: rank 0 starts it, every rank learns its address
+    through Spark's native ``allGather``, then joins as under classic Spark (the join mode ``embedded`` of
+    :func:`sparkhydrogen.task.partition.run_rank`)."""
     infos = native.getTaskInfos()
-    world_size = len(infos)
-    if gang.world_size is not None and gang.world_size != world_size:
-        raise LaunchError(
-            f"this barrier stage has {world_size} tasks but the gang was declared with {gang.world_size} ranks "
-            "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
-        )
+    world_size = stage_world_size(gang.world_size, len(infos))
     server = None
     shared = False  # whether the peers learnt rank 0's address (then it serves them before stopping)
     try:
@@ -156,12 +159,8 @@ def embedded_partition(gang: EmbeddedGang, fn: Callable[[int, Iterable[Any]], It
         if port is None:
             raise LaunchError(f"rank 0 shared the coordinator address {address!r} without a port: the ranks of "
                               "this gang run different spark-hydrogen versions; install the same one everywhere")
-        launch = gang.config.launch
-        spec = TaskSpec(gang_id=gang.gang_id, secret=gang.secret, host=host, port=port,
-                        world_size=world_size, gang_attempt=gang.gang_attempt,
-                        connect_timeout=launch.connect_timeout, collective_timeout=launch.collective_timeout,
-                        heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
-                        tls_fingerprint=pin or None)
+        spec = TaskSpec.build(gang.config.launch, gang_id=gang.gang_id, secret=gang.secret, host=host, port=port,
+                              world_size=world_size, gang_attempt=gang.gang_attempt, tls_fingerprint=pin or None)
         try:
             with RankSession(spec, rank, native=native, stage_id=native.stageId(),
                              task_attempt_id=native.taskAttemptId()):

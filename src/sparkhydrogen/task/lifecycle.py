@@ -20,8 +20,7 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
@@ -32,8 +31,8 @@ from ..errors import CollectiveError, ErrorInfo, LaunchError
 from .gpus import GpuPlacementError, RankGpus, place, task_gpu_addresses
 from .spec import TaskSpec
 
-__all__ = ["RankSession", "run_partition", "run_gated_partition", "report_failure", "gang_body", "is_gang_body",
-           "native_barrier_context", "launch_window_id", "rank_gpus"]
+__all__ = ["RankSession", "report_failure", "gang_body", "is_gang_body", "native_barrier_context", "task_context",
+           "stage_world_size", "launch_window_id", "rank_gpus"]
 
 log = logging.getLogger("sparkhydrogen.task")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -267,42 +266,10 @@ def native_barrier_context() -> Any:
     return native
 
 
-def run_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], index: int | None,
-                  rows: Iterable[Any]) -> Iterator[Any]:
-    """Generator run as the body of one barrier task (``mapPartitionsWithIndex`` signature).
-
-    The context stays installed for the life of the partition, so narrow
-    transformations chained after the barrier see it too. ``index=None`` takes the
-    partition id from Spark (DataFrame bodies are not told their index).
-    """
-    native = native_barrier_context()
-    partition = native.partitionId()
-    if index is not None and partition != index:
-        raise LaunchError(f"partition index {index} differs from the task's partition id {partition}")
-    stage_tasks = len(native.getTaskInfos())
-    if spec.world_size == 0:  # a stage gang: as many ranks as the stage has tasks
-        spec = replace(spec, world_size=stage_tasks)
-    if stage_tasks != spec.world_size:
-        raise LaunchError(
-            f"this barrier stage has {stage_tasks} tasks but the gang was declared with {spec.world_size} ranks "
-            "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
-        )
-    with RankSession(spec, partition, native=native, stage_id=native.stageId(),
-                     task_attempt_id=native.taskAttemptId()):
-        yield from fn(partition, rows)
-
-
-def run_gated_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Iterable[Any]], index: int | None,
-                        rows: Iterable[Any]) -> Iterator[Any]:
-    """Generator run as the body of one task of a *coordinated* gang: an ordinary (non-barrier) Spark stage.
-
-    All-or-nothing is the coordinator's: registration waits at its start gate until
-    every rank has joined, so no rank runs ``fn`` before all are there. The gate's
-    reply lists every rank's address, which ``getTaskInfos()`` (and the torch and
-    Horovod launchers' layout) then report. A re-launched single task of an aborted
-    attempt is refused at registration and raises; a speculative copy of a live rank
-    is held aside until Spark kills it.
-    """
+def task_context(barrier: bool) -> Any:
+    """pyspark's context of the running task (a barrier task's when ``barrier``); :class:`LaunchError` outside one."""
+    if barrier:
+        return native_barrier_context()
     from pyspark import TaskContext
 
     native = TaskContext.get()
@@ -310,14 +277,23 @@ def run_gated_partition(spec: TaskSpec, fn: Callable[[int, Iterable[Any]], Itera
         native = native._native
     if native is None:
         raise LaunchError("spark-hydrogen coordinated tasks must run in a Spark task; this code runs outside one")
-    partition = native.partitionId()
-    if index is not None and partition != index:
-        raise LaunchError(f"partition index {index} differs from the task's partition id {partition}")
-    if not spec.gated:
-        raise LaunchError("run_gated_partition needs a gated gang (declared for the coordinated placement)")
-    with RankSession(spec, partition, native=native, stage_id=native.stageId(),
-                     task_attempt_id=native.taskAttemptId()):
-        yield from fn(partition, rows)
+    return native
+
+
+def stage_world_size(declared: int | None, stage_tasks: int) -> int:
+    """The gang's size in a barrier stage of ``stage_tasks`` tasks: the stage's, which a declared size must match.
+
+    >>> stage_world_size(0, 4), stage_world_size(None, 2), stage_world_size(3, 3)
+    (4, 2, 3)
+    """
+    if not declared:
+        return stage_tasks
+    if declared != stage_tasks:
+        raise LaunchError(
+            f"this barrier stage has {stage_tasks} tasks but the gang was declared with {declared} ranks "
+            "(the query's partitioning changed after planning); pass num_tasks= to sparkhydrogen.barrier()"
+        )
+    return declared
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import LaunchConfig
+
 __all__ = ["TaskSpec"]
 
 
@@ -33,6 +35,24 @@ class TaskSpec:
     #: on the driver), so the task states what the coordinator needs to form it; ``name`` is for messages.
     stage_gang: bool = False
     name: str = ""
+
+    @classmethod
+    def build(cls, launch: LaunchConfig, *, gang_id: str, secret: bytes, host: str, port: int, world_size: int,
+              gang_attempt: int = 0, tls_fingerprint: str | None = None, stream_logs: bool = False,
+              gated: bool = False, stage_gang: bool = False, name: str = "") -> TaskSpec:
+        """The one place a task spec is made: the gang's identity and address, the rest from ``launch``.
+
+        Example:
+            >>> spec = TaskSpec.build(LaunchConfig(), gang_id="g", secret=bytes(32), host="h", port=1, world_size=2)
+            >>> spec.connect_timeout, spec.start_timeout
+            (30.0, None)
+        """
+        return cls(
+            gang_id=gang_id, secret=secret, host=host, port=port, world_size=world_size, gang_attempt=gang_attempt,
+            connect_timeout=launch.connect_timeout, collective_timeout=launch.collective_timeout,
+            heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
+            stream_logs=stream_logs, tls_fingerprint=tls_fingerprint, gated=gated,
+            start_timeout=launch.start_timeout if gated else None, stage_gang=stage_gang, name=name[:200])
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "

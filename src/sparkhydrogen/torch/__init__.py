@@ -41,7 +41,7 @@ def data_loader(batch_size: int, columns: Any = None, **options: Any) -> Any:
         ...         ...
         >>> sparkhydrogen.torch.run(train, num_processes=2, data=df)      # doctest: +SKIP
     """
-    from ..data._torch import data_loader as make
+    from ..data.torch_feed import data_loader as make
 
     return make(batch_size, columns, **options)
 

@@ -24,10 +24,10 @@ from ..coordinator.handles import LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
 from ..launch.data import session_of
-from ..launch.placement import RankCall
 from ..launch.run import run_gang
 from ..launch.runner import DeclaredGang, check_retries, declare, gang_failed
 from ..launch.session import SparkTarget, resolve
+from ..launch.stage import RankCall
 from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
 from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
 from ._local import LocalRank, error_path, result_path
