@@ -75,12 +75,10 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
 
 
 def _default_parallelism(target: Any) -> int:
-    if target.sc is not None:
-        return int(target.sc.defaultParallelism)
-    value = target.conf("spark.default.parallelism")
-    if value is None:
+    value = int(target.default_parallelism)
+    if value < 1:
         raise ValueError("num_proc is required under Spark Connect (spark.default.parallelism is not set)")
-    return int(value)
+    return value
 
 
 class HorovodGloo(Framework):

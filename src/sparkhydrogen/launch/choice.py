@@ -81,5 +81,5 @@ def settings_of(target: SparkTarget, data: bool = False) -> PlacementSettings:
     if target.connect:
         return PlacementSettings(connect=True, data=data)
     mode = (target.conf(PLACEMENT_KEY) or "auto").strip().lower()
-    return PlacementSettings(connect=False, master=str(target.sc.master or ""),
+    return PlacementSettings(connect=False, master=target.master,
                              dynamic_allocation=dynamic_allocation_enabled(target), mode=mode, data=data)

@@ -176,5 +176,5 @@ class CoordinatedStage:
         rank_fn = functools.partial(result_rows, call)
         if data is not None:
             rank_fn = functools.partial(fed, rank_fn, False)
-        source = data.source if data is not None else self.target.sc.parallelize(range(world_size), world_size)
+        source = data.source if data is not None else self.target.parallelize(world_size)
         return build_stage(join, rank_fn, RddSource(source), profile)

@@ -22,7 +22,6 @@ __all__ = ["AttemptTag", "is_cancellation", "stage_canceller"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
-_INTERRUPT = "spark.job.interruptOnCancel"
 #: How Spark words a job cancelled from outside (DAGScheduler), and how Connect reports an interrupted operation.
 _CANCELLED = re.compile(r"Job \d+ cancelled|OPERATION_CANCELED|operation was interrupted|INTERRUPTED")
 
@@ -41,13 +40,7 @@ class AttemptTag:
         self._entered = False
 
     def __enter__(self) -> AttemptTag:
-        sc = self.target.sc
-        if sc is not None:
-            self._interrupt = sc.getLocalProperty(_INTERRUPT)
-            sc.addJobTag(self.tag)
-            sc.setLocalProperty(_INTERRUPT, "true")
-        else:
-            self.target.spark.addTag(self.tag)
+        self._interrupt = self.target.tag_jobs(self.tag)
         self._entered = True
         return self
 
@@ -56,20 +49,12 @@ class AttemptTag:
         if not self._entered:
             return
         self._entered = False
-        sc = self.target.sc
-        if sc is not None:
-            sc.removeJobTag(self.tag)
-            sc.setLocalProperty(_INTERRUPT, self._interrupt)  # None removes it
-        else:
-            self.target.spark.removeTag(self.tag)
+        self.target.untag_jobs(self.tag, self._interrupt)
 
     def cancel(self, why: str) -> None:
         """Cancel every running job carrying this tag (from any thread)."""
         try:
-            if self.target.sc is not None:
-                self.target.sc.cancelJobsWithTag(self.tag)
-            else:
-                self.target.spark.interruptTag(self.tag)
+            self.target.cancel_tagged(self.tag)
             log.info("cancelled the Spark jobs tagged %s after: %s", self.tag, why)
         except Exception as exc:  # the context may be stopping; nothing else to cancel then
             log.debug("could not cancel jobs tagged %s: %s", self.tag, exc)
@@ -88,11 +73,11 @@ def stage_canceller(target: SparkTarget) -> Callable[[AttemptKey, ErrorInfo], No
 
     def cancel(key: AttemptKey, cause: ErrorInfo) -> None:
         stage = key[1]
-        if stage < 0 or target.sc is None or getattr(target.sc, "_jsc", None) is None:
+        if stage < 0:
             return
         try:
-            target.sc._jsc.sc().cancelStage(stage, f"spark-hydrogen gang aborted: {cause.summary()[:1000]}")
-            log.info("cancelled Spark stage %d after: %s", stage, cause.describe().splitlines()[0])
+            if target.cancel_stage(stage, f"spark-hydrogen gang aborted: {cause.summary()[:1000]}"):
+                log.info("cancelled Spark stage %d after: %s", stage, cause.describe().splitlines()[0])
         except Exception as exc:  # the context may be stopping
             log.debug("could not cancel stage %d: %s", stage, exc)
 

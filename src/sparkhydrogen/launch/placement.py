@@ -76,7 +76,7 @@ class NativeBarrierStage:
     def run(self, call: RankCall, world_size: int, *, name: str, on_log: OnLog = None) -> list[Any]:
         profile, asks = stage_profile(self.target, self.resources)
         gang, attempt = declare(self.target, world_size, name, on_log=on_log, profile=profile, resources=asks)
-        source = RddSource(self.target.sc.parallelize(range(world_size), world_size))
+        source = RddSource(self.target.parallelize(world_size))
         stage = build_stage(Join.barrier(gang.spec(attempt)), functools.partial(result_rows, call), source, profile)
         try:
             pairs = rank_results(stage)()

@@ -86,16 +86,8 @@ def cluster_slots(target: Any, profile: Any = None, resources: str = "") -> Slot
     ``profile`` is a JVM profile registered with the scheduler, ``resources`` its description for messages.
     """
     target = target if isinstance(target, SparkTarget) else SparkTarget(sc=target)
-    sc = target.sc
-    try:
-        jsc = sc._jsc.sc()
-        if profile is None:
-            profile = jsc.resourceProfileManager().defaultResourceProfile()
-        slots = int(jsc.maxNumConcurrentTasks(profile))
-        executors = int(jsc.statusTracker().getExecutorInfos().__len__())
-    except Exception as exc:  # Py4J errors: translate at the boundary
-        raise LaunchError(f"could not ask Spark's scheduler for free slots: {exc}") from exc
-    master = sc.master or "?"
+    slots, executors = target.scheduler_slots(profile)
+    master = target.master or "?"
     if not master.startswith("local") or master.startswith("local-cluster"):
         executors = max(executors - 1, 0)  # the driver is listed too
     return SlotReport(slots=slots, executors=executors, task_cpus=task_cpus(target), master=master,
@@ -124,7 +116,7 @@ def ensure_slots(target: Any, needed: int, wait: float = 0.0, *, coordinated: bo
     ``profile``: count slots for the gang stage's own JVM resource profile (``resources`` describes it).
     """
     target = target if isinstance(target, SparkTarget) else SparkTarget(sc=target)
-    if not coordinated and barrier_refused(target.sc.master or "", dynamic_allocation_enabled(target)):
+    if not coordinated and barrier_refused(target.master, dynamic_allocation_enabled(target)):
         raise LaunchError(
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages under dynamic allocation "
             "(SPARK-24942); leave spark.hydrogen.launch.placement at auto (or set it to coordinated) to run the "
@@ -291,20 +283,5 @@ class ClusterSnapshot:
 def cluster_snapshot(target: SparkTarget) -> ClusterSnapshot:
     """Executors alive and requested (dynamic allocation's target), slots and running tasks (Py4J)."""
     report = cluster_slots(target)
-    jsc = target.sc._jsc.sc()
-    requested: int | None = None
-    busy = 0
-    try:
-        totals = jsc.schedulerBackend().getRequestedTotalExecutors().valuesIterator()
-        requested = 0
-        while totals.hasNext():
-            requested += int(totals.next())
-    except Exception as exc:  # not a coarse-grained backend (local mode): nothing is requested
-        log.debug("could not read the requested executors: %s", exc)
-        requested = None
-    try:
-        for info in jsc.statusTracker().getExecutorInfos():
-            busy += int(info.numRunningTasks())
-    except Exception as exc:
-        log.debug("could not read the running tasks: %s", exc)
+    requested, busy = target.executor_load()
     return ClusterSnapshot(executors=report.executors, requested=requested, slots=report.slots, busy=busy)

@@ -184,7 +184,7 @@ def profile_for(target: SparkTarget, resources: StageResources) -> Any:
 
     Raises :class:`LaunchError` where the master does not support stage-level scheduling.
     """
-    master = (target.sc.master if target.sc is not None else target.conf("spark.master")) or ""
+    master = target.master
     problem = unsupported_reason(master)
     if problem is not None:
         raise LaunchError(problem)
@@ -244,12 +244,7 @@ def java_profile(target: SparkTarget, profile: Any) -> Any:
     jrp = profile._java_resource_profile
     if jrp is None:
         raise LaunchError("this ResourceProfile was built without a SparkContext; build it on the classic driver")
-    manager = target.sc._jsc.sc().resourceProfileManager()
-    try:
-        manager.addResourceProfile(jrp)  # idempotent by id; withResources does the same at launch
-    except Exception as exc:  # Py4J: Spark refused the profile (cluster manager, dynamic allocation rules)
-        text = str(exc).strip().splitlines()
-        raise LaunchError(f"Spark refused the gang's resource profile: {text[0] if text else exc}") from exc
+    target.register_profile(jrp)  # idempotent by id; withResources does the same at launch
     return jrp
 
 

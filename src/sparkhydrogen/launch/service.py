@@ -110,7 +110,7 @@ def _gang_folder(checkpoint_dir: str, gang_id: str) -> str:
 def service_for(spark: Any) -> DriverService:
     """The coordinator of ``spark`` (a SparkContext, SparkSession or :class:`SparkTarget`), starting it once."""
     target = spark if isinstance(spark, SparkTarget) else resolve(spark)
-    if target.sc is not None and getattr(target.sc, "_jsc", None) is None:
+    if target.stopped:
         raise ValueError("the SparkContext has been stopped; create a new SparkSession first")
     app_id = target.key
     with _lock:
