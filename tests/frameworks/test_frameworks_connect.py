@@ -4,7 +4,6 @@ coordinator, the layout forms through it as on classic Spark.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,14 +16,8 @@ pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.builder.remote("local[2]").getOrCreate()
-    try:
-        yield session
-    finally:
-        session.stop()
+def spark(connect_spark: Any) -> Any:
+    return connect_spark  # tests/conftest.py: Connect on local[2]
 
 
 def test_a_framework_of_our_own_on_connect(spark: Any) -> None:

@@ -10,9 +10,9 @@ Python wrapper of the gang stage is gone by then):
 * ``h2``: ``sparkhydrogen.barrier(...)``;
 * ``install``: pyspark's calls with transparent mode installed.
 
-and the three answers must agree. Sessions: the shared ``spark`` fixture (``local[4]``,
-``local-cluster[2,1,1024]``, Spark Connect; Connect has no RDD API, so the RDD
-compositions run on classic sessions only).
+and the three answers must agree. Sessions: the shared ``spark`` fixture on ``local[4]``
+and Spark Connect (Connect has no RDD API, so the RDD compositions run on the classic
+session only; the multi-JVM placement is ``test_core_matrix``'s).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from pyspark import cloudpickle as _cloudpickle  # noqa: E402
 _cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MODES = ("native", "h2", "install")
+#: Classic (one JVM) and Connect: the API surfaces a user composes on. Multi-JVM placement is the core matrix's.
+SESSION_KINDS = ("local[4]", "connect")
 ROWS = 40
 PARTS = 2
 

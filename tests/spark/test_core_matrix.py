@@ -1,6 +1,6 @@
 """The core behaviours, through the public API, on every kind of session and every launch path.
 
-Sessions (``spark`` fixture, tests/spark/conftest.py): ``local[4]``, ``local-cluster[2,1,1024]``
+Sessions (``spark`` fixture, tests/conftest.py): ``local[4]``, ``local-cluster[2,1,1024]``
 and Spark Connect. Launch paths:
 
 * ``run``: ``h2.run(fn, num_tasks=2, spark=spark)``;

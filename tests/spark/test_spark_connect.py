@@ -14,16 +14,13 @@ pytest.importorskip("pandas")
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(240)]
 
+#: the in-process Connect server's master (``connect_spark``, tests/conftest.py): gangs of 4 need 4 slots
+CONNECT_MASTER = "local[4]"
+
 
 @pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.builder.remote("local[4]").getOrCreate()
-    try:
-        yield session
-    finally:
-        session.stop()
+def spark(connect_spark: Any) -> Any:
+    return connect_spark
 
 
 def test_connect_session_has_no_rdd_api(spark: Any) -> None:

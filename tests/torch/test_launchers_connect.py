@@ -6,7 +6,6 @@ Under Connect the client is not reachable from executors: rank 0's task hosts th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,14 +19,8 @@ pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.builder.remote("local[2]").getOrCreate()
-    try:
-        yield session
-    finally:
-        session.stop()
+def spark(connect_spark: Any) -> Any:
+    return connect_spark  # tests/conftest.py: Connect on local[2]
 
 
 def _allreduce() -> Any:

@@ -16,37 +16,14 @@ pd = pytest.importorskip("pandas")
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
 
-def _spark_properties(jvm: Any) -> dict[str, str]:
-    props = jvm.java.lang.System.getProperties()
-    return {str(k): str(props.get(k)) for k in props.stringPropertyNames() if str(k).startswith("spark.")}
-
-
 @pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from pyspark import SparkContext
-    from pyspark.sql import SparkSession
-
-    jvm = SparkContext._jvm
-    before = _spark_properties(jvm) if jvm is not None else {}
-    session = (SparkSession.builder.remote("local[2]").config("spark.ui.enabled", "false")
-               .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+def spark(connect_spark: Any) -> Iterator[Any]:
+    """The shared Connect session (tests/conftest.py, local[2]) with transparent mode installed while it runs."""
     transparent.install()
     try:
-        yield session
+        yield connect_spark
     finally:
         transparent.uninstall()
-        session.stop()
-        server = SparkContext._active_spark_context
-        if server is not None:
-            server.stop()
-        jvm = SparkContext._jvm
-        if jvm is not None:  # the in-process server's conf stays behind as Java system properties: put them back
-            system = jvm.java.lang.System
-            for key, value in _spark_properties(jvm).items():
-                if key not in before:
-                    system.clearProperty(key)
-                elif before[key] != value:
-                    system.setProperty(key, before[key])
 
 
 def test_connect_map_in_pandas_barrier_is_served_by_spark_hydrogen(spark: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kit import MemoryPeer
+from kit import MemoryPeer, connect
 
 from sparkhydrogen.config import CoordinatorConfig
 from sparkhydrogen.coordinator.client import CoordinatorClient
@@ -87,7 +87,7 @@ def fuzz_server() -> Iterator[tuple[CoordinatorServer, GangHandle, GangHandle]]:
     server.start()
     honest = server.add_gang(world_size=2, name="honest")
     fuzzed = server.add_gang(world_size=3, name="fuzzed")
-    rank0 = CoordinatorClient.connect((honest.host, honest.port), honest.gang_id, honest.secret, timeout=5)
+    rank0 = connect(honest, timeout=5)
     rank0.register(0, host="honest")
     waiting = threading.Thread(target=lambda: _collect(rank0), daemon=True)
     waiting.start()
@@ -307,7 +307,7 @@ def test_an_honest_gang_completes_with_correct_results_while_hostile_traffic_run
 
         def rank(r: int) -> None:
             try:
-                client = CoordinatorClient.connect((honest.host, honest.port), honest.gang_id, honest.secret, 10)
+                client = connect(honest, timeout=10)
                 client.register(r)
                 client.start_heartbeat(0.2)
                 digest = hashlib.sha256()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from kit import gang_bytes, joined, pending_ranks, start_ranks, wait_until
+from kit import connect, gang_bytes, joined, pending_ranks, start_ranks, wait_until
 
 from sparkhydrogen.config import CoordinatorConfig, HydrogenConfig
 from sparkhydrogen.coordinator.client import CoordinatorClient, PayloadTooLargeError
@@ -168,7 +168,7 @@ def test_connections_beyond_max_connections_get_a_clear_error(make_server: Calla
         with pytest.raises(CoordinatorConnectionError,
                            match=r"the coordinator already has 3 open connections, its limit "
                                  r"\(spark\.hydrogen\.coordinator\.maxConnections=3\)"):
-            CoordinatorClient.connect((handle.host, handle.port), handle.gang_id, handle.secret, timeout=5)
+            connect(handle, timeout=5)
         done = [threading.Thread(target=lambda c=c: c.collective("barrier")) for c in members]
         for thread in done:
             thread.start()

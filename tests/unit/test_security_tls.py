@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit import gather_body, run_gang, start_ranks
+from kit import connect, gather_body, run_gang, start_ranks
 
 from sparkhydrogen.config import CoordinatorConfig, HydrogenConfig, LaunchConfig, TlsConfig
 from sparkhydrogen.coordinator import tls as tls_mod
@@ -305,8 +305,7 @@ def test_connections_still_in_their_tls_handshake_count_against_the_limit(
     try:
         with pytest.raises(CoordinatorConnectionError, match=r"already has 2 open connections, its limit "
                                                              r"\(spark\.hydrogen\.coordinator\.maxConnections=2\)"):
-            CoordinatorClient.connect((handle.host, handle.port), handle.gang_id, handle.secret, timeout=5,
-                                      tls_fingerprint=handle.tls_fingerprint)
+            connect(handle, timeout=5)
     finally:
         for sock in stalled:
             sock.close()

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit import Body, gather_body, in_thread, pending_ranks, run_gang, wait_until
+from kit import Body, connect, gather_body, in_thread, pending_ranks, run_gang, wait_until
 
 import sparkhydrogen.coordinator as coordinator_pkg
 from sparkhydrogen.config import TlsConfig
-from sparkhydrogen.coordinator.client import CoordinatorClient
 from sparkhydrogen.coordinator.protocol import FrameDecoder, Kind, Limits, client_proof
 from sparkhydrogen.coordinator.server import CoordinatorServer, GangHandle
 from sparkhydrogen.errors import AuthenticationError, ErrorInfo, GangAbortedError, ProtocolError
@@ -189,7 +188,7 @@ def test_a_member_of_one_gang_cannot_join_or_touch_another(make_server: Callable
 
     # 1. A's secret does not open B, and a proof for A is no proof for B even on the same nonce
     with pytest.raises(AuthenticationError, match="refused this task's credentials"):
-        CoordinatorClient.connect((gang_b.host, gang_b.port), gang_b.gang_id, gang_a.secret, timeout=5)
+        connect(gang_b, secret=gang_a.secret, timeout=5)
     nonce_s, nonce_c = b"s" * 32, b"c" * 32
     assert client_proof(gang_a.secret, gang_a.gang_id, nonce_s, nonce_c) != client_proof(
         gang_a.secret, gang_b.gang_id, nonce_s, nonce_c)
@@ -200,7 +199,7 @@ def test_a_member_of_one_gang_cannot_join_or_touch_another(make_server: Callable
     b_out: dict[int, Any] = {}
 
     def b_rank(r: int) -> None:  # its result (or nothing, if it failed) is checked in b_out below
-        client = CoordinatorClient.connect((gang_b.host, gang_b.port), gang_b.gang_id, gang_b.secret, timeout=5)
+        client = connect(gang_b, timeout=5)
         client.register(r)
         client.collective("barrier")
         b_ready.wait()
@@ -214,8 +213,8 @@ def test_a_member_of_one_gang_cannot_join_or_touch_another(make_server: Callable
         thread.start()
     b_ready.wait()
 
-    a0 = CoordinatorClient.connect((gang_a.host, gang_a.port), gang_a.gang_id, gang_a.secret, timeout=5)
-    a1 = CoordinatorClient.connect((gang_a.host, gang_a.port), gang_a.gang_id, gang_a.secret, timeout=5)
+    a0 = connect(gang_a, timeout=5)
+    a1 = connect(gang_a, timeout=5)
     assert a0.register(0) == 2 and a1.register(1) == 2  # rank 0 is taken in B, not in A
     a0_waits = in_thread(lambda: a0.collective("barrier", timeout=10))
     wait_until(lambda: 0 in pending_ranks(server, gang_a.gang_id), "A's rank 0 waits in a barrier")
@@ -307,7 +306,7 @@ def test_a_coordinator_relaying_hostile_pickles_never_unpickles_one(tmp_path: Pa
         out: dict[int, Any] = {}
 
         def rank(r: int) -> None:
-            client = CoordinatorClient.connect((handle.host, handle.port), handle.gang_id, handle.secret, timeout=10)
+            client = connect(handle, timeout=10)
             client.register(r)
             gathered = [bytes(p) for p in client.collective("allGather", evil)]
             [cast] = client.collective("broadcast", evil, root=0)

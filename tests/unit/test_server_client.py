@@ -761,7 +761,7 @@ def test_log_records_reach_the_driver_hook_in_order() -> None:
     from sparkhydrogen.coordinator import LogRecord
 
     server = CoordinatorServer(CoordinatorConfig(host="127.0.0.1"))
-    host, port = server.start()
+    server.start()
     records: list[LogRecord] = []
     got = threading.Event()
 
@@ -772,7 +772,7 @@ def test_log_records_reach_the_driver_hook_in_order() -> None:
 
     try:
         gang = server.add_gang(1, on_log=hook)
-        client = CoordinatorClient.connect((host, port), gang.gang_id, gang.secret)
+        client = connect(gang)
         client.register(0)
         client.log("stdout", "epoch 1\n")
         client.log("stderr", "warning: slow\n", dropped=0)
