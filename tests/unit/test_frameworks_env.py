@@ -29,8 +29,8 @@ from sparkhydrogen.frameworks import (
     activated,
     reserve_ports,
 )
+from sparkhydrogen.frameworks.horovod_topology import layout as horovod_layout
 from sparkhydrogen.horovod import HorovodGloo
-from sparkhydrogen.horovod.topology import layout as horovod_layout
 from sparkhydrogen.torch._layout import node_layout, rank_environment
 
 pytestmark = pytest.mark.timeout(60)
@@ -255,7 +255,7 @@ def test_descriptions_survive_pickling_without_their_servers() -> None:
 
 @pytest.mark.parametrize("module", ["sparkhydrogen.frameworks.api", "sparkhydrogen.frameworks._torch",
                                     "sparkhydrogen.frameworks._jax", "sparkhydrogen.frameworks._tensorflow",
-                                    "sparkhydrogen.horovod"])
+                                    "sparkhydrogen.frameworks._horovod"])
 def test_examples_in_docstrings(module: str) -> None:
     import doctest
     import importlib

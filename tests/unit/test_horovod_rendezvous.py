@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sparkhydrogen.horovod.rendezvous import MAX_VALUE_BYTES, RendezvousServer
-from sparkhydrogen.horovod.topology import layout
+from sparkhydrogen.frameworks.horovod_rendezvous import MAX_VALUE_BYTES, RendezvousServer
+from sparkhydrogen.frameworks.horovod_topology import layout
 
 pytestmark = pytest.mark.timeout(30)
 

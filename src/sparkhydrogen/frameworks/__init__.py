@@ -14,12 +14,14 @@
 
 Built in: :class:`TorchDistributed` (torchrun's ``env://`` variables), :class:`Horovod`
 (``HOROVOD_*`` and gloo rendezvous), :class:`JaxDistributed` (``jax.distributed``),
-:class:`TensorFlowMultiWorker` (``TF_CONFIG`` and Keras 3 distribution variables).
+:class:`TensorFlowMultiWorker` (``TF_CONFIG`` and Keras 3 distribution variables),
+:class:`HorovodGloo` (Horovod's gloo controller: ``HOROVOD_*`` and its rendezvous).
 See ``docs/frameworks.md``. Importing this package imports no framework.
 """
 
 from __future__ import annotations
 
+from ._horovod import HorovodGloo
 from ._jax import JaxDistributed
 from ._tensorflow import KERAS3_FIT_MESSAGE, TensorFlowMultiWorker
 from ._torch import TorchDistributed
@@ -32,6 +34,7 @@ __all__ = [
     "Framework",
     "FrameworkError",
     "GangLayout",
+    "HorovodGloo",
     "JaxDistributed",
     "PortHold",
     "PortSource",
