@@ -211,6 +211,9 @@ def stage_spec(target: SparkTarget, world_size: int, name: str, *, gated: bool =
     if preflight and world_size > 0:
         _preflight(target, world_size, service.config.launch.slot_wait_timeout, gated)
     handle = service.server.stage_credential()
+    log.info("gang %s (%s): a stage gang of %s, formed by each stage attempt that runs it; coordinator %s:%d",
+             handle.gang_id[:14], name, f"{world_size} ranks" if world_size else "as many ranks as the stage has tasks",
+             handle.host, handle.port)
     return TaskSpec.build(service.config.launch, gang_id=handle.gang_id, secret=handle.secret, host=handle.host,
                           port=handle.port, world_size=world_size, tls_fingerprint=handle.tls_fingerprint,
                           gated=gated, stage_gang=True, name=name)
