@@ -156,3 +156,23 @@ def test_retry_argument_checks(sc: Any) -> None:
     with pytest.raises(TypeError, match="action must be callable"):
         h2.retry(42)  # type: ignore[arg-type]
 
+
+
+def test_a_closure_the_executors_cannot_unpickle_is_named_and_not_retried(sc: Any, tmp_path: Any,
+                                                                           monkeypatch: Any) -> None:
+    """No rank can start (the task's function lives in a module only the driver can import): the error names
+    the Python exception from Spark's text, and the gang is not retried, since every attempt would fail so."""
+    import importlib
+    import sys
+
+    (tmp_path / "driver_only_module.py").write_text("def fn():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the driver's path only: the Python workers never see it
+    module = importlib.import_module("driver_only_module")
+    try:
+        with pytest.raises(h2.GangSetupError, match=r"ModuleNotFoundError: No module named 'driver_only_module'") \
+                as info:
+            h2.run(module.fn, 2, max_retries=3, retry_backoff=0)
+        assert "not retried" in str(info.value) and "attempts" not in str(info.value)
+    finally:
+        sys.modules.pop("driver_only_module", None)
+    assert h2.run(lambda: h2.BarrierTaskContext.get().rank(), 2) == [0, 1]  # the service keeps serving
