@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
 #: Gangs launched one after the other (each takes a few tenths of a second once the workers have torch).
 GANGS = 60
-#: How long the slow rank's first wait on rank 0's store takes: far longer than its peers need to get through
-#: init_process_group, run a train without collectives and (before the fix) tear their group down.
+#: How long the slow rank dawdles once every rank has published its address: far longer than its peers need to
+#: get through init_process_group, run a train without collectives and (before the fix) tear their group down.
 SLOW_WAIT_SECONDS = 1.5
 
 
@@ -42,9 +42,9 @@ def _slow_last_rank(in_child: bool) -> Any:
     Unpickling it (where the job is loaded: a task's Python worker, or with ``in_child`` a
     rank's training process) arms a one-shot patch: the next ``torch.distributed.TCPStore``
     built there is the real one, and for a client of the last rank it is wrapped so that
-    its first ``wait`` (gloo waiting for the first peer's address) takes
-    ``SLOW_WAIT_SECONDS``. Unpickling gives such an argument again, so it survives the
-    task pickling the job for its training process.
+    its first ``wait`` (gloo waiting for the first peer's address) returns
+    ``SLOW_WAIT_SECONDS`` after every rank has published its address. Unpickling gives
+    such an argument again, so it survives the task pickling the job for its training process.
 
     Every peer that gloo makes the initiator of its connection to the slow rank (chosen by
     address) is through ``init_process_group`` at once: with 4 ranks, a gang has one with
@@ -52,10 +52,13 @@ def _slow_last_rank(in_child: bool) -> Any:
     """
 
     def arm(child: bool) -> Any:
+        import importlib
         import os
 
         import torch.distributed as dist
-        import torch.distributed.rendezvous as rendezvous  # env:// builds its store from its own TCPStore name
+
+        # env:// builds its store with the module's own TCPStore name (torch.distributed.rendezvous is a function)
+        rendezvous = importlib.import_module("torch.distributed.rendezvous")
 
         if ("TORCHELASTIC_USE_AGENT_STORE" in os.environ) == child:  # the process the rank's init runs in
             real = dist.TCPStore
@@ -64,16 +67,19 @@ def _slow_last_rank(in_child: bool) -> Any:
                 dist.TCPStore = rendezvous.TCPStore = real  # one store per process and gang: undo at once
                 store = real(*args, **kwargs)
                 server = args[3] if len(args) > 3 else kwargs.get("is_master", False)
-                last = str(int(os.environ["WORLD_SIZE"]) - 1)
+                last = str(int(os.environ.get("WORLD_SIZE", "0")) - 1)  # (rank 0's server: before the variables)
                 return slow_first_wait(store) if not server and os.environ.get("RANK") == last else store
 
             dist.TCPStore = rendezvous.TCPStore = tcp_store
         return SlowLastRank(child)
 
     def slow_first_wait(inner: Any) -> Any:
+        import os
         import time
 
         import torch.distributed as dist
+
+        world = int(os.environ["WORLD_SIZE"])
 
         class SlowFirstWait(dist.Store):  # type: ignore[misc]
             def __init__(self) -> None:
@@ -81,8 +87,11 @@ def _slow_last_rank(in_child: bool) -> Any:
                 self.slow = True
 
             def wait(self, keys: Any, *timeout: Any) -> Any:
-                if self.slow:
+                if self.slow:  # gloo's first wait: for rank 0's address, under ".../0"
                     self.slow = False
+                    prefix, _, rank = keys[0].rpartition("/")
+                    if rank.isdigit():  # once every rank has published its address, so all are connecting
+                        inner.wait([f"{prefix}/{r}" for r in range(world)], *timeout)
                     time.sleep(SLOW_WAIT_SECONDS)  # the simulated slowness itself, not a wait for readiness
                 return inner.wait(keys, *timeout)
 
@@ -123,6 +132,8 @@ def _slow_last_rank(in_child: bool) -> Any:
 
 
 def test_ranks_through_init_wait_for_a_slow_peer_before_tearing_their_group_down(sc: Any) -> None:
+    """In the tasks' workers: before the fix the slow rank failed in ``connectFullMesh`` (rank 3 named)."""
+
     def no_collective(_: Any, gang: int) -> tuple[int, int]:
         import torch.distributed as dist
 
@@ -134,19 +145,43 @@ def test_ranks_through_init_wait_for_a_slow_peer_before_tearing_their_group_down
         assert out == [(gang, rank) for rank in range(4)]
 
 
-def test_training_processes_through_init_wait_for_a_slow_peer_too(sc: Any) -> None:
-    def no_collective(_: Any, gang: int) -> tuple[int, int]:
+def test_training_processes_through_init_wait_for_a_slow_peer_too(sc: Any, tmp_path: Any) -> None:
+    """In child processes the slow rank may get through init before its broken connections show:
+    the sign of the early teardown it checks is then a peer's training process already gone."""
+
+    def no_collective(_: Any, folder: str, gang: int) -> tuple[int, int, list[int]]:
+        import os
+
         import torch.distributed as dist
 
-        return gang, dist.get_rank()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        with open(os.path.join(folder, f"{gang}-{rank}.tmp"), "w") as fh:
+            fh.write(str(os.getpid()))
+        os.replace(os.path.join(folder, f"{gang}-{rank}.tmp"), os.path.join(folder, f"{gang}-{rank}"))
+        gone = []
+        if rank == world - 1:  # the slow rank: every peer that got to train before it must still be there
+            for peer in range(world - 1):
+                try:
+                    with open(os.path.join(folder, f"{gang}-{peer}")) as fh:
+                        pid = int(fh.read())
+                except FileNotFoundError:  # still in init_process_group, so still there
+                    continue
+                try:
+                    with open(f"/proc/{pid}/stat") as fh:
+                        if fh.read().rpartition(")")[2].split()[0] == "Z":  # exited, not yet reaped
+                            gone.append(peer)
+                except FileNotFoundError:
+                    gone.append(peer)
+        return gang, rank, gone
 
     for gang in range(3):  # before the fix, all 3 passing was a 1 in 512 chance
-        out = h2torch.run(no_collective, _slow_last_rank(True), gang, num_processes=4, use_subprocess=True,
-                          return_all=True, stream_logs=False)
-        assert out == [(gang, rank) for rank in range(4)]
+        out = h2torch.run(no_collective, _slow_last_rank(True), str(tmp_path), gang, num_processes=4,
+                          use_subprocess=True, return_all=True, stream_logs=False)
+        assert out == [(gang, rank, []) for rank in range(4)]
 
 
-def test_a_script_that_leaves_its_group_up_keeps_it_until_every_rank_is_done(sc: Any, tmp_path: Any) -> None:
+def test_scripts_that_leave_their_group_up_to_the_exit_finish(sc: Any, tmp_path: Any) -> None:
+    """A script that never destroys its group: its process waits for every rank's script before it exits."""
     script = tmp_path / "no_collective.py"
     script.write_text("import torch.distributed as dist\n\ndist.init_process_group('gloo')\n"
                       "print(f'rank {dist.get_rank()} of {dist.get_world_size()} done', flush=True)\n")

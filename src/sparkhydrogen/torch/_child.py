@@ -6,11 +6,13 @@ A script runs as ``__main__`` with ``sys.argv = [PATH, *ARGS]``, exactly as
 rank) runs with ``torch.distributed`` initialised through ``env://`` and its
 result or exception is written back to ``DIR``. Either way the child dies with the
 rank that started it (Linux ``PR_SET_PDEATHSIG``), so a killed Spark task leaves
-no orphan training process behind.
+no orphan training process behind, and a process group still up when the code
+returns stays up until every rank's code has returned (:func:`wait_for_every_rank`).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import runpy
@@ -22,10 +24,13 @@ from typing import Any
 
 from ..serde import cloudpickle
 
-__all__ = ["die_with_parent", "main", "read_error", "read_result", "write_job"]
+__all__ = ["die_with_parent", "main", "read_error", "read_result", "wait_for_every_rank", "write_job"]
 
 _JOB, _RESULT, _ERROR = "job.pkl", "result.pkl", "error.pkl"
 _PR_SET_PDEATHSIG = 1
+#: How long a rank whose code returned waits for the others. Not a readiness guess: if the gang fails
+#: first, this process dies with its task; the bound only ends a wait on a peer that hangs for weeks.
+PEERS_TIMEOUT = datetime.timedelta(days=30)
 
 
 def die_with_parent(parent_env: str = "SPARKHYDROGEN_PARENT_PID") -> None:
@@ -94,13 +99,50 @@ def _write_error(folder: str, exc: BaseException) -> None:
         _write(folder, _ERROR, (RuntimeError(f"{type(exc).__qualname__}: {exc}"), text))
 
 
+# leaving together ------------------------------------------------------------------
+
+
+def wait_for_every_rank() -> None:
+    """Block until every rank of the gang has called this (a count in rank 0's store), then return.
+
+    Call it before tearing a process group down. ``init_process_group`` is no barrier: a
+    rank is through it as soon as its own connections are up, so one whose code then
+    returns at once (no collective) and destroys its group (or exits) closes connections
+    a slower peer is still making, and that peer fails with gloo's "connectFullMesh failed
+    ... Connection closed by peer". The count lives in the store ``env://`` found
+    (``MASTER_ADDR``/``MASTER_PORT``, kept by rank 0's task until every task is done),
+    under this attempt's prefix; it needs no collective, so it works for every backend
+    and starts no communicator.
+    """
+    from torch.distributed import PrefixStore, TCPStore  # type: ignore[attr-defined]  # untyped re-exports
+
+    env = os.environ
+    client = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), None, False, PEERS_TIMEOUT)
+    store = PrefixStore(f"sparkhydrogen/returned/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+    if store.add("ranks", 1) == int(env["WORLD_SIZE"]):
+        store.set("all", "1")
+    store.wait(["all"])
+
+
+def _group_is_up() -> bool:
+    """Whether code run in this process left a default process group initialised (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 # entry points ----------------------------------------------------------------------
 
 
 def _run_script(path: str, args: list[str]) -> int:
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(path))
-    runpy.run_path(path, run_name="__main__")
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise
+    if _group_is_up():  # the script left its group to the exit: keep it up until every rank's script is done
+        wait_for_every_rank()
     return 0
 
 
@@ -129,6 +171,8 @@ def _run_function(folder: str) -> int:
             _write_error(folder, exc)
             written = True
             raise
+        else:
+            wait_for_every_rank()  # no teardown while a peer may still be connecting
         finally:
             dist.destroy_process_group()
     except BaseException as exc:

@@ -10,7 +10,11 @@ process on the driver) with a :class:`~sparkhydrogen.BarrierTaskContext` install
 3. ``train`` runs in this process with ``torch.distributed`` initialised, or in a
    child process (scripts, or ``use_subprocess=True``) that finds the store
    through ``env://`` (``TORCHELASTIC_USE_AGENT_STORE``, as under torchrun);
-4. a final barrier: no rank closes the store while another may still use it.
+4. a final barrier: no rank tears down its process group, or rank 0 its store, while a peer
+   may still be connecting to or using them. ``init_process_group`` is no barrier: a rank is
+   through it as soon as its own connections are up, and one whose ``train`` then returned at
+   once (no collective) would close connections a slower peer is still making (gloo's
+   ``connectFullMesh`` failing there with "Connection closed by peer").
 """
 
 from __future__ import annotations
@@ -123,10 +127,11 @@ def run_job(job: RankJob, local_host: str | None = None) -> Any:
         if several:
             result = _run_children(job, process_environments(env, job.processes_per_task), plans)
         elif in_process:
-            result = _run_in_process(ctx, job, env, plan, store)
+            result = _run_in_process(ctx, job, env, plan, store)  # ends with the gang's barrier, before the teardown
         else:
             result = _run_child(ctx, job, env, plan)
-        ctx.barrier()  # every rank is done with rank 0's store before it goes away
+        if not in_process:
+            ctx.barrier()  # every rank's training processes are done with rank 0's store before it goes away
     finally:
         for hold in holds:
             hold.release()
@@ -140,13 +145,39 @@ _TORCH = TorchDistributed()
 
 
 def _store(host: str, port: int, timeout: float, listen_fd: int | None = None) -> Any:
-    """Torch's ``TCPStore``: the server on rank 0 (on the socket it already holds), a client elsewhere."""
+    """Torch's ``TCPStore``: a client of rank 0's, or (``listen_fd``) rank 0's server on the socket it already holds.
+
+    The server takes ``listen_fd`` over: it is closed when this returns or raises. Torch serves on
+    a duplicate of it (closed with the store), so a store that fails to start leaves no listening
+    socket behind in the Python worker, which Spark reuses: torch's libuv server, for one, keeps
+    the descriptor it was given open when it raises.
+    """
     from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported from torch._C, untyped there
 
     delta = datetime.timedelta(seconds=timeout)
-    if listen_fd is not None:
-        return TCPStore(host, port, None, True, delta, wait_for_workers=False, master_listen_fd=listen_fd)
-    return TCPStore(host, port, None, False, delta)
+    if listen_fd is None:
+        return TCPStore(host, port, None, False, delta)
+    with socket.socket(fileno=listen_fd) as listening:
+        served = os.dup(listen_fd)
+        try:
+            return TCPStore(host, port, None, True, delta, wait_for_workers=False, master_listen_fd=served)
+        except BaseException:
+            _close_duplicate(served, listening)
+            raise
+
+
+def _close_duplicate(fd: int, original: socket.socket) -> None:
+    """Close ``fd`` if it still is a duplicate of ``original``.
+
+    A failed ``TCPStore`` may have closed it already, and another thread may have been given the
+    number since; while ``original`` is open, its socket (inode) cannot be anyone else's.
+    """
+    try:
+        ours, theirs = os.fstat(original.fileno()), os.fstat(fd)
+    except OSError:  # closed (and not reused)
+        return
+    if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+        os.close(fd)
 
 
 def _ordinal(placed: RankGpus) -> int:
@@ -209,14 +240,19 @@ def _run_in_process(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], 
             report_failure(exc)
             raise
         try:
-            return train(*job.args, **job.kwargs)
-        except BaseException as exc:
-            better = _explain(exc)
-            if better is not None:
-                report_failure(better)
-                raise better from exc
-            report_failure(exc)
-            raise
+            try:
+                result = train(*job.args, **job.kwargs)
+            except BaseException as exc:
+                better = _explain(exc)
+                if better is not None:
+                    report_failure(better)
+                    raise better from exc
+                report_failure(exc)
+                raise
+            # No rank destroys its group (closing its connections) while a peer may still be connecting: a rank
+            # is through init_process_group once its own connections are up, and train may use no collective.
+            ctx.barrier()
+            return result
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
