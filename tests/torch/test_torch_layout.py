@@ -14,7 +14,8 @@ import pytest
 
 import sparkhydrogen
 import sparkhydrogen.torch as h2torch
-from sparkhydrogen.torch import _child, _layout, _rank
+from sparkhydrogen.task import child
+from sparkhydrogen.torch import _layout, _rank
 from sparkhydrogen.torch._layout import (
     DevicePlan,
     GpuAssignmentError,
@@ -41,7 +42,7 @@ def test_public_names() -> None:
     assert issubclass(h2torch.GpuAssignmentError, ValueError)
 
 
-@pytest.mark.parametrize("module", [_layout, _rank])
+@pytest.mark.parametrize("module", [_layout, child])
 def test_doctests(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
@@ -174,8 +175,8 @@ def test_cpu_children_see_no_gpu() -> None:
 
 
 def test_describe_exit() -> None:
-    assert _rank.describe_exit(0) == "exit code 0"
-    assert _rank.describe_exit(-15) == "signal SIGTERM"
+    assert child.describe_exit(0) == "exit code 0"
+    assert child.describe_exit(-15) == "signal SIGTERM"
 
 
 def test_task_host_of_an_executor_address() -> None:
@@ -274,11 +275,11 @@ runpy.run_module("sparkhydrogen.torch._proc", run_name="__main__", alter_sys=Tru
 CHILD_SCRIPT = """
 import json, os, sys
 from sparkhydrogen import serde
-from sparkhydrogen.torch import _child
+from sparkhydrogen.task import child
 
 out = sys.argv[1]
-_child._write(out, "result.pkl", lambda n: n * 2)  # by value: plain pickle cannot do a lambda
-_child._write_error(out, ValueError("from the child"))
+child.write_result(out, lambda n: n * 2)  # by value: plain pickle cannot do a lambda
+child.write_error(out, ValueError("from the child"), "")
 with open(os.path.join(out, "child.json"), "w") as fh:
     json.dump({"cloudpickle": serde.cloudpickle.__name__, "argv": sys.argv,
                "imported": "cloudpickle" in sys.modules}, fh)
@@ -295,5 +296,5 @@ def test_the_child_entry_falls_back_to_pysparks_cloudpickle(tmp_path: Path) -> N
     assert report == {"cloudpickle": "pyspark.cloudpickle", "argv": [str(script), str(tmp_path)], "imported": False}
     with open(tmp_path / "result.pkl", "rb") as fh:
         assert pickle.load(fh)(21) == 42
-    error = _child.read_error(str(tmp_path))
+    error = child.read_error(str(tmp_path))
     assert error is not None and isinstance(error[0], ValueError) and str(error[0]) == "from the child"

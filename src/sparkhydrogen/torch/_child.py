@@ -14,89 +14,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import runpy
-import signal
 import sys
 import traceback
-from collections.abc import Callable
-from typing import Any
 
-from ..serde import cloudpickle
+from ..task import child
 
-__all__ = ["die_with_parent", "main", "read_error", "read_result", "wait_for_every_rank", "write_job"]
+__all__ = ["main", "wait_for_every_rank"]
 
-_JOB, _RESULT, _ERROR = "job.pkl", "result.pkl", "error.pkl"
-_PR_SET_PDEATHSIG = 1
 #: How long a rank whose code returned waits for the others. Not a readiness guess: if the gang fails
 #: first, this process dies with its task; the bound only ends a wait on a peer that hangs for weeks.
 PEERS_TIMEOUT = datetime.timedelta(days=30)
-
-
-def die_with_parent(parent_env: str = "SPARKHYDROGEN_PARENT_PID") -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; exit now if it already has."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the rank kills its child on the way out instead
-        return
-    expected = os.environ.get(parent_env)
-    if expected and expected.isdigit() and os.getppid() != int(expected):
-        os._exit(1)  # the parent died before the death signal was armed
-
-
-# files shared with the rank ------------------------------------------------------
-
-
-def write_job(folder: str, train: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-              backend: str) -> None:
-    with open(os.path.join(folder, _JOB), "wb") as fh:
-        cloudpickle.dump((train, args, kwargs, backend), fh, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def read_result(folder: str) -> Any:
-    with open(os.path.join(folder, _RESULT), "rb") as fh:
-        return pickle.load(fh)
-
-
-def error_time(folder: str) -> int | None:
-    """When the process in ``folder`` wrote its error (ns since the epoch), ``None`` if it wrote none."""
-    try:
-        return os.stat(os.path.join(folder, _ERROR)).st_mtime_ns
-    except OSError:
-        return None
-
-
-def read_error(folder: str) -> tuple[BaseException, str] | None:
-    """The exception (and formatted traceback) the child's function raised, if it wrote one."""
-    path = os.path.join(folder, _ERROR)
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as fh:
-        data = fh.read()
-    try:
-        exc, text = pickle.loads(data)
-    except Exception as load_error:  # e.g. an exception class only the child could import
-        return RuntimeError(f"the training process raised an exception that cannot be unpickled here "
-                            f"({load_error})"), ""
-    return exc, text
-
-
-def _write(folder: str, name: str, obj: Any) -> None:
-    tmp = os.path.join(folder, name + ".tmp")
-    with open(tmp, "wb") as fh:
-        cloudpickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, os.path.join(folder, name))
-
-
-def _write_error(folder: str, exc: BaseException) -> None:
-    text = traceback.format_exc()
-    try:
-        _write(folder, _ERROR, (exc, text))
-    except Exception:  # the exception itself does not pickle: keep its type, message and traceback
-        _write(folder, _ERROR, (RuntimeError(f"{type(exc).__qualname__}: {exc}"), text))
 
 
 # leaving together ------------------------------------------------------------------
@@ -152,8 +80,7 @@ def _run_function(folder: str) -> int:
 
     from ._layout import DEVICE_ENV
 
-    with open(os.path.join(folder, _JOB), "rb") as fh:
-        train, args, kwargs, backend = pickle.load(fh)
+    train, args, kwargs, backend = child.read_job(folder)
     written = False
     try:
         device = os.environ.get(DEVICE_ENV, "cpu")
@@ -168,7 +95,7 @@ def _run_function(folder: str) -> int:
             result = train(*args, **kwargs)
         except BaseException as exc:
             # before the teardown breaks the peers' connections: the cause is written before its consequences
-            _write_error(folder, exc)
+            child.write_error(folder, exc)
             written = True
             raise
         else:
@@ -177,15 +104,15 @@ def _run_function(folder: str) -> int:
             dist.destroy_process_group()
     except BaseException as exc:
         if not written:
-            _write_error(folder, exc)
+            child.write_error(folder, exc)
         traceback.print_exc()
         return 1
-    _write(folder, _RESULT, result)
+    child.write_result(folder, result)
     return 0
 
 
 def main(argv: list[str]) -> int:
-    die_with_parent()
+    child.die_with_parent()
     if len(argv) >= 2 and argv[0] == "script":
         return _run_script(argv[1], argv[2:])
     if len(argv) == 2 and argv[0] == "function":

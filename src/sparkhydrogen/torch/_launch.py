@@ -29,9 +29,10 @@ from ..launch.runner import DeclaredGang, check_retries, declare, gang_failed
 from ..launch.session import SparkTarget, resolve
 from ..launch.stage import RankCall
 from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
+from ..task.child import child_environment, describe_exit, stop_group, wait_all
 from ._layout import GpuAssignmentError, default_backend, local_mode_gpus
 from ._local import LocalRank, error_path, result_path
-from ._rank import ENTRY_MODULE, PARENT_PID_ENV, RankJob, describe_exit, run_job, stop_group, wait_all
+from ._rank import ENTRY_MODULE, RankJob, run_job
 
 __all__ = ["run"]
 
@@ -239,10 +240,9 @@ class LocalProcesses:
             self.kill_all()
 
     def _start(self, task: LocalRank) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env[PARENT_PID_ENV] = str(os.getpid())
         # the ranks unpickle what the driver could import: give them the driver's import path
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        path = os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env = child_environment({"PYTHONPATH": path})
         proc = subprocess.Popen([sys.executable, "-m", ENTRY_MODULE, "local"], stdin=subprocess.PIPE,
                                 env=env, start_new_session=True)
         assert proc.stdin is not None

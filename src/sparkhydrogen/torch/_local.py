@@ -16,9 +16,9 @@ import traceback
 from dataclasses import dataclass
 
 from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
+from ..task.child import die_with_parent
 from ..task.lifecycle import RankSession
 from ..task.spec import TaskSpec
-from ._child import die_with_parent
 from ._rank import RankJob, run_job
 
 __all__ = ["LocalRank", "LOCAL_HOST", "error_path", "main", "result_path"]

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +33,7 @@ from ..context import BarrierTaskContext
 from ..errors import NotInGangError
 from ..frameworks import TorchDistributed, form
 from ..frameworks import host_of as _host_of  # noqa: F401  (the rule lives in the framework API now)
+from ..task import child
 from ..task.gpus import GpuPlacementError, RankGpus
 from ..task.lifecycle import environment, rank_gpus, report_failure
 from ._layout import (
@@ -50,10 +48,7 @@ from ._layout import (
     process_plans,
 )
 
-__all__ = ["RankJob", "run_job", "describe_exit", "wait_all", "stop_group"]
-
-#: Environment variable with the pid a child process must die with (see ``_child.die_with_parent``).
-PARENT_PID_ENV = "SPARKHYDROGEN_PARENT_PID"
+__all__ = ["RankJob", "run_job"]
 #: The module the launcher's processes run (``python -m``).
 ENTRY_MODULE = _ENTRY = "sparkhydrogen.torch._proc"
 
@@ -77,17 +72,6 @@ class RankJob:
     @property
     def is_script(self) -> bool:
         return isinstance(self.train, str)
-
-
-class _ChildTraceback(Exception):
-    """The traceback of an exception raised in a rank's child process (shown as its cause)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return "\n" + self.text.rstrip()
 
 
 def run_job(job: RankJob, local_host: str | None = None) -> Any:
@@ -270,34 +254,14 @@ def _explain(exc: BaseException) -> BaseException | None:
 # child process -------------------------------------------------------------------
 
 
-def describe_exit(code: int) -> str:
-    """``exit code 3`` or ``signal SIGKILL`` (a negative ``Popen.returncode``).
-
-    >>> describe_exit(3), describe_exit(-9)
-    ('exit code 3', 'signal SIGKILL')
-    """
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
 def _child_env(env: Mapping[str, str], plan: DevicePlan) -> dict[str, str]:
-    child = dict(os.environ)
-    child.update(env)
-    child["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # rank 0's task serves the store, as torchrun's agent does
-    child[PARENT_PID_ENV] = str(os.getpid())
+    extra = {**env, "TORCHELASTIC_USE_AGENT_STORE": "True"}  # rank 0's task serves the store, as torchrun's agent
     if plan.visible is not None:
-        child["CUDA_VISIBLE_DEVICES"] = plan.visible
-    child.setdefault("PYTHONUNBUFFERED", "1")  # output streams live, line by line
-    return child
+        extra["CUDA_VISIBLE_DEVICES"] = plan.visible
+    return child.child_environment(extra)
 
 
 def _start_child(job: RankJob, env: dict[str, str], plan: DevicePlan, tmp: str) -> subprocess.Popen[bytes]:
-    from . import _child
-
     if isinstance(job.train, str):
         script = job.train
         if not os.path.isfile(script):
@@ -305,11 +269,11 @@ def _start_child(job: RankJob, env: dict[str, str], plan: DevicePlan, tmp: str) 
                 f"training script {script} does not exist on {socket.gethostname()}: the path must exist on "
                 "every executor (use a shared file system, or ship it with SparkContext.addFile and pass "
                 "SparkFiles.get(name))")
-        cmd = [sys.executable, "-m", _ENTRY, "script", script, *map(str, job.args)]
+        args = ["script", script, *map(str, job.args)]
     else:
-        _child.write_job(tmp, job.train, job.args, dict(job.kwargs), job.backend)
-        cmd = [sys.executable, "-m", _ENTRY, "function", tmp]
-    return subprocess.Popen(cmd, env=_child_env(env, plan), stdin=subprocess.DEVNULL, start_new_session=True)
+        child.write_job(tmp, (job.train, job.args, dict(job.kwargs), job.backend))
+        args = ["function", tmp]
+    return child.start(_ENTRY, args, _child_env(env, plan))
 
 
 def _child_outcome(job: RankJob, tmp: str, code: int, rank: int, where: str = "", settle: float | None = None) -> Any:
@@ -318,8 +282,6 @@ def _child_outcome(job: RankJob, tmp: str, code: int, rank: int, where: str = ""
     ``settle``: after reporting, wait that long at most for the other tasks' reports (see
     :meth:`~sparkhydrogen.task.RankSession.report_failure`), so the gang's error names them too.
     """
-    from . import _child
-
     if code != 0:
         exc = _child_failure(tmp, job, code, rank, where)
         try:
@@ -327,17 +289,12 @@ def _child_outcome(job: RankJob, tmp: str, code: int, rank: int, where: str = ""
         except BaseException as raised:
             report_failure(raised, settle=settle)
             raise
-    return None if job.is_script else _child.read_result(tmp)
+    return None if job.is_script else child.read_result(tmp)
 
 
 def _run_child(ctx: BarrierTaskContext, job: RankJob, env: dict[str, str], plan: DevicePlan) -> Any:
     with tempfile.TemporaryDirectory(prefix="sparkhydrogen-torch-") as tmp:
-        proc = _start_child(job, env, plan, tmp)
-        try:
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:  # we are being torn down: take the child (and its group) along
-                _kill_group(proc)
+        code = child.wait_or_kill(_start_child(job, env, plan, tmp))  # torn down: the child goes too
         return _child_outcome(job, tmp, code, ctx.rank())
 
 
@@ -359,60 +316,21 @@ def _run_children(job: RankJob, envs: list[dict[str, str]], plans: list[DevicePl
             for folder, env, plan in zip(dirs, envs, plans, strict=True):
                 os.mkdir(folder)
                 procs.append(_start_child(job, {**env, DEVICE_ENV: plan.device}, plan, folder))
-            exits = wait_all(procs, "training-process")
+            exits = child.wait_all(procs, "training-process")
         finally:
             for proc in procs:
                 if proc.poll() is None:  # we are being torn down: take the children along
-                    _kill_group(proc)
+                    child.stop_group(proc)
+                    proc.wait()
         failed = [i for i, code in exits.items() if code != 0]  # in the order they ended
         if failed:
-            from . import _child
-
             # the cause is the error written first (ties: the first to end): a peer broken by its teardown
             # may well end before it
-            first = min(failed, key=lambda i: _child.error_time(dirs[i]) or float("inf"))
+            first = min(failed, key=lambda i: child.error_time(dirs[i]) or float("inf"))
             _child_outcome(job, dirs[first], exits[first], int(envs[first]["RANK"]),
                            f"training process {first + 1} of {len(envs)} of this task "
                            f"(torch RANK={envs[first]['RANK']})", settle=SETTLE_TIMEOUT)
         return [_child_outcome(job, folder, 0, int(env["RANK"])) for folder, env in zip(dirs, envs, strict=True)]
-
-
-def wait_all(procs: list[subprocess.Popen[bytes]], what: str) -> dict[int, int]:
-    """Wait for every process (its exit code by index, in the order they ended); the first failure stops the rest."""
-    done: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-    for index, proc in enumerate(procs):
-        threading.Thread(target=lambda i=index, p=proc: done.put((i, p.wait())), daemon=True,
-                         name=f"sparkhydrogen-{what}-{index}").start()
-    exits: dict[int, int] = {}
-    try:
-        while len(exits) < len(procs):
-            index, code = done.get()
-            exits[index] = code
-            if code != 0:
-                for proc in procs:
-                    stop_group(proc)
-    finally:
-        for proc in procs:
-            stop_group(proc)
-    return exits
-
-
-def stop_group(proc: subprocess.Popen[Any]) -> None:
-    """SIGKILL a process and its process group (its children included), by pid, if it still runs."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-
-
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
-    stop_group(proc)
-    proc.wait()
 
 
 def _child_failure(tmp: str, job: RankJob, code: int, rank: int, where: str = "") -> BaseException:
@@ -420,13 +338,12 @@ def _child_failure(tmp: str, job: RankJob, code: int, rank: int, where: str = ""
 
     ``where`` names the process among several of one task (``training process 2 of 2 ...``).
     """
-    from . import _child
-
-    raised = _child.read_error(tmp)
+    raised = child.read_error(tmp)
     if raised is not None:
         exc, text = raised
-        exc.__cause__ = _ChildTraceback(f"in {where}:\n{text}" if where else text)
+        exc.__cause__ = child.ChildTraceback(f"in {where}:\n{text}" if where else text)
         return exc
     what = f"training script {job.train}" if job.is_script else "training process"
-    return TorchLaunchError(f"rank {rank}'s {what} ended with {describe_exit(code)}" + (f" ({where})" if where else "")
+    return TorchLaunchError(f"rank {rank}'s {what} ended with {child.describe_exit(code)}"
+                            + (f" ({where})" if where else "")
                             + " (its output is in the rank's stderr, streamed to the driver with stream_logs=True)")
