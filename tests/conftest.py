@@ -108,6 +108,8 @@ def _connect_session(master: str = CONNECT_MASTER, conf: Mapping[str, str] | Non
     before = _spark_system_properties(jvm) if jvm is not None else {}
     builder = (
         SparkSession.builder.remote(master)
+        .config("spark.app.name", "sparkhydrogen-tests")  # the in-process server's context needs one, and an
+        # earlier session of this process may have taken the JVM's (system property) with it
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.host", "127.0.0.1")
