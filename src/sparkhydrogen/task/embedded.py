@@ -105,21 +105,38 @@ def _offer(server: Any, host: str) -> str:
     return f"{join_host_port(host, server.address[1])}#{server.tls_fingerprint or ''}"
 
 
-def _stop_coordinator(server: Any, gang_id: str, linger: float | None) -> None:
+def _stop_coordinator(server: Any, gang_id: str, linger: float | None, world_size: int = 1,
+                      join_bound: float = 0.0) -> None:
     """Stop rank 0's coordinator, first serving the peers for up to ``linger`` s (``None``: they never learnt it)."""
     try:
         if linger is not None:
-            _linger(server, gang_id, linger)
+            _linger(server, gang_id, linger, world_size, join_bound)
     finally:
         server.stop()
 
 
-def _linger(server: Any, gang_id: str, timeout: float) -> None:
-    """Rank 0 keeps serving until the other ranks are done: reported, or told of an abort and gone."""
-    deadline = time.monotonic() + timeout
-    next_note = time.monotonic() + 30.0
+def _linger(server: Any, gang_id: str, timeout: float, world_size: int = 1, join_bound: float = 0.0) -> None:
+    """Rank 0 keeps serving until the other ranks are done: reported, or told of an abort and gone.
+
+    Every rank learnt the address in the same ``allGather``, so each one connects: rank 0
+    also waits (at most ``join_bound`` s, the connect timeout) until all ``world_size`` have
+    registered, so that a rank that failed at once does not stop serving before a slower
+    peer has even connected (the peer would then fail with "connection refused", and its
+    error, not the root cause, could be the one Spark reports).
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    next_note = started + 30.0
     pause = threading.Event()
-    while not (server.gang_settled(gang_id) and server.stats()["connections"] == 0):
+
+    def done() -> bool:
+        if not server.gang_settled(gang_id):
+            return False
+        footprint = server.footprint()
+        everyone = footprint["members"] >= world_size or time.monotonic() > started + join_bound
+        return bool(footprint["connections"] == 0 and everyone)
+
+    while not done():
         now = time.monotonic()
         if now > deadline:
             log.warning("rank 0 stops the embedded coordinator after %.0f s with ranks still connected "
@@ -172,4 +189,5 @@ def hosted_rank(gang: EmbeddedGang, native: Any, rank: int, fn: Callable[[int, I
             raise RankTaskError(f"rank {rank} failed: {cause.describe()}\n{failure_marker(cause)}") from exc
     finally:
         if server is not None:
-            _stop_coordinator(server, gang.gang_id, gang.config.launch.embedded_linger if shared else None)
+            _stop_coordinator(server, gang.gang_id, gang.config.launch.embedded_linger if shared else None,
+                              world_size, gang.config.launch.connect_timeout + 5.0)
