@@ -167,7 +167,7 @@ def test_a_failing_all_gather_stops_the_coordinator_without_lingering(
 def test_a_failing_linger_still_stops_the_coordinator(
     monkeypatch: pytest.MonkeyPatch, started: list[server_module.CoordinatorServer],
 ) -> None:
-    def broken_linger(server: Any, gang_id: str, timeout: float) -> None:
+    def broken_linger(server: Any, gang_id: str, timeout: float, *rest: Any) -> None:
         raise HydrogenError("linger failed in this test")
 
     monkeypatch.setattr(embedded, "_linger", broken_linger)
