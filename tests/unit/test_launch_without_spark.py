@@ -53,6 +53,15 @@ def test_preflight_names_the_numbers() -> None:
         ensure_slots(refused, 2)
 
 
+def test_a_local_cluster_with_every_executor_up_is_short_for_good() -> None:
+    # a gang asking 2 GPUs a task on local-cluster[2,2,1024]: 1 slot per executor, both executors up (the
+    # driver is listed too): the shortfall is the gang's resources, not executors starting, so no startup wait
+    target = FakeTarget(master_url="local-cluster[2,2,1024]", slots=2, executors=3)
+    with pytest.raises(InsufficientSlotsError, match=r"needs 4 slots but the cluster has 2 \(2 executor") as err:
+        ensure_slots(target, 4)
+    assert "waited" not in str(err.value)
+
+
 def test_job_tags_sit_beside_the_users_local_properties() -> None:
     target = FakeTarget(properties={INTERRUPT_ON_CANCEL: "false"})
     with AttemptTag(target, "sparkhydrogen-x-0") as tag:

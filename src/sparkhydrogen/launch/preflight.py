@@ -12,8 +12,9 @@ from typing import Any
 from ..errors import InsufficientSlotsError, LaunchError
 from .session import SparkTarget, dynamic_allocation_enabled, task_cpus
 
-__all__ = ["SlotReport", "shortfall_message", "cluster_slots", "ensure_slots", "barrier_refused", "GangCapacity",
-           "capacity_message", "gang_capacity", "ensure_gang_fits", "ClusterSnapshot", "cluster_snapshot"]
+__all__ = ["SlotReport", "shortfall_message", "expected_slots", "startup_pending", "cluster_slots",
+           "ensure_slots", "barrier_refused", "GangCapacity", "capacity_message", "gang_capacity", "ensure_gang_fits",
+           "ClusterSnapshot", "cluster_snapshot"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -58,6 +59,12 @@ def shortfall_message(needed: int, report: SlotReport) -> str | None:
 STARTUP_WAIT = 60.0
 
 
+def _local_cluster(master: str) -> tuple[int, int] | None:
+    """``(executors, cores each)`` of a ``local-cluster[N,C,M]`` master, else ``None`` (pure)."""
+    match = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master.strip())
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
 def expected_slots(master: str, task_cpus: int) -> int | None:
     """Slots a master promises once started, where the master string says (``local-cluster[N,C,M]``).
 
@@ -66,18 +73,28 @@ def expected_slots(master: str, task_cpus: int) -> int | None:
     >>> expected_slots("spark://host:7077", 1) is None
     True
     """
-    match = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master.strip())
-    if match is None:
-        return None
-    return int(match.group(1)) * (int(match.group(2)) // max(task_cpus, 1))
+    shape = _local_cluster(master)
+    return None if shape is None else shape[0] * (shape[1] // max(task_cpus, 1))
 
 
-def _startup_pending(needed: int, report: SlotReport) -> bool:
-    """True while the shortfall is executors still starting, not a cluster that is too small."""
+def startup_pending(needed: int, report: SlotReport) -> bool:
+    """True while the shortfall is executors still starting, not a cluster that is too small (pure).
+
+    Only a master that says how many executors it starts (``local-cluster``) is waited for,
+    and only until they are all there: a gang stage whose own resources leave fewer slots
+    on every executor (two GPUs a task) is short for good once every executor is up.
+
+    >>> startup_pending(4, SlotReport(slots=2, executors=1, task_cpus=1, master="local-cluster[2,2,1024]"))
+    True
+    >>> startup_pending(4, SlotReport(slots=2, executors=2, task_cpus=1, master="local-cluster[2,2,1024]"))
+    False
+    """
     if report.slots == 0:
         return True
+    shape = _local_cluster(report.master)
     expected = expected_slots(report.master, report.task_cpus)
-    return expected is not None and report.slots < expected and needed <= expected
+    return (shape is not None and expected is not None and report.executors < shape[0]
+            and report.slots < expected and needed <= expected)
 
 
 def cluster_slots(target: Any, profile: Any = None, resources: str = "") -> SlotReport:
@@ -132,7 +149,7 @@ def ensure_slots(target: Any, needed: int, wait: float = 0.0, *, coordinated: bo
         if problem is None:
             return report
         now = time.monotonic()
-        if _startup_pending(needed, report):
+        if startup_pending(needed, report):
             deadline = max(deadline, started + STARTUP_WAIT)
         if now >= deadline:
             if now - started >= 0.5:
