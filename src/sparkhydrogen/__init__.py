@@ -34,7 +34,7 @@ from .errors import (
     RankLostError,
     RegistrationError,
 )
-from .launch import RDDBarrier, barrier, retry, run
+from .launch import RDDBarrier, barrier, retry, run, stacks
 from .transparent import install, installed, is_installed, uninstall
 
 __version__ = "0.1.0"
@@ -84,5 +84,6 @@ __all__ = [
     "is_installed",
     "retry",
     "run",
+    "stacks",
     "uninstall",
 ]

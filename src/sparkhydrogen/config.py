@@ -32,6 +32,9 @@ Spark conf keys (all optional)::
     spark.hydrogen.heartbeat.timeout           silence after which a rank counts as failed (default 8s)
     spark.hydrogen.checkpoint.maxSize          driver memory for one gang's checkpoint (default 512m)
     spark.hydrogen.checkpoint.dir              ranks write checkpoint state here, commit only paths
+    spark.hydrogen.stacks.gilDumpAfter         sparkhydrogen.stacks(): a rank whose Python cannot run this long (a C
+                                               call holding the GIL) has faulthandler dump its threads to the
+                                               coordinator (default 1s; 0: off, faulthandler's timer left alone)
     spark.hydrogen.embedded.lingerTimeout      Spark Connect: how long rank 0 keeps serving its peers after its
                                                own work is done (default 10min)
 
@@ -222,8 +225,12 @@ class LaunchConfig:
     embedded_linger: float = 600.0
     placement: str = "auto"
     start_timeout: float = 180.0
+    #: Seconds a rank's Python may be kept from running before faulthandler dumps it for stacks(); 0: never.
+    stack_dump_after: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.stack_dump_after <= 3600:
+            raise ValueError(f"stack_dump_after must be in 0..3600 seconds (0: off), got {self.stack_dump_after}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         _check_positive("start_timeout", self.start_timeout)
@@ -287,6 +294,7 @@ class HydrogenConfig:
             "embedded_linger": ("embedded.lingerTimeout", parse_duration),
             "placement": ("launch.placement", lambda v, k: v.strip().lower()),
             "start_timeout": ("launch.startTimeout", parse_duration),
+            "stack_dump_after": ("stacks.gilDumpAfter", parse_duration),
         }
 
         def build(cls: type, fields: dict[str, tuple[str, Callable[[str, str], object]]],

@@ -49,6 +49,7 @@ PUBLIC = {
     "barrier",
     "retry",
     "run",
+    "stacks",
     # transparent mode
     "install",
     "uninstall",

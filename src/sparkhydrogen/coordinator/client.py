@@ -102,6 +102,7 @@ class CoordinatorClient:
 
     def __init__(self, sock: socket.socket | _Channel, address: tuple[str, int], gang_id: str = "") -> None:
         self._sock: _Channel = _PlainChannel(sock) if isinstance(sock, socket.socket) else sock
+        self._raw_sock = sock if isinstance(sock, socket.socket) else None  # under TLS too (see connect)
         self.address = address
         self.gang_id = gang_id
         #: Largest payload the coordinator accepts per call (it says so in WELCOME); ``None``: unknown.
@@ -135,6 +136,7 @@ class CoordinatorClient:
             ) from exc
         channel: _Channel = _PlainChannel(sock)
         client = cls(channel, (host, port), gang_id)
+        client._raw_sock = sock
         try:
             _tune(sock)
             if tls_fingerprint is not None:
@@ -362,6 +364,43 @@ class CoordinatorClient:
             self._closed = True
             try:
                 self._sock.close()
+            except OSError:
+                pass
+
+    # the stack channel (coordinator/stackchannel.py) ------------------------------
+    def open_stack_channel(self, request: dict[str, object], timeout: float) -> None:
+        """Make this connection a stack channel: send ``stacks_channel`` and wait for its reply (ERROR raises)."""
+        with self._lock:
+            self._send(encode_frame(Kind.REQUEST, {**request, "op": "stacks_channel"}))
+            self._expect_reply(timeout, "stacks_channel")
+
+    def next_frame(self) -> Frame:
+        """Block until the coordinator sends the next frame on this connection (an ERROR frame raises)."""
+        frame = self._read_frame()
+        if frame.kind is Kind.ERROR:
+            raise from_info(ErrorInfo.from_json(_mapping(frame.header.get("error"))))
+        return frame
+
+    def answer_stacks(self, request_id: int, text: str) -> None:
+        """Answer stack request ``request_id``: a whole frame, never waiting behind another thread's call."""
+        self._send(encode_frame(Kind.REQUEST, {"op": "stacks", "id": request_id},
+                                text.encode("utf-8", errors="replace")))
+
+    def raw_fd(self) -> int | None:
+        """The socket's descriptor when the connection is plain TCP (``None`` under TLS, or closed).
+
+        For a writer that cannot run Python (faulthandler's watchdog): it writes there
+        directly, so only a stack channel, whose inbound side carries nothing else, may use it.
+        """
+        if self._closed or self._raw_sock is None or not isinstance(self._sock, _PlainChannel):
+            return None
+        return self._raw_sock.fileno()
+
+    def interrupt(self) -> None:
+        """Wake a thread blocked reading this connection (it sees the connection closed); then :meth:`close`."""
+        if self._raw_sock is not None and not self._closed:
+            try:
+                self._raw_sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 

@@ -19,6 +19,7 @@ import secrets
 import socket
 import ssl
 import sys
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..config import CoordinatorConfig
@@ -138,6 +139,9 @@ class Peer(asyncio.BufferedProtocol):
         self._receiving = False
         self._unread = bytearray()  # bytes handed on while reading was paused (TLS before 3.11)
         self._reserved = 0  # bytes of the frame being received, reserved in the gang's budget
+        #: Set by the host when the connection stops carrying frames inbound (a stack channel: faulthandler
+        #: text): every later chunk goes here (it may be the shared receive buffer: copy what you keep).
+        self.raw_sink: Callable[[memoryview], None] | None = None
 
     # public surface for the host ----------------------------------------------
     @property
@@ -241,6 +245,10 @@ class Peer(asyncio.BufferedProtocol):
             return
         if data and self.attempt is not None:
             self.host.heard(self)  # every chunk counts: a large upload over a slow link is a live rank
+        if self.raw_sink is not None:
+            if data:
+                self.raw_sink(memoryview(data))
+            return
         if self._read_paused:
             # Before 3.11 the SSL transport hands on the rest of what it decrypted after
             # pause_reading(). Keep it unread (a copy: ``data`` may be the shared receive buffer);
@@ -318,7 +326,10 @@ class Peer(asyncio.BufferedProtocol):
             return
         op = frame.header.get("op")
         try:
-            if op != "register" and self.attempt is None and frame.kind is Kind.REQUEST:
+            if self.raw_sink is not None:  # a stack channel sends nothing after its request until the reply
+                raise ProtocolError("a frame after 'stacks_channel' in the same read: the stack channel carries "
+                                    "only faulthandler text once it is open")
+            if op not in ("register", "stacks_channel") and self.attempt is None and frame.kind is Kind.REQUEST:
                 raise RegistrationError(f"'{op}' before 'register'")
             request = decode_request(frame)
             if isinstance(request, Register) and self.attempt is not None:

@@ -69,6 +69,11 @@ __all__ = [
     "restore_reply",
     "settle_reply",
     "collective_reply",
+    "StacksChannel",
+    "StacksAnswer",
+    "MAX_DUMP_AFTER",
+    "stacks_request",
+    "stacks_channel_reply",
 ]
 
 MAGIC = b"H2"
@@ -349,7 +354,37 @@ class Restore:
     """``restore``: the rank's state in the gang's last committed checkpoint."""
 
 
-Request = Register | CallRequest | Fail | Finish | LogLines | Ping | Restore
+@dataclass(frozen=True)
+class StacksChannel:
+    """``stacks_channel``: this connection becomes the stack channel of the rank registered as ``rank``.
+
+    It names the rank's registration (gang attempt, stage, task attempt id, pid) so the
+    coordinator attaches it to that very rank. ``dump_after``: seconds after which the
+    rank's faulthandler watchdog writes a dump here while its Python cannot run (``None``:
+    it writes none, ``no_dump`` says why). See ``docs/protocol.md``, "Stacks".
+    """
+
+    gang_attempt: int
+    stage_id: int
+    rank: int
+    task_attempt_id: int
+    pid: int
+    dump_after: float | None = None
+    no_dump: str = ""
+
+
+@dataclass(frozen=True)
+class StacksAnswer:
+    """``stacks``: the rank's answer (on its own connection) to stack request ``request_id``: every thread's stack."""
+
+    request_id: int
+    text: str
+
+
+#: The longest ``dump_after`` a stack channel may state (seconds).
+MAX_DUMP_AFTER = 3600.0
+
+Request = Register | CallRequest | Fail | Finish | LogLines | Ping | Restore | StacksChannel | StacksAnswer
 
 
 def _int(header: Mapping[str, Any], name: str, default: int | None = None) -> int:
@@ -443,6 +478,25 @@ def _decode_log(header: Mapping[str, Any], payload: bytes | bytearray) -> LogLin
                     else 0)
 
 
+def _decode_stacks_channel(header: Mapping[str, Any]) -> StacksChannel:
+    after = header.get("dump_after")
+    if after is not None and (isinstance(after, bool) or not isinstance(after, (int, float))
+                              or not 0 < after <= MAX_DUMP_AFTER):
+        raise RequestError(f"dump_after must be a number of seconds in (0, {MAX_DUMP_AFTER:g}] or null, "
+                           f"got {after!r}")
+    return StacksChannel(gang_attempt=_int(header, "gang_attempt"), stage_id=_int(header, "stage_id"),
+                         rank=_int(header, "rank"), task_attempt_id=_int(header, "task_attempt_id"),
+                         pid=_int(header, "pid"), dump_after=None if after is None else float(after),
+                         no_dump=str(header.get("no_dump", ""))[:300])
+
+
+def _decode_stacks_answer(header: Mapping[str, Any], payload: bytes | bytearray) -> StacksAnswer:
+    request_id = header.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 1:
+        raise RequestError(f"id must be a positive integer, got {request_id!r}")
+    return StacksAnswer(request_id, bytes(payload).decode("utf-8", errors="replace"))
+
+
 def decode_request(frame: Frame) -> Request:
     """The typed request a REQUEST frame carries.
 
@@ -473,6 +527,10 @@ def decode_request(frame: Frame) -> Request:
         return _decode_fail(header)
     if op == "restore":
         return Restore()
+    if op == "stacks":
+        return _decode_stacks_answer(header, frame.payload)
+    if op == "stacks_channel":
+        return _decode_stacks_channel(header)
     raise ProtocolError(f"unknown request op {op!r}")
 
 
@@ -516,3 +574,18 @@ def restore_reply(state: bytes | None) -> bytes:
 def collective_reply(op: Op, seq: int, payloads: Sequence[bytes | bytearray | memoryview]) -> bytes:
     """A completed round's reply: every payload once, with ``sizes`` to split them (one copy of each)."""
     return encode_frame_parts(Kind.REPLY, {"op": op.value, "seq": seq, "sizes": [len(p) for p in payloads]}, payloads)
+
+
+def stacks_channel_reply() -> bytes:
+    """The answer to ``stacks_channel``: the connection is now the rank's stack channel."""
+    return encode_frame(Kind.REPLY, {"op": "stacks_channel"})
+
+
+def stacks_request(request_id: int) -> bytes:
+    """Server -> client on a stack channel: send every thread's stack, answering ``request_id``.
+
+    Example:
+        >>> next(iter(FrameDecoder(PREAUTH_LIMITS).feed(stacks_request(3)))).header
+        {'op': 'stacks', 'id': 3}
+    """
+    return encode_frame(Kind.REQUEST, {"op": "stacks", "id": request_id})

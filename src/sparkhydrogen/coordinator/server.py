@@ -52,6 +52,8 @@ from .protocol import (
     Register,
     Request,
     Restore,
+    StacksAnswer,
+    StacksChannel,
     collective_reply,
     encode_frame,
     error_frame,
@@ -59,7 +61,10 @@ from .protocol import (
     register_reply,
     restore_reply,
     settle_reply,
+    stacks_channel_reply,
+    stacks_request,
 )
+from .stacks import DEFAULT_TIMEOUT, RankQuery, StackDesk, StackRequest
 from .state import (
     Action,
     Attempt,
@@ -143,6 +148,8 @@ class CoordinatorServer:
         #: Called (like an ``on_abort`` hook) when an attempt of a gated stage gang aborts: the driver cancels
         #: the attempt's Spark stage there, so ranks busy outside collectives stop too.
         self.stage_abort_hook: Callable[[AttemptKey, ErrorInfo], None] | None = None
+        #: Every rank's stack channel and the open ``stacks()`` requests (see :meth:`stacks`).
+        self.stack_desk: StackDesk[Peer] = StackDesk()
 
     # lifecycle ---------------------------------------------------------------
     @property
@@ -503,9 +510,83 @@ class CoordinatorServer:
                 "stage_tombstones": len(self._tombstones),
                 "held": len(self._held),
                 "connections": len(self._connections),
+                "stack_channels": len(self.stack_desk),
+                "stack_requests": self.stack_desk.open_requests,
             }
 
         return self._on_loop(measure, "footprint()")
+
+    def live_gangs(self) -> dict[str, str]:
+        """Gangs with an attempt running: gang id -> name ("" when unnamed)."""
+        return self._on_loop(lambda: {gid: g.name for gid, g in self.registry.gangs.items() if g.running},
+                             "live_gangs()")
+
+    def stacks(self, gang_id: str, timeout: float = DEFAULT_TIMEOUT) -> dict[int, str]:
+        """Every rank's current Python stacks (all threads), by rank, for the running attempt of ``gang_id``.
+
+        Thread-safe; waits at most ``timeout`` seconds (never on the coordinator's loop).
+        A rank answers through its stack channel (see ``docs/protocol.md``, "Stacks"). A
+        rank that does not answer in time gets a text that says so and, when its Python
+        threads could not run (the GIL held by a long C call), the latest faulthandler
+        dump its watchdog wrote without the GIL. A rank that has not joined, has finished
+        or is gone gets a line saying that. Raises :class:`ValueError` when the gang has no
+        running attempt here (the message lists the live gangs).
+
+        Example:
+            >>> for rank, text in server.stacks(gang_id, timeout=5).items():   # doctest: +SKIP
+            ...     print(f"--- rank {rank}\n{text}")
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise ValueError(f"timeout must be a number of seconds in (0, 600], got {timeout!r}")
+        request = self._on_loop(lambda: self._ask_stacks(str(gang_id), float(timeout)), f"stacks({gang_id!r:.12})")
+        request.done.wait(timeout)
+        return self._on_loop(lambda: self.stack_desk.collect(request, self.now()), f"stacks({gang_id!r:.12})")
+
+    def _ask_stacks(self, gang_id: str, timeout: float) -> StackRequest[Peer]:
+        gang = self.registry.get(gang_id)
+        running = [a for a in gang.attempts.values() if a.state is AttemptState.RUNNING] if gang else []
+        if not running:
+            live = ", ".join(f"{g} ({n or 'unnamed'})" for g, n in sorted(
+                (gid, g.name) for gid, g in self.registry.gangs.items() if g.running)) or "none"
+            raise ValueError(f"gang {gang_id!r} has no running attempt in this coordinator; live gangs: {live}")
+        attempt = max(running, key=lambda a: a.created)
+        queries: dict[int, RankQuery] = {}
+        for rank in range(attempt.world_size):
+            member = attempt.members.get(rank)
+            if member is None:
+                queries[rank] = RankQuery(f"rank {rank}", f"rank {rank} has not joined {attempt.label} yet")
+                continue
+            label = f"rank {rank} (host {member.info.host}, pid {member.info.pid})"
+            note = (f"{label} has finished its task" if member.finished
+                    else f"{label} lost its connection to the coordinator" if not member.connected else None)
+            queries[rank] = RankQuery(label, note)
+        try:
+            request, sends = self.stack_desk.ask(gang_id, attempt.key, queries, timeout, self.now())
+        except RuntimeError as exc:
+            raise HydrogenError(f"stacks({gang_id[:14]!r}): {exc}") from exc
+        for peer, request_id in sends:
+            peer.send(stacks_request(request_id))
+        return request
+
+    def _attach_stacks(self, peer: Peer, request: StacksChannel) -> None:
+        """Make ``peer`` the stack channel of the rank its request names (it must be registered and running)."""
+        if peer.attempt is not None or peer.raw_sink is not None:
+            raise RegistrationError("this connection already speaks for a rank; open a new one for its stacks")
+        gang = self.registry.get(peer.gang.gang_id) if peer.gang is not None else None
+        found = None
+        for attempt in gang.attempts.values() if gang is not None else ():
+            member = attempt.members.get(request.rank)
+            if (attempt.key[:2] == (request.gang_attempt, request.stage_id) and member is not None
+                    and attempt.state is AttemptState.RUNNING and not member.finished
+                    and (member.info.task_attempt_id, member.info.pid) == (request.task_attempt_id, request.pid)):
+                found = attempt
+        if gang is None or found is None:
+            raise RegistrationError(
+                f"no running rank {request.rank} with task attempt {request.task_attempt_id} (pid {request.pid}) "
+                "in this gang to attach a stack channel to: register the rank first")
+        self.stack_desk.attach(peer, (gang.gang_id, found.key, request.rank), request.dump_after, request.no_dump)
+        peer.send(stacks_channel_reply())
+        peer.raw_sink = lambda data: self.stack_desk.feed(peer, data, self.now())
 
     def expire(self) -> None:
         """Apply timeouts and liveness now (the loop does it every ``tick_interval``): for tests with a fake clock."""
@@ -532,6 +613,7 @@ class CoordinatorServer:
 
     def peer_closed(self, peer: Peer) -> None:
         self._connections.discard(peer)
+        self.stack_desk.detach(peer)
         self._held.pop(peer, None)
         attempt, rank = peer.attempt, peer.rank
         if attempt is None or rank is None:
@@ -578,6 +660,9 @@ class CoordinatorServer:
         if isinstance(request, Register):
             self._register(peer, request)
             return
+        if isinstance(request, StacksChannel):
+            self._attach_stacks(peer, request)
+            return
         attempt, rank, gang = peer.attempt, peer.rank, peer.gang
         if attempt is None or rank is None or gang is None:
             raise RegistrationError(f"{type(request).__name__.lower()} before 'register'")
@@ -595,6 +680,9 @@ class CoordinatorServer:
             self._dispatch(attempt, attempt.fail(rank, replace(request.error, rank=rank), now, request.settle))
         elif isinstance(request, Finish):
             self._dispatch(attempt, attempt.finish(rank, now, closed_early=request.closed_early))
+        elif isinstance(request, StacksAnswer):
+            attempt.heard(rank, now)
+            self.stack_desk.answer((gang.gang_id, attempt.key, rank), request.request_id, request.text)
 
     def note_refusal(self, peer_name: str, what: str) -> None:
         """Log a refused peer or request, at most once a second (a flood must not flood the driver's log)."""

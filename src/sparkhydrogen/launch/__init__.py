@@ -6,5 +6,6 @@ Nothing here runs inside a task; the executor side is :mod:`sparkhydrogen.task`.
 from .rdd import RDDBarrier, barrier
 from .retry import retry
 from .run import run
+from .stacks import stacks
 
-__all__ = ["RDDBarrier", "barrier", "retry", "run"]
+__all__ = ["RDDBarrier", "barrier", "retry", "run", "stacks"]

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TypeVar
 from ..context import BarrierTaskContext
 from ..coordinator.client import CoordinatorClient
 from ..coordinator.protocol import StageGangInfo
+from ..coordinator.stackchannel import StackResponder
 from ..errors import CollectiveError, ErrorInfo, LaunchError
 from .gpus import GpuPlacementError, RankGpus, place, task_gpu_addresses
 from .spec import TaskSpec
@@ -114,6 +115,7 @@ class RankSession:
         self._reported = False
         self.gpus: RankGpus | None = None
         self._restore_visible = False
+        self._stacks: StackResponder | None = None
 
     def __enter__(self) -> BarrierTaskContext:
         spec = self.spec
@@ -129,6 +131,11 @@ class RankSession:
                                     gate_timeout=spec.start_timeout if spec.gated else None, stage=stage)
             if spec.heartbeat_interval is not None:
                 client.start_heartbeat(spec.heartbeat_interval)
+            self._stacks = StackResponder(
+                client, (spec.host, spec.port), spec.gang_id, spec.secret, rank=self.rank,
+                gang_attempt=spec.gang_attempt, stage_id=self.stage_id, task_attempt_id=self.task_attempt_id,
+                tls_fingerprint=spec.tls_fingerprint, connect_timeout=spec.connect_timeout,
+                dump_after=spec.stack_dump_after).start()
             infos = self.task_infos if self.task_infos is not None else client.addresses  # gated: from the gate
             extra = {"task_infos": list(infos)} if infos is not None else {}
             self.context = BarrierTaskContext(client, self.rank, world, self.native, spec.gang_attempt,
@@ -228,6 +235,9 @@ class RankSession:
             RankSession._active = None
         if self.context is not None and BarrierTaskContext._current is self.context:
             BarrierTaskContext._set(None)
+        stacks, self._stacks = self._stacks, None
+        if stacks is not None:  # before the client: its answers go there
+            stacks.close()
         if self.client is not None:
             self.client.close()
 

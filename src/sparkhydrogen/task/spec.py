@@ -35,6 +35,8 @@ class TaskSpec:
     #: on the driver), so the task states what the coordinator needs to form it; ``name`` is for messages.
     stage_gang: bool = False
     name: str = ""
+    #: sparkhydrogen.stacks(): faulthandler dumps the rank once its Python cannot run this long (None: never).
+    stack_dump_after: float | None = 1.0
 
     @classmethod
     def build(cls, launch: LaunchConfig, *, gang_id: str, secret: bytes, host: str, port: int, world_size: int,
@@ -52,7 +54,8 @@ class TaskSpec:
             connect_timeout=launch.connect_timeout, collective_timeout=launch.collective_timeout,
             heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
             stream_logs=stream_logs, tls_fingerprint=tls_fingerprint, gated=gated,
-            start_timeout=launch.start_timeout if gated else None, stage_gang=stage_gang, name=name[:200])
+            start_timeout=launch.start_timeout if gated else None, stage_gang=stage_gang, name=name[:200],
+            stack_dump_after=launch.stack_dump_after or None)
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
