@@ -241,7 +241,7 @@ def test_every_rank_answers_with_its_threads_and_a_silent_rank_is_bounded(server
     worker = threading.Thread(target=waiting_for_the_test_to_release_it, name="user-thread", daemon=True)
     worker.start()
     try:
-        assert parked.wait(30) and all(r.ready.wait(30) for r in responders)
+        assert parked.wait(30) and all(r.attached for r in responders)
         out = server.stacks(handle.gang_id, timeout=1.0)
         assert sorted(out) == [0, 1, 2]
         for rank in (0, 1):
@@ -279,7 +279,7 @@ def test_garbage_on_a_stack_channel_hurts_nobody(server: CoordinatorServer) -> N
     responder = StackResponder(clients[0], (handle.host, handle.port), handle.gang_id, handle.secret, rank=0,
                                task_attempt_id=0, dump_after=None).start()
     try:
-        assert responder.ready.wait(30)
+        assert responder.attached
         raw = socket.socket(fileno=noisy.raw_fd())  # the channel's own socket: write bytes that are no dump
         try:
             raw.sendall(b"\x00\xff not a dump \x1e" * 1000)

@@ -18,6 +18,8 @@ coordinator's channel never downgrades.
 
 Example:
     >>> responder = StackResponder(client, address, gang_id, secret, rank=1).start()  # doctest: +SKIP
+    >>> responder.attached                                                              # doctest: +SKIP
+    True
     >>> responder.close()                                                               # doctest: +SKIP
 """
 
@@ -97,14 +99,38 @@ class StackResponder:
         self._armed = False
         self._channel: CoordinatorClient | None = None
         self._thread: threading.Thread | None = None
-        #: Set once the channel is attached (or the thread gave up): for tests and callers that must know.
-        self.ready = threading.Event()
-        #: Why the watchdog is off for this rank ("" while it is on), known once :attr:`ready` is set.
+        #: Why the watchdog is off for this rank ("" while it is on), known once :meth:`start` returned.
         self.no_dump = ""
 
     def start(self) -> StackResponder:
-        """Start the thread (it connects and attaches on its own: the rank does not wait for it)."""
-        self._thread = threading.Thread(target=self._run, name="sparkhydrogen-stacks", daemon=True)
+        """Open and attach the stack channel, then serve it on the thread; returns once it is attached.
+
+        It is attached before the rank's code runs, so a rank that goes straight into a
+        long GIL-holding call still has its channel. A channel that cannot be opened is
+        logged (``stacks()`` then says so for this rank); the rank runs on regardless.
+        """
+        rank = self._registration["rank"]
+        try:
+            channel = CoordinatorClient.connect(self._address, self._gang_id, self._secret, self._connect_timeout,
+                                                tls_fingerprint=self._tls_fingerprint)
+        except (HydrogenError, OSError) as exc:
+            log.warning("rank %s: no stack channel (sparkhydrogen.stacks() will say so for this rank): %s", rank, exc)
+            return self
+        fd = self._claim_timer(channel)
+        try:
+            channel.open_stack_channel({**self._registration, "dump_after": self._dump_after if fd else None,
+                                        "no_dump": self.no_dump}, self._connect_timeout)
+        except (HydrogenError, OSError) as exc:
+            log.warning("rank %s: the coordinator refused its stack channel: %s", rank, exc)
+            self._release_timer()
+            channel.close()
+            return self
+        self._channel = channel
+        if fd is not None:  # armed before the rank's code runs: the thread may not get the GIL to arm it first
+            with self._lock:
+                self._arm(fd)
+        self._thread = threading.Thread(target=self._run, args=(channel, fd), name="sparkhydrogen-stacks",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -124,47 +150,28 @@ class StackResponder:
                             self._registration["rank"], JOIN_TIMEOUT)
         if channel is not None:
             channel.close()
+        self._release_timer()
 
-    # the thread ----------------------------------------------------------------
-    def _run(self) -> None:
-        rank = self._registration["rank"]
-        try:
-            channel = CoordinatorClient.connect(self._address, self._gang_id, self._secret, self._connect_timeout,
-                                                tls_fingerprint=self._tls_fingerprint)
-        except (HydrogenError, OSError) as exc:
-            log.warning("rank %s: no stack channel (sparkhydrogen.stacks() will say so for this rank): %s", rank, exc)
-            self.ready.set()
-            return
-        with self._lock:
-            if self._stopping:
-                channel.close()
-                self.ready.set()
-                return
-            self._channel = channel
-        try:
-            self._serve(channel)
-        except (HydrogenError, OSError) as exc:
-            if not self._stopping:
-                log.info("rank %s: the stack channel ended: %s", rank, exc)
-        finally:
-            with self._lock:
-                self._disarm()
-            self.ready.set()
-
-    def _serve(self, channel: CoordinatorClient) -> None:
-        fd = None
+    # faulthandler's one timer ----------------------------------------------------
+    def _claim_timer(self, channel: CoordinatorClient) -> int | None:
+        """The descriptor faulthandler may write dumps to, if this responder may use the process's timer."""
         with _owner_lock:
             refusal = dump_refusal(self._dump_after, tls=channel.raw_fd() is None)
             if not refusal and _owner:
                 refusal = "another rank in this process holds faulthandler's timer"
             if not refusal:
-                fd = channel.raw_fd()
                 _owner.append(self)
         self.no_dump = refusal
+        return None if refusal else channel.raw_fd()
+
+    def _release_timer(self) -> None:
+        with _owner_lock:
+            if self in _owner:
+                _owner.remove(self)
+
+    # the thread ----------------------------------------------------------------
+    def _run(self, channel: CoordinatorClient, fd: int | None) -> None:
         try:
-            channel.open_stack_channel({**self._registration, "dump_after": self._dump_after if fd else None,
-                                        "no_dump": refusal}, self._connect_timeout)
-            self.ready.set()
             if fd is None:
                 while not self._stopping:
                     self._answer(channel)
@@ -177,10 +184,12 @@ class StackResponder:
                         self._arm(fd)
                     if selector.select(rearm):
                         self._answer(channel)
+        except (HydrogenError, OSError) as exc:
+            if not self._stopping:
+                log.info("rank %s: the stack channel ended: %s", self._registration["rank"], exc)
         finally:
-            with _owner_lock:
-                if self in _owner:
-                    _owner.remove(self)
+            with self._lock:
+                self._disarm()
 
     def _answer(self, channel: CoordinatorClient) -> None:
         frame = channel.next_frame()
@@ -189,6 +198,11 @@ class StackResponder:
             log.debug("stack channel: ignored a frame %s", frame.header)
             return
         self._client.answer_stacks(request_id, format_stacks(skip={threading.get_ident()}))
+
+    @property
+    def attached(self) -> bool:
+        """Whether the stack channel is open and served (False: it could not be opened, or it closed)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # faulthandler's timer: only with self._lock held ---------------------------------------------
     def _arm(self, fd: int) -> None:

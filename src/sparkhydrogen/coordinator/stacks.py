@@ -317,8 +317,8 @@ class StackDesk(Generic[E]):
         age = now - dump.at
         if dump.at >= request.sent_at - channel.dump_after - 1.0:
             return (f"{label} has held the GIL for at least {every} (its Python threads cannot run, e.g. one "
-                    f"long C call) and gave no answer within {request.timeout:g} s; faulthandler dump written "
-                    f"{age:.1f} s ago (most recent call first):\n{dump.text}")
+                    f"long C call), so it cannot answer; faulthandler dump written {age:.1f} s ago (most recent "
+                    f"call first):\n{dump.text}")
         return (head + f" and faulthandler wrote no dump since the request (it would, every {every}, while the "
                 f"GIL is held): the process may be stopped, or its host unreachable. Its last dump, written "
                 f"{age:.1f} s ago, from a time its Python threads could not run (most recent call first):\n"
