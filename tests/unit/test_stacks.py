@@ -90,6 +90,19 @@ def test_dump_stream_splits_dumps_at_their_header_even_across_chunks() -> None:
     assert "second" in current.text
 
 
+def test_dump_stream_drops_bytes_that_are_no_dump() -> None:
+    stream = DumpStream()
+    assert stream.feed(b"\x00\xff garbage\nTimeo", now=1.0) is False
+    assert stream.current is None
+    stream.feed(b"ut (0:00:01)!\nThread 0x1 (most recent call first):\n", now=2.0)  # the header, split in two
+    assert stream.current is not None and stream.current.text.startswith("Timeout (0:00:01)!")
+    assert stream.current.at == 2.0
+    assert stream.junk == len(b"\x00\xff garbage\n")
+    other = DumpStream()
+    other.feed(b"no header at all" * 10, now=0.0)
+    assert other.newest() is None and other.junk > 0
+
+
 def test_dump_stream_is_bounded_and_says_what_it_cut() -> None:
     stream = DumpStream(limit=200)
     stream.feed(DUMP + b"  File \"x.py\", line 1 in f\n" * 100, now=0.0)
@@ -289,8 +302,9 @@ def test_garbage_on_a_stack_channel_hurts_nobody(server: CoordinatorServer) -> N
         clients[1]._send(encode_frame(Kind.REQUEST, {"op": "stacks", "id": "x"}))  # noqa: SLF001 - raw bytes
         out = server.stacks(handle.gang_id, timeout=1.0)
         assert "in test_garbage_on_a_stack_channel_hurts_nobody" in out[0]
-        assert "rank 1 (host" in out[1] and "gave no answer within 1 s" in out[1]
-        assert "not a dump" in out[1]  # shown for what it is: the channel's last bytes, labelled stale or not
+        assert out[1].startswith("rank 1 (host") and "gave no answer within 1 s and faulthandler wrote no dump" \
+            in out[1]
+        assert "not a dump" not in out[1]  # bytes that are no faulthandler dump are dropped, never shown
     finally:
         responder.close()
         noisy.close()
@@ -320,3 +334,19 @@ def test_a_stack_channel_must_name_a_registered_running_rank(server: Coordinator
         assert out[1] == f"rank 1 has not joined gang {handle.gang_id[:8]} attempt 0 (stage 0.0) yet"
     finally:
         client.close()
+
+
+def test_public_stacks_checks_its_arguments_and_names_what_is_live() -> None:
+    import sparkhydrogen as h2
+
+    with pytest.raises(TypeError, match="gang must be a gang id, a gang name or an object with a gang_id"):
+        h2.stacks(42)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+        h2.stacks("train", timeout=-1)
+
+    class Status:
+        gang_id = "0123456789abcdef"
+
+    with pytest.raises(ValueError, match="no live gang '0123456789abcdef' in this application; live gangs: none. "
+                                         "Under Spark Connect a gang's coordinator runs inside its rank 0"):
+        h2.stacks(Status())

@@ -85,7 +85,8 @@ class DumpStream:
 
     faulthandler writes nothing but dumps there, each opening with a ``Timeout (...)!``
     line (with ``repeat=True``, one every interval while the GIL stays held). A dump is
-    whole once the next one begins. Bounded: a dump beyond :data:`MAX_DUMP_BYTES` is
+    whole once the next one begins; bytes that do not belong to a dump are dropped
+    (counted in :attr:`junk`). Bounded: a dump beyond :data:`MAX_DUMP_BYTES` is
     cut, and only the newest whole dump and the one arriving are kept.
 
     Example:
@@ -106,6 +107,8 @@ class DumpStream:
         self._at: float | None = None
         self._dropped = 0
         self.last_complete: Dump | None = None
+        #: Bytes that were not part of any dump (dropped; faulthandler writes nothing else here).
+        self.junk = 0
 
     @property
     def current(self) -> Dump | None:
@@ -122,11 +125,22 @@ class DumpStream:
         """Take bytes as they arrive; True when a dump became whole (a later one began)."""
         if not data:
             return False
-        if self._at is None:
-            self._at = now
         search_from = max(0, len(self._buf) - len(_SPLIT) + 1)
         self._buf += data
         completed = False
+        if not self._buf.startswith(_HEADER[: len(self._buf)]):  # not a dump: dropped up to the next header
+            index = self._buf.find(_SPLIT)
+            if index < 0:
+                keep = len(_SPLIT) - 1
+                self.junk += max(0, len(self._buf) - keep)
+                del self._buf[: max(0, len(self._buf) - keep)]
+                self._at = None
+                return False
+            self.junk += index + 1
+            del self._buf[: index + 1]
+            self._at, search_from = now, 1
+        elif self._at is None:
+            self._at = now
         while True:
             index = self._buf.find(_SPLIT, search_from)
             if index < 0:
