@@ -350,3 +350,21 @@ def test_public_stacks_checks_its_arguments_and_names_what_is_live() -> None:
     with pytest.raises(ValueError, match="no live gang '0123456789abcdef' in this application; live gangs: none. "
                                          "Under Spark Connect a gang's coordinator runs inside its rank 0"):
         h2.stacks(Status())
+
+
+def test_under_tls_ranks_answer_and_say_there_is_no_gil_free_dump(make_server: Any) -> None:
+    from sparkhydrogen.config import TlsConfig
+
+    server = make_server(tls=TlsConfig(enabled=True))
+    handle = server.add_gang(1)
+    client = joined(handle, 0, task_attempt_id=0)
+    responder = StackResponder(client, (handle.host, handle.port), handle.gang_id, handle.secret, rank=0,
+                               task_attempt_id=0, tls_fingerprint=handle.tls_fingerprint).start()
+    try:
+        assert responder.attached and "TLS" in responder.no_dump
+        out = server.stacks(handle.gang_id, timeout=5.0)
+        assert "in test_under_tls_ranks_answer_and_say_there_is_no_gil_free_dump" in out[0]
+    finally:
+        responder.close()
+        client.close()
+    assert not responder.attached
