@@ -32,6 +32,8 @@ Spark conf keys (all optional)::
     spark.hydrogen.heartbeat.timeout           silence after which a rank counts as failed (default 8s)
     spark.hydrogen.checkpoint.maxSize          driver memory for one gang's checkpoint (default 512m)
     spark.hydrogen.checkpoint.dir              ranks write checkpoint state here, commit only paths
+    spark.hydrogen.diagnosis.stuckAfter        a collective waiting this long logs a WARNING naming the ranks it
+                                               waits for, and again every as long (default 60s)
     spark.hydrogen.embedded.lingerTimeout      Spark Connect: how long rank 0 keeps serving its peers after its
                                                own work is done (default 10min)
 
@@ -167,6 +169,8 @@ class CoordinatorConfig:
     max_connections: int = 4096
     tls: TlsConfig = field(default_factory=TlsConfig)
     advertise_host: str | None = None
+    #: A collective that has waited this long for missing ranks is logged (WARNING), and again every as long.
+    stuck_after: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -181,7 +185,7 @@ class CoordinatorConfig:
             raise ValueError(f"port_max_retries must be >= 0, got {self.port_max_retries}")
         for name in ("max_header_bytes", "max_payload_bytes", "handshake_timeout",
                      "missing_log_interval", "tick_interval", "checkpoint_max_bytes", "max_gang_buffer_bytes",
-                     "max_gangs", "max_connections"):
+                     "max_gangs", "max_connections", "stuck_after"):
             _check_positive(name, getattr(self, name))
         if self.liveness_timeout is not None:
             _check_positive("liveness_timeout", self.liveness_timeout)
@@ -277,6 +281,7 @@ class HydrogenConfig:
             "max_connections": ("coordinator.maxConnections", _parse_int),
             "liveness_timeout": ("heartbeat.timeout", parse_duration),
             "checkpoint_max_bytes": ("checkpoint.maxSize", parse_size),
+            "stuck_after": ("diagnosis.stuckAfter", parse_duration),
         }
         launch: dict[str, tuple[str, Callable[[str, str], object]]] = {
             "connect_timeout": ("coordinator.connectTimeout", parse_duration),
