@@ -33,7 +33,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -75,10 +75,13 @@ from .state import (
     Roster,
     Settled,
     Start,
+    Stuck,
 )
 from .tls import ServerTls, server_tls
+from .views import GangReport, GangStatus, gang_report, gang_status
 
-__all__ = ["CoordinatorServer", "GangHandle", "LogRecord", "STAGE_PREFIX", "MAX_STAGE_TOMBSTONES", "stage_secret"]
+__all__ = ["CoordinatorServer", "GangHandle", "LogRecord", "STAGE_PREFIX", "MAX_STAGE_TOMBSTONES", "MAX_REPORTS",
+           "stage_secret"]
 
 log = logging.getLogger("sparkhydrogen.coordinator")
 T = TypeVar("T")
@@ -90,6 +93,8 @@ LOOP_CALL_TIMEOUT = 30.0
 STAGE_PREFIX = "stage-"
 #: Failed stage gangs kept, idle, so that their late tasks are refused rather than forming the gang anew.
 MAX_STAGE_TOMBSTONES = 32
+#: Reports of done gang attempts kept (the newest), for :meth:`CoordinatorServer.reports`.
+MAX_REPORTS = 8
 
 
 def stage_secret(key: bytes, gang_id: str) -> bytes:
@@ -143,6 +148,8 @@ class CoordinatorServer:
         #: Called (like an ``on_abort`` hook) when an attempt of a gated stage gang aborts: the driver cancels
         #: the attempt's Spark stage there, so ranks busy outside collectives stop too.
         self.stage_abort_hook: Callable[[AttemptKey, ErrorInfo], None] | None = None
+        #: Reports of the newest done attempts (oldest first), at most :data:`MAX_REPORTS`.
+        self._reports: deque[GangReport] = deque(maxlen=MAX_REPORTS)
 
     # lifecycle ---------------------------------------------------------------
     @property
@@ -507,6 +514,25 @@ class CoordinatorServer:
 
         return self._on_loop(measure, "footprint()")
 
+    def status(self) -> list[GangStatus]:
+        """Every live gang attempt and each of its ranks, as a snapshot taken on the loop (consistent).
+
+        Example:
+            >>> [str(g) for g in server.status()]   # doctest: +SKIP
+        """
+
+        def snapshot() -> list[GangStatus]:
+            now = self.now()
+            return [gang_status(gang, attempt, now) for gang in self.registry.gangs.values()
+                    for attempt in sorted(gang.attempts.values(), key=lambda a: a.key)
+                    if attempt.state is AttemptState.RUNNING]
+
+        return self._on_loop(snapshot, "status()")
+
+    def reports(self) -> list[GangReport]:
+        """Reports of the newest done gang attempts, oldest first (at most :data:`MAX_REPORTS`)."""
+        return self._on_loop(lambda: list(self._reports), "reports()")
+
     def expire(self) -> None:
         """Apply timeouts and liveness now (the loop does it every ``tick_interval``): for tests with a fake clock."""
         self._on_loop(self._expire, "expire()")
@@ -671,7 +697,9 @@ class CoordinatorServer:
         now, cfg = self.now(), self.config
         attempt, superseded = gang.attempt_for(request.gang_attempt, request.stage_id, rank,
                                                request.member.task_attempt_id, now,
-                                               cfg.missing_log_interval, cfg.liveness_timeout)
+                                               cfg.missing_log_interval, cfg.liveness_timeout,
+                                               stuck_after=cfg.stuck_after)
+        attempt.timeline.name = gang.name
         for old, actions in superseded:
             self._dispatch(old, actions)
         actions = attempt.register(rank, request.member, now)
@@ -692,6 +720,7 @@ class CoordinatorServer:
         """Forget what a done attempt no longer needs (and retire an ephemeral gang after success)."""
         if not attempt.done:
             return
+        self._keep_report(attempt)
         self.roster.drop(attempt)
         gang = self.registry.get(attempt.gang_id)
         if gang is None:
@@ -700,6 +729,29 @@ class CoordinatorServer:
         gang.retire_if_complete()
         if gang.derived:
             self._forget_stage_gang(gang)
+
+    def _keep_report(self, attempt: Attempt) -> None:
+        """Once per done attempt: keep its report (bounded) and log its end, naming a straggler if there is one."""
+        if attempt.timeline.closed:
+            return
+        attempt.timeline.closed = True
+        report = gang_report(attempt.timeline.name, attempt, self.now())
+        self._reports.append(report)
+        headline = report.summary.splitlines()[0]
+        if report.stragglers:
+            log.warning("coordinator: %s; %s", headline,
+                        "; ".join("straggler: " + s.describe() for s in report.straggler_details))
+        else:
+            log.log(logging.INFO if report.total_rounds else logging.DEBUG, "coordinator: %s", headline)
+
+    def _log_stuck(self, attempt: Attempt, action: Stuck) -> None:
+        """The stuck-collective line: gang (with its name), call, missing ranks and when each was last heard.
+
+        STACKS GO HERE: pass ``stacks={rank: stack text}`` of the missing ranks to
+        ``action.line`` once the coordinator can collect them; each is appended to the line.
+        """
+        gang = self.registry.get(attempt.gang_id)
+        log.warning("%s", action.line(gang.name if gang is not None else "", stacks=None))
 
     def _forget_stage_gang(self, gang: Gang) -> None:
         """A stage gang whose stages are all done is forgotten: at once after success, as a tombstone after failure.
@@ -742,6 +794,8 @@ class CoordinatorServer:
                          attempt.world_size)
             elif isinstance(action, Settled):
                 _send_to(members, action.ranks, settle_reply(action.failure))
+            elif isinstance(action, Stuck):
+                self._log_stuck(attempt, action)
             elif isinstance(action, Log):
                 log.log(logging.ERROR if action.level == "error" else logging.WARNING, action.message)
         if attempt.state is AttemptState.ABORTED:

@@ -23,7 +23,7 @@ from ..coordinator.server import CoordinatorServer
 from .jobs import stage_canceller
 from .session import SparkTarget, encryption_required_by, read_config, resolve
 
-__all__ = ["DriverService", "service_for", "stop_all", "read_config", "encryption_required_by"]
+__all__ = ["DriverService", "service_for", "running_services", "stop_all", "read_config", "encryption_required_by"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -131,6 +131,12 @@ def service_for(spark: Any) -> DriverService:
         _services[app_id] = service
         _stop_with(target.sc if target.sc is not None else target.spark, app_id)
         return service
+
+
+def running_services() -> list[DriverService]:
+    """The coordinators this process runs now (normally one: the active application's), started by use only."""
+    with _lock:
+        return [s for s in _services.values() if s.server.running]
 
 
 def _stop_with(owner: Any, app_id: str) -> None:
