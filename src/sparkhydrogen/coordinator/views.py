@@ -49,6 +49,11 @@ class RankState(str, enum.Enum):
         return self.value
 
 
+def _short(gang_id: str) -> str:
+    """How a gang id is shown: 8 characters, 14 for a stage gang's (``stage-`` and 8)."""
+    return gang_id[:14] if gang_id.startswith("stage-") else gang_id[:8]
+
+
 def _ago(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f} s"
 
@@ -130,7 +135,7 @@ class GangStatus:
 
     def title(self) -> str:
         stage = f" (stage {self.stage[0]}.{self.stage[1]})" if self.stage is not None else ""
-        return (f"gang {self.gang_id[:8]} ({self.name or 'unnamed'}) attempt {self.attempt}{stage}: {self.state}, "
+        return (f"gang {_short(self.gang_id)} ({self.name or 'unnamed'}) attempt {self.attempt}{stage}: {self.state}, "
                 f"{self.world_size} ranks, {self.rounds} collective rounds in {format_seconds(self.elapsed)}"
                 + (f", placement {self.placement}" if self.placement else ""))
 
@@ -183,7 +188,7 @@ class GangReport:
     @property
     def label(self) -> str:
         stage = f" (stage {self.stage[0]}.{self.stage[1]})" if self.stage is not None else ""
-        return f"gang {self.gang_id[:8]} ({self.name or 'unnamed'}) attempt {self.attempt}{stage}"
+        return f"gang {_short(self.gang_id)} ({self.name or 'unnamed'}) attempt {self.attempt}{stage}"
 
     def __str__(self) -> str:
         return self.summary
