@@ -358,3 +358,4 @@ def test_server_keeps_the_newest_reports_and_logs_the_end_of_each_gang(
     assert all(isinstance(r, GangReport) and r.total_rounds == 3 and r.state == "finished" for r in reports)
     line = records.wait_for(rf"\(g{MAX_REPORTS + 1}\) attempt 0 .*finished: 2 ranks, 3 collective rounds")
     assert "straggler" not in line
+    assert server.footprint()["timeline_rounds"] == 0  # done attempts kept by their gangs hold only totals

@@ -482,8 +482,10 @@ class CoordinatorServer:
         (payloads being received, held or queued), ``roster_attempts`` and
         ``roster_connections`` (connections speaking for ranks), ``abort_hooks``,
         ``log_hooks``, ``held`` (second copies of live ranks held aside, see
-        :class:`~.state.Hold`), ``connections`` (open) and ``stage_tombstones`` (failed stage
-        gangs kept idle, at most :data:`MAX_STAGE_TOMBSTONES`).
+        :class:`~.state.Hold`), ``connections`` (open), ``stage_tombstones`` (failed stage
+        gangs kept idle, at most :data:`MAX_STAGE_TOMBSTONES`) and ``timeline_rounds`` (rounds kept
+        in full by kept attempts' timelines; a done attempt's are dropped once its report is made).
+        Not counted: the reports of the :data:`MAX_REPORTS` newest done attempts (:meth:`reports`).
 
         Example:
             >>> server.footprint()["checkpoint_bytes"]  # doctest: +SKIP
@@ -510,6 +512,7 @@ class CoordinatorServer:
                 "stage_tombstones": len(self._tombstones),
                 "held": len(self._held),
                 "connections": len(self._connections),
+                "timeline_rounds": sum(a.timeline.kept for a in attempts),
             }
 
         return self._on_loop(measure, "footprint()")
@@ -734,8 +737,8 @@ class CoordinatorServer:
         """Once per done attempt: keep its report (bounded) and log its end, naming a straggler if there is one."""
         if attempt.timeline.closed:
             return
-        attempt.timeline.closed = True
         report = gang_report(attempt.timeline.name, attempt, self.now())
+        attempt.timeline.close()  # the report has the rounds now; a kept done attempt holds only totals
         self._reports.append(report)
         headline = report.summary.splitlines()[0]
         if report.stragglers:

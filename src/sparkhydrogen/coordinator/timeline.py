@@ -56,8 +56,8 @@ __all__ = [
 
 #: Completed rounds kept per attempt (the oldest are dropped first; the totals keep counting).
 MAX_ROUNDS = 1000
-#: Arrival times kept per attempt at most: a gang of 1,024 ranks keeps its last 97 rounds.
-MAX_POINTS = 100_000
+#: Arrival times kept per attempt at most: a gang of 1,024 ranks keeps its last 48 rounds.
+MAX_POINTS = 50_000
 #: Rounds an attempt must have made before a straggler is named.
 MIN_ROUNDS = 10
 #: Seconds peers must have waited for a rank in all before it is named.
@@ -197,6 +197,11 @@ class Timeline:
             self.first_arrival = first
         self.last_completion = completed - origin
         self._rounds.append((seq, op, times, completed - origin))
+
+    def close(self) -> None:
+        """The attempt's report has been made: drop the kept rounds (the totals stay), never make it again."""
+        self.closed = True
+        self._rounds.clear()
 
     def kept_rounds(self) -> list[RoundRecord]:
         """The rounds kept in full, oldest first."""
