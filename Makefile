@@ -35,7 +35,7 @@ FSTAMP := $(VENV)/.installed-frameworks-1
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
 
-.PHONY: frameworks demo test test-unit test-load test-gpu test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
+.PHONY: chromium frameworks demo test test-unit test-load test-gpu test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
 
 venv: $(STAMP)
 
@@ -71,8 +71,15 @@ demo: venv java
 	$(VPY) examples/quickstart.py
 	$(VPY) examples/pipeline.py
 
+# headless Chromium from Debian's packages: the HTML gang report's browser test (tests/spark/test_diagnosis.py)
+# loads the report in it. Skipped when a chromium is on PATH already.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; }
+
 # everything but the load/soak runs (tests/load, marked `load`): those are `make test-load`
-test: venv java torch horovod frameworks
+test: venv java torch horovod frameworks chromium
 	$(VPY) -m pytest -m "not load"
 
 test-unit: venv

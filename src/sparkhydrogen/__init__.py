@@ -7,10 +7,14 @@
 
     ctx = h2.BarrierTaskContext.get()                      # inside a task
     ctx.barrier(); ctx.allGather({"any": "picklable"}, timeout=30)
+
+    h2.status()                                            # live gangs, rank by rank: who waits for whom
+    h2.report().save("gang.html")                          # the last gang's timeline and stragglers
 """
 
 from .config import CoordinatorConfig, HydrogenConfig, LaunchConfig
 from .context import BarrierTaskContext, BarrierTaskInfo
+from .diagnosis import GangReport, GangStatus, RankState, RankStatus, report, status
 from .errors import (
     AuthenticationError,
     CheckpointError,
@@ -66,6 +70,8 @@ __all__ = [
     "GangCancelledError",
     "GangSetupError",
     "GangFailedError",
+    "GangReport",
+    "GangStatus",
     "HydrogenError",
     "HydrogenConfig",
     "InsufficientSlotsError",
@@ -77,13 +83,17 @@ __all__ = [
     "ProtocolError",
     "RDDBarrier",
     "RankLostError",
+    "RankState",
+    "RankStatus",
     "RegistrationError",
     "barrier",
     "install",
     "installed",
     "is_installed",
+    "report",
     "retry",
     "run",
     "stacks",
+    "status",
     "uninstall",
 ]

@@ -35,6 +35,8 @@ Spark conf keys (all optional)::
     spark.hydrogen.stacks.gilDumpAfter         sparkhydrogen.stacks(): a rank whose Python cannot run this long (a C
                                                call holding the GIL) has faulthandler dump its threads to the
                                                coordinator (default 1s; 0: off, faulthandler's timer left alone)
+    spark.hydrogen.diagnosis.stuckAfter        a collective waiting this long logs a WARNING naming the ranks it
+                                               waits for, and again every as long (default 60s)
     spark.hydrogen.embedded.lingerTimeout      Spark Connect: how long rank 0 keeps serving its peers after its
                                                own work is done (default 10min)
 
@@ -170,6 +172,8 @@ class CoordinatorConfig:
     max_connections: int = 4096
     tls: TlsConfig = field(default_factory=TlsConfig)
     advertise_host: str | None = None
+    #: A collective that has waited this long for missing ranks is logged (WARNING), and again every as long.
+    stuck_after: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -184,7 +188,7 @@ class CoordinatorConfig:
             raise ValueError(f"port_max_retries must be >= 0, got {self.port_max_retries}")
         for name in ("max_header_bytes", "max_payload_bytes", "handshake_timeout",
                      "missing_log_interval", "tick_interval", "checkpoint_max_bytes", "max_gang_buffer_bytes",
-                     "max_gangs", "max_connections"):
+                     "max_gangs", "max_connections", "stuck_after"):
             _check_positive(name, getattr(self, name))
         if self.liveness_timeout is not None:
             _check_positive("liveness_timeout", self.liveness_timeout)
@@ -284,6 +288,7 @@ class HydrogenConfig:
             "max_connections": ("coordinator.maxConnections", _parse_int),
             "liveness_timeout": ("heartbeat.timeout", parse_duration),
             "checkpoint_max_bytes": ("checkpoint.maxSize", parse_size),
+            "stuck_after": ("diagnosis.stuckAfter", parse_duration),
         }
         launch: dict[str, tuple[str, Callable[[str, str], object]]] = {
             "connect_timeout": ("coordinator.connectTimeout", parse_duration),

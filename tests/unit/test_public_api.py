@@ -50,6 +50,13 @@ PUBLIC = {
     "retry",
     "run",
     "stacks",
+    # diagnosis
+    "status",
+    "report",
+    "GangStatus",
+    "RankStatus",
+    "RankState",
+    "GangReport",
     # transparent mode
     "install",
     "uninstall",
@@ -83,10 +90,11 @@ def test_star_import_gives_exactly_the_public_names() -> None:
 
 
 def test_public_names_are_the_defining_modules_objects() -> None:
-    from sparkhydrogen import config, context, errors, launch, transparent
+    from sparkhydrogen import config, context, diagnosis, errors, launch, transparent
 
     for name in PUBLIC:
-        homes = [m for m in (errors, config, context, launch, transparent) if name in getattr(m, "__all__", ())]
+        homes = [m for m in (errors, config, context, launch, transparent, diagnosis)
+                 if name in getattr(m, "__all__", ())]
         assert len(homes) == 1, f"{name} is defined in {homes}"
         assert getattr(sparkhydrogen, name) is getattr(homes[0], name)
 

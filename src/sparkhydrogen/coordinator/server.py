@@ -33,7 +33,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -80,10 +80,13 @@ from .state import (
     Roster,
     Settled,
     Start,
+    Stuck,
 )
 from .tls import ServerTls, server_tls
+from .views import GangReport, GangStatus, gang_report, gang_status
 
-__all__ = ["CoordinatorServer", "GangHandle", "LogRecord", "STAGE_PREFIX", "MAX_STAGE_TOMBSTONES", "stage_secret"]
+__all__ = ["CoordinatorServer", "GangHandle", "LogRecord", "STAGE_PREFIX", "MAX_STAGE_TOMBSTONES", "MAX_REPORTS",
+           "stage_secret"]
 
 log = logging.getLogger("sparkhydrogen.coordinator")
 T = TypeVar("T")
@@ -95,6 +98,10 @@ LOOP_CALL_TIMEOUT = 30.0
 STAGE_PREFIX = "stage-"
 #: Failed stage gangs kept, idle, so that their late tasks are refused rather than forming the gang anew.
 MAX_STAGE_TOMBSTONES = 32
+#: Reports of done gang attempts kept (the newest), for :meth:`CoordinatorServer.reports`.
+MAX_REPORTS = 8
+#: How long the stuck-collective line waits for the missing ranks' stacks before it is logged without them.
+STUCK_STACKS_WAIT = 5.0
 
 
 def stage_secret(key: bytes, gang_id: str) -> bytes:
@@ -150,6 +157,8 @@ class CoordinatorServer:
         self.stage_abort_hook: Callable[[AttemptKey, ErrorInfo], None] | None = None
         #: Every rank's stack channel and the open ``stacks()`` requests (see :meth:`stacks`).
         self.stack_desk: StackDesk[Peer] = StackDesk()
+        #: Reports of the newest done attempts (oldest first), at most :data:`MAX_REPORTS`.
+        self._reports: deque[GangReport] = deque(maxlen=MAX_REPORTS)
 
     # lifecycle ---------------------------------------------------------------
     @property
@@ -482,8 +491,10 @@ class CoordinatorServer:
         (payloads being received, held or queued), ``roster_attempts`` and
         ``roster_connections`` (connections speaking for ranks), ``abort_hooks``,
         ``log_hooks``, ``held`` (second copies of live ranks held aside, see
-        :class:`~.state.Hold`), ``connections`` (open) and ``stage_tombstones`` (failed stage
-        gangs kept idle, at most :data:`MAX_STAGE_TOMBSTONES`).
+        :class:`~.state.Hold`), ``connections`` (open), ``stage_tombstones`` (failed stage
+        gangs kept idle, at most :data:`MAX_STAGE_TOMBSTONES`) and ``timeline_rounds`` (rounds kept
+        in full by kept attempts' timelines; a done attempt's are dropped once its report is made).
+        Not counted: the reports of the :data:`MAX_REPORTS` newest done attempts (:meth:`reports`).
 
         Example:
             >>> server.footprint()["checkpoint_bytes"]  # doctest: +SKIP
@@ -512,6 +523,7 @@ class CoordinatorServer:
                 "connections": len(self._connections),
                 "stack_channels": len(self.stack_desk),
                 "stack_requests": self.stack_desk.open_requests,
+                "timeline_rounds": sum(a.timeline.kept for a in attempts),
             }
 
         return self._on_loop(measure, "footprint()")
@@ -587,6 +599,25 @@ class CoordinatorServer:
         self.stack_desk.attach(peer, (gang.gang_id, found.key, request.rank), request.dump_after, request.no_dump)
         peer.send(stacks_channel_reply())
         peer.raw_sink = lambda data: self.stack_desk.feed(peer, data, self.now())
+
+    def status(self) -> list[GangStatus]:
+        """Every live gang attempt and each of its ranks, as a snapshot taken on the loop (consistent).
+
+        Example:
+            >>> [str(g) for g in server.status()]   # doctest: +SKIP
+        """
+
+        def snapshot() -> list[GangStatus]:
+            now = self.now()
+            return [gang_status(gang, attempt, now) for gang in self.registry.gangs.values()
+                    for attempt in sorted(gang.attempts.values(), key=lambda a: a.key)
+                    if attempt.state is AttemptState.RUNNING]
+
+        return self._on_loop(snapshot, "status()")
+
+    def reports(self) -> list[GangReport]:
+        """Reports of the newest done gang attempts, oldest first (at most :data:`MAX_REPORTS`)."""
+        return self._on_loop(lambda: list(self._reports), "reports()")
 
     def expire(self) -> None:
         """Apply timeouts and liveness now (the loop does it every ``tick_interval``): for tests with a fake clock."""
@@ -759,7 +790,9 @@ class CoordinatorServer:
         now, cfg = self.now(), self.config
         attempt, superseded = gang.attempt_for(request.gang_attempt, request.stage_id, rank,
                                                request.member.task_attempt_id, now,
-                                               cfg.missing_log_interval, cfg.liveness_timeout)
+                                               cfg.missing_log_interval, cfg.liveness_timeout,
+                                               stuck_after=cfg.stuck_after)
+        attempt.timeline.name = gang.name
         for old, actions in superseded:
             self._dispatch(old, actions)
         actions = attempt.register(rank, request.member, now)
@@ -780,6 +813,7 @@ class CoordinatorServer:
         """Forget what a done attempt no longer needs (and retire an ephemeral gang after success)."""
         if not attempt.done:
             return
+        self._keep_report(attempt)
         self.roster.drop(attempt)
         gang = self.registry.get(attempt.gang_id)
         if gang is None:
@@ -788,6 +822,49 @@ class CoordinatorServer:
         gang.retire_if_complete()
         if gang.derived:
             self._forget_stage_gang(gang)
+
+    def _keep_report(self, attempt: Attempt) -> None:
+        """Once per done attempt: keep its report (bounded) and log its end, naming a straggler if there is one."""
+        if attempt.timeline.closed:
+            return
+        report = gang_report(attempt.timeline.name, attempt, self.now())
+        attempt.timeline.close()  # the report has the rounds now; a kept done attempt holds only totals
+        self._reports.append(report)
+        headline = report.summary.splitlines()[0]
+        if report.stragglers:
+            log.warning("coordinator: %s; %s", headline,
+                        "; ".join("straggler: " + s.describe() for s in report.straggler_details))
+        else:
+            log.log(logging.INFO if report.total_rounds else logging.DEBUG, "coordinator: %s", headline)
+
+    def _log_stuck(self, attempt: Attempt, action: Stuck) -> None:
+        """The stuck-collective line: gang (with its name), call, missing ranks, each one's last-heard time and stack.
+
+        The missing ranks' stacks are asked for through their stack channels (on the
+        loop); a short-lived thread waits for the answers (at most :data:`STUCK_STACKS_WAIT`
+        seconds) and logs the line with them. Without an answer, or with the stack
+        requests all taken, the line is logged without stacks.
+        """
+        gang = self.registry.get(attempt.gang_id)
+        name = gang.name if gang is not None else ""
+        try:
+            request = self._ask_stacks(attempt.gang_id, STUCK_STACKS_WAIT)
+        except (ValueError, HydrogenError) as exc:
+            log.debug("no stacks for the stuck line of %s: %s", attempt.label, exc)
+            log.warning("%s", action.line(name))
+            return
+        missing = {m.rank for m in action.missing}
+
+        def finish() -> None:
+            request.done.wait(STUCK_STACKS_WAIT)
+            try:
+                stacks = self._on_loop(lambda: self.stack_desk.collect(request, self.now()), "stuck stacks")
+            except Exception as exc:  # the coordinator is stopping
+                log.debug("stuck line of %s without stacks: %s", attempt.label, exc)
+                stacks = {}
+            log.warning("%s", action.line(name, stacks={r: t for r, t in stacks.items() if r in missing}))
+
+        threading.Thread(target=finish, name="sparkhydrogen-stuck-stacks", daemon=True).start()
 
     def _forget_stage_gang(self, gang: Gang) -> None:
         """A stage gang whose stages are all done is forgotten: at once after success, as a tombstone after failure.
@@ -830,6 +907,8 @@ class CoordinatorServer:
                          attempt.world_size)
             elif isinstance(action, Settled):
                 _send_to(members, action.ranks, settle_reply(action.failure))
+            elif isinstance(action, Stuck):
+                self._log_stuck(attempt, action)
             elif isinstance(action, Log):
                 log.log(logging.ERROR if action.level == "error" else logging.WARNING, action.message)
         if attempt.state is AttemptState.ABORTED:

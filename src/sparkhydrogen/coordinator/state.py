@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from ..errors import ErrorInfo, RegistrationError
+from .timeline import Timeline
 
 __all__ = [
     "Op",
@@ -44,6 +45,8 @@ __all__ = [
     "Complete",
     "Reject",
     "Log",
+    "Stuck",
+    "MissingRank",
     "Start",
     "Hold",
     "Settled",
@@ -121,6 +124,59 @@ class Log:
 
 
 @dataclass(frozen=True)
+class MissingRank:
+    """A rank a stuck collective waits for, as last seen (``host is None``: it never connected)."""
+
+    rank: int
+    host: str | None = None
+    pid: int | None = None
+    last_heard: float | None = None  # seconds before the line was made
+    last_call: str | None = None
+    finished: bool = False
+
+    def describe(self) -> str:
+        if self.host is None:
+            return f"rank {self.rank} never connected"
+        where = f"host {self.host}, pid {self.pid}"
+        if self.finished:
+            return f"rank {self.rank} ({where}) already finished its task"
+        text = f"rank {self.rank} ({where}) last heard {self.last_heard or 0.0:.1f} s ago"
+        return text + (f" in {self.last_call}" if self.last_call else "")
+
+
+@dataclass(frozen=True)
+class Stuck(Log):
+    """A collective has waited ``waited`` seconds for ``missing`` ranks: log :attr:`message` (one line).
+
+    ``message`` is :meth:`line` without gang name or stacks; the I/O layer may log
+    :meth:`line` with both instead.
+    """
+
+    label: str
+    call: str
+    waited: float
+    missing: tuple[MissingRank, ...]
+
+    def line(self, gang_name: str = "", stacks: Mapping[int, str] | None = None) -> str:
+        """The stuck-collective log line: gang, call, missing ranks, each one's last-heard time.
+
+        ``stacks``: ``{rank: Python stack}`` of missing ranks, appended per rank when given
+        (collected through the coordinator by the I/O layer; ``None``: not collected).
+
+        >>> Stuck("warning", "", "gang ab attempt 0", "barrier #3", 61.0, (MissingRank(1, "h", 7, 61.0),)).line()
+        'gang ab attempt 0: barrier #3 has waited 61 s for rank(s) 1: rank 1 (host h, pid 7) last heard 61.0 s ago'
+        """
+        named = f"{self.label} ({gang_name})" if gang_name else self.label
+        text = (f"{named}: {self.call} has waited {self.waited:.0f} s for rank(s) "
+                f"{_fmt_ranks([m.rank for m in self.missing])}: " + "; ".join(m.describe() for m in self.missing))
+        for m in self.missing:
+            stack = (stacks or {}).get(m.rank)
+            if stack:
+                text += f"\n--- rank {m.rank} stack ---\n{stack.rstrip()}"
+        return text
+
+
+@dataclass(frozen=True)
 class Start:
     """The start gate opened: answer the held registration of each of ``ranks``, telling every rank's address."""
 
@@ -153,7 +209,7 @@ class Settled:
     failure: ErrorInfo | None
 
 
-Action = Complete | Reject | Log | Start | Hold | Settled
+Action = Complete | Reject | Log | Start | Hold | Settled  # Stuck is a Log
 
 #: Later failure reports of other ranks kept with an attempt's root cause (each without its traceback).
 MAX_OTHER_FAILURES = 8
@@ -228,7 +284,7 @@ class Attempt:
     def __init__(self, gang_id: str, key: AttemptKey, world_size: int, now: float,
                  missing_log_interval: float = 30.0, liveness_timeout: float | None = None, *,
                  gated: bool = False, start_timeout: float | None = None, window_start: float | None = None,
-                 ) -> None:
+                 stuck_after: float | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if start_timeout is not None and not start_timeout > 0:
@@ -247,6 +303,10 @@ class Attempt:
         self.world_size = world_size
         self.created = now
         self.missing_log_interval = missing_log_interval
+        #: A collective waiting this long logs a :class:`Stuck` line, and again every as long (None: the interval).
+        self.stuck_after = stuck_after if stuck_after is not None else missing_log_interval
+        #: Each completed round's arrival times, bounded (stragglers, the report's timeline).
+        self.timeline = Timeline(world_size, now)
         self.liveness_timeout = liveness_timeout
         self.state = AttemptState.RUNNING
         self.members: dict[int, _Member] = {}
@@ -528,6 +588,7 @@ class Attempt:
         del self.rounds[call.seq]
         self.buffered_bytes -= sum(len(a.call.payload) for a in rnd.arrivals.values())
         ranks = tuple(range(self.world_size))
+        self.timeline.record(call.seq, call.op.value, [rnd.arrivals[r].at for r in ranks], now, rank)
         if call.op is Op.BARRIER:
             payloads: tuple[bytes, ...] = ()
         elif call.op is Op.CHECKPOINT:
@@ -583,14 +644,9 @@ class Attempt:
             ]
             if expired:
                 return self._timeout(rnd, expired, now)
-            if now - rnd.last_logged >= self.missing_log_interval:
+            if now - rnd.last_logged >= self.stuck_after:
                 rnd.last_logged = now
-                missing = [r for r in range(self.world_size) if r not in rnd.arrivals]
-                actions.append(Log("warning", (
-                    f"{self.label}: {_call_name(rnd.op.value, rnd.seq)} has waited {now - rnd.started:.0f} s "
-                    f"for rank(s) {_fmt_ranks(missing)}: "
-                    + "; ".join(self._whereabouts(r, now) for r in missing)
-                )))
+                actions.append(self._stuck(rnd, now))
         if len(self.members) < self.world_size and now - self._last_registration_log >= self.missing_log_interval:
             self._last_registration_log = now
             missing = [r for r in range(self.world_size) if r not in self.members]
@@ -599,6 +655,17 @@ class Attempt:
                 f"{now - self.created:.0f} s after the first rank did"
             )))
         return actions
+
+    def _stuck(self, rnd: _Round, now: float) -> Stuck:
+        missing = []
+        for r in range(self.world_size):
+            if r in rnd.arrivals:
+                continue
+            m = self.members.get(r)
+            missing.append(MissingRank(r) if m is None else MissingRank(
+                r, m.info.host, m.info.pid, now - m.last_heard, m.last_op, m.finished))
+        stuck = Stuck("warning", "", self.label, _call_name(rnd.op.value, rnd.seq), now - rnd.started, tuple(missing))
+        return replace(stuck, message=stuck.line())
 
     def _tick_gate(self, now: float) -> list[Action]:
         if self.start_deadline is not None and now >= self.start_deadline:
@@ -851,7 +918,7 @@ class Gang:
     # -- attempts ----------------------------------------------------------
     def attempt_for(self, gang_attempt: int, stage_id: int, rank: int, task_attempt_id: int, now: float,
                     missing_log_interval: float = 30.0, liveness_timeout: float | None = None,
-                    ) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
+                    stuck_after: float | None = None) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
         """The attempt a registering task belongs to, created on first use.
 
         Python tasks cannot see Spark's stage attempt number, so the *generation*
@@ -875,7 +942,8 @@ class Gang:
             )
         superseded: list[tuple[Attempt, list[Action]]] = []
         if self.gated:
-            return self._gated_attempt_for(gang_attempt, stage_id, now, missing_log_interval, liveness_timeout)
+            return self._gated_attempt_for(gang_attempt, stage_id, now, missing_log_interval, liveness_timeout,
+                                           stuck_after)
         same = [a for a in self.attempts.values() if a.key[:2] == (gang_attempt, stage_id)]
         current = max(same, key=lambda a: a.key[2], default=None)
         for older in sorted(same, key=lambda a: a.key[2], reverse=True)[1:]:
@@ -889,12 +957,14 @@ class Gang:
                 superseded.append((other, other.abort(
                     f"superseded by a newer launch of the gang (attempt {gang_attempt}.{generation})")))
         key: AttemptKey = (gang_attempt, stage_id, generation)
-        attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval, liveness_timeout)
+        attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval, liveness_timeout,
+                          stuck_after=stuck_after)
         self.attempts[key] = attempt
         return attempt, superseded
 
     def _gated_attempt_for(self, gang_attempt: int, stage_id: int, now: float, missing_log_interval: float,
-                           liveness_timeout: float | None) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
+                           liveness_timeout: float | None, stuck_after: float | None = None,
+                           ) -> tuple[Attempt, list[tuple[Attempt, list[Action]]]]:
         """Gated gangs: one attempt per (gang attempt, stage), never a new generation from Spark's task retries.
 
         An ordinary stage's task ids do not come in one window (tasks start as executors
@@ -910,7 +980,7 @@ class Gang:
         key: AttemptKey = (gang_attempt, stage_id, generation)
         attempt = Attempt(self.gang_id, key, self.world_size, now, missing_log_interval, liveness_timeout,
                           gated=True, start_timeout=self.start_timeout,
-                          window_start=self.windows.pop(gang_attempt, None))
+                          window_start=self.windows.pop(gang_attempt, None), stuck_after=stuck_after)
         self.attempts[key] = attempt
         return attempt, superseded
 
