@@ -119,6 +119,8 @@ def test_a_stuck_gang_names_the_missing_rank(sc: Any, caplog: pytest.LogCaptureF
         line = wait_for(lambda: next((r.getMessage() for r in caplog.records if pattern.search(r.getMessage())),
                                      None), "the stuck-collective line is logged")
         assert [r.levelname for r in caplog.records if r.getMessage() == line] == ["WARNING"]
+        stack = line.split("--- rank 1 stack ---\n", 1)[1]  # the missing rank's stack, through its stack channel
+        assert "in body" in stack and "recv" in stack and "--- rank 0 stack ---" not in line, line
     finally:
         conn.sendall(b"go")
         conn.close()
