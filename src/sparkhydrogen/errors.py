@@ -262,8 +262,9 @@ class ErrorInfo:
         return f"rank {self.rank} raised {self.type}: {self.message}"
 
 
-#: Verdicts about a rank that raised nothing: their message is the whole description.
-_SELF_DESCRIBING = frozenset({"RankLostError", "PartitionClosedError"})
+#: Verdicts about a rank that raised nothing: their message is the whole description. (The coordinator's
+#: ``CollectiveTimeoutError`` names the ranks that never arrived; a rank's own report has a module-qualified type.)
+_SELF_DESCRIBING = frozenset({"RankLostError", "PartitionClosedError", "CollectiveTimeoutError"})
 
 
 _WIRE_TYPES: dict[str, type[HydrogenError]] = {

@@ -252,15 +252,32 @@ def test_timeout_names_missing_ranks_with_their_whereabouts() -> None:
     reject = only_reject(actions)
     assert reject.ranks == (0, 2)
     assert reject.error.type == "CollectiveTimeoutError"
-    assert reject.error.rank == 2  # the rank whose deadline came first
+    assert reject.error.rank == 1  # the missing ranks are the failure, not the rank that waited
     with pytest.raises(
         CollectiveTimeoutError,
-        match=r"allGather \(collective call #1\) timed out after 10 s on rank 2; rank\(s\) 1, 3 never arrived: "
-              r"rank 1 \(host host1, pid 1001\) last heard 10\.0 s ago; rank 3 never connected",
+        match=r"^ranks 1, 3 never reached allGather \(collective call #1\) within 10 s \(ranks 0, 2 waited\): "
+              r"rank 1 \(host host1, pid 1001\) last heard 10\.0 s "
+              r"ago; rank 3 never connected$",
     ):
         raise from_info(reject.error)
     assert attempt.state is AttemptState.ABORTED
     assert attempt.tick(100.0) == []
+
+
+def test_timeout_blames_the_missing_rank_not_the_one_that_waited() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0), 0.0)
+    attempt.call(1, call(Op.BARRIER, 0), 0.0)
+    attempt.call(0, call(Op.BARRIER, 1, timeout=30.0), 1.0)
+    only_reject(attempt.tick(31.0))
+    failure = attempt.failure
+    assert failure is not None and failure.rank == 1
+    assert failure.headline().startswith(
+        "rank 1 never reached barrier (collective call #2) within 30 s (rank 0 waited): rank 1 (host host1")
+    assert failure.extra == {"missing": [1], "waited": [0], "seq": 1, "op": "barrier", "timeout": 30.0}
+    # the silent rank's own later error is still heard, next to the verdict on it
+    attempt.fail(1, ErrorInfo("ValueError", "bad shard", rank=1), 32.0)
+    assert [o.headline() for o in attempt.failure.others] == ["rank 1 raised ValueError: bad shard"]
 
 
 def test_timeout_mentions_the_last_call_of_a_missing_rank() -> None:

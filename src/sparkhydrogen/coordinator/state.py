@@ -158,6 +158,9 @@ Action = Complete | Reject | Log | Start | Hold | Settled
 #: Later failure reports of other ranks kept with an attempt's root cause (each without its traceback).
 MAX_OTHER_FAILURES = 8
 
+#: Root causes that name a rank which said nothing itself (it never arrived): its own later report is news.
+_VERDICTS_ON_SILENT_RANKS = frozenset({"CollectiveTimeoutError"})
+
 
 class AttemptState(str, enum.Enum):
     RUNNING = "running"
@@ -220,6 +223,15 @@ def _call_name(op: str, seq: int) -> str:
 
 def _fmt_ranks(ranks: Sequence[int]) -> str:
     return ", ".join(str(r) for r in sorted(ranks))
+
+
+def _ranks_phrase(ranks: Sequence[int]) -> str:
+    """``rank 1`` or ``ranks 1, 3`` (pure).
+
+    >>> _ranks_phrase([3, 1]), _ranks_phrase([2])
+    ('ranks 1, 3', 'rank 2')
+    """
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_fmt_ranks(ranks)}"
 
 
 class Attempt:
@@ -411,7 +423,8 @@ class Attempt:
         actions: list[Action] = []
         if self.state is AttemptState.RUNNING:
             actions = self._abort_for(rank, error, tell_failed=True)
-        elif first and self.state is AttemptState.ABORTED and self.failure is not None and self.failure.rank != rank:
+        elif first and self.state is AttemptState.ABORTED and self.failure is not None and (
+                self.failure.rank != rank or self.failure.type in _VERDICTS_ON_SILENT_RANKS):
             self._add_other(error)
             actions.append(Log("warning", f"{self.label}: after it had failed, {error.headline()}"))
         if settle is not None:
@@ -631,16 +644,20 @@ class Attempt:
         return None
 
     def _timeout(self, rnd: _Round, expired: list[tuple[int, _Arrival]], now: float) -> list[Action]:
-        rank, arrival = min(expired, key=lambda item: item[1].at + (item[1].call.timeout or 0.0))
+        """A call's timeout expired: the ranks that never arrived are the failure, those that waited the detail."""
+        _, arrival = min(expired, key=lambda item: item[1].at + (item[1].call.timeout or 0.0))
         missing = [r for r in range(self.world_size) if r not in rnd.arrivals]
+        waited = sorted(rnd.arrivals)
+        timeout = arrival.call.timeout or 0.0
         error = ErrorInfo(
             type="CollectiveTimeoutError",
             message=(
-                f"{self.label}: {_call_name(rnd.op.value, rnd.seq)} timed out after {arrival.call.timeout:g} s "
-                f"on rank {rank}; rank(s) {_fmt_ranks(missing)} never arrived: "
+                f"{_ranks_phrase(missing)} never reached {_call_name(rnd.op.value, rnd.seq)} within {timeout:g} s "
+                f"({_ranks_phrase(waited)} waited): "
                 + "; ".join(self._whereabouts(r, now) for r in missing)
             ),
-            rank=rank,
+            rank=min(missing),
+            extra={"missing": missing, "waited": waited, "seq": rnd.seq, "op": rnd.op.value, "timeout": timeout},
         )
         return self._abort(error, failed_rank=None, root_cause=error, also=tuple(r for r, _ in expired))
 
