@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import traceback
+from typing import Any
 
 import pytest
 from kit import joined, start_ranks, wait_pending
 
 from sparkhydrogen.coordinator.client import MAX_REPORT_BYTES
 from sparkhydrogen.coordinator.server import CoordinatorServer
-from sparkhydrogen.errors import ErrorInfo, GangAbortedError
+from sparkhydrogen.errors import ErrorInfo, GangAbortedError, PayloadError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,3 +81,18 @@ def test_a_clipped_report_fits_the_header_and_says_how_much_was_cut(size: int) -
 def _note_of(text: str) -> str:
     start = text.index("\n[... spark-hydrogen cut")
     return text[start: text.index("...]\n", start) + 5]
+
+
+def test_a_framework_child_whose_result_cannot_be_pickled_raises_a_payload_error() -> None:
+    """The fresh-process runner of framework ranks (TensorFlow's), for real: a child process returning a lock."""
+    from sparkhydrogen.frameworks import Framework, GangLayout
+    from sparkhydrogen.frameworks._child import run_in_child
+
+    def locked() -> Any:
+        import threading
+
+        return threading.Lock()
+
+    with pytest.raises(PayloadError, match=r"^return value of rank 1 of type _thread\.lock cannot be pickled"):
+        run_in_child(Framework(), GangLayout(rank=1, hosts=("h", "h")), locked, (), {})
+    assert run_in_child(Framework(), GangLayout(rank=1, hosts=("h", "h")), lambda: [1, 2], (), {}) == [1, 2]
