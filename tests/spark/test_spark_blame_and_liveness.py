@@ -7,6 +7,7 @@ timeout (``spark.hydrogen.collective.timeout``); calls that must not time out pa
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -48,3 +49,62 @@ def test_a_collective_timeout_blames_the_rank_that_never_arrived(sc: Any) -> Non
     assert re.match(r"gang '[\w.<>]*fn' failed: rank 1 never reached barrier \(collective call #2\) within 1 s "
                     r"\(rank 0 waited\): rank 1 \(host ", headline), headline
     assert "raised CollectiveTimeoutError" not in str(error)
+
+
+# ------------------------------------------------------------------ liveness
+
+
+def test_a_rank_holding_the_gil_in_one_long_c_call_is_busy_not_dead(sc: Any, caplog: Any) -> None:
+    """Rank 1 holds the GIL for 3x the heartbeat timeout inside one C call: no heartbeat, connection alive."""
+    hold = 3 * HEARTBEAT_TIMEOUT
+
+    def fn() -> tuple[int, int]:
+        import ctypes
+
+        ctx = h2.BarrierTaskContext.get()
+        ctx.barrier(timeout=60)
+        if ctx.rank() == 1:
+            # libc's sleep() through PyDLL, which (unlike CDLL) keeps the GIL for the whole call: the
+            # heartbeat thread cannot run, as during a long sort or the pickling of a large value
+            ctypes.PyDLL(None).sleep(int(hold))
+        ctx.barrier(timeout=60)  # rank 0 waits here for rank 1 all that time
+        return ctx.rank(), ctx.gangAttempt()
+
+    with caplog.at_level(logging.WARNING, logger="sparkhydrogen.coordinator"):
+        assert h2.run(fn, 2) == [(0, 0), (1, 0)]  # first attempt, no retry
+    lines = [r.getMessage() for r in caplog.records if "rank 1 (host" in r.getMessage()]
+    assert len([line for line in lines if "has sent no heartbeat" in line and "it is kept, not failed" in line]) == 1
+    assert len([line for line in lines if "is heard from again after" in line]) == 1
+
+
+def test_a_rank_holding_the_gil_after_its_last_collective_is_not_failed(sc: Any) -> None:
+    """The others have finished; the busy rank's result (here: its long call) still arrives."""
+
+    def fn() -> int:
+        import ctypes
+
+        ctx = h2.BarrierTaskContext.get()
+        ctx.barrier(timeout=60)
+        if ctx.rank() == 0:
+            ctypes.PyDLL(None).sleep(int(3 * HEARTBEAT_TIMEOUT))
+        return ctx.gangAttempt()
+
+    assert h2.run(fn, 2) == [0, 0]
+
+
+def test_a_killed_rank_is_still_found_at_once_by_its_closed_connection(sc: Any) -> None:
+    def fn() -> None:
+        import os
+        import signal
+
+        ctx = h2.BarrierTaskContext.get()
+        ctx.barrier(timeout=60)
+        if ctx.rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        ctx.barrier(timeout=120)  # only the closed connection can end this wait before its timeout
+
+    with pytest.raises(h2.GangFailedError, match=r"rank 1's process died or lost its connection to the "
+                                                 r"coordinator") as caught:
+        h2.run(fn, 2)
+    assert caught.value.failed_rank == 1
+    assert caught.value.cause is not None and caught.value.cause.type == "RankLostError"

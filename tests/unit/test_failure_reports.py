@@ -1,8 +1,10 @@
-"""A rank's failure report always reaches the coordinator, however large its error (real loopback sockets)."""
+"""Failures named right on real loopback sockets: a report always arrives however large its error, a child's
+unpicklable result is a PayloadError, and an unreachable host is found by the kernel's TCP keepalive."""
 
 from __future__ import annotations
 
 import json
+import socket
 import traceback
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from kit import joined, start_ranks, wait_pending
 
 from sparkhydrogen.coordinator.client import MAX_REPORT_BYTES
+from sparkhydrogen.coordinator.peer import keepalive_for
 from sparkhydrogen.coordinator.server import CoordinatorServer
 from sparkhydrogen.errors import ErrorInfo, GangAbortedError, PayloadError
 
@@ -96,3 +99,34 @@ def test_a_framework_child_whose_result_cannot_be_pickled_raises_a_payload_error
     with pytest.raises(PayloadError, match=r"^return value of rank 1 of type _thread\.lock cannot be pickled"):
         run_in_child(Framework(), GangLayout(rank=1, hosts=("h", "h")), locked, (), {})
     assert run_in_child(Framework(), GangLayout(rank=1, hosts=("h", "h")), lambda: [1, 2], (), {}) == [1, 2]
+
+
+# ------------------------------------------------------------------ liveness without the GIL
+
+
+@pytest.mark.parametrize("timeout", [8.0, 2.0])
+def test_the_coordinator_turns_tcp_keepalive_on_with_settings_from_the_heartbeat_timeout(
+        make_server: Any, timeout: float) -> None:
+    """An unreachable host is found by the kernel's keepalive (it answers without the GIL), not by heartbeats."""
+    server = make_server(liveness_timeout=timeout)
+    expected = keepalive_for(timeout)
+    assert expected.detects_within <= timeout + 3  # found about when a heartbeat verdict used to come
+    with socket.create_connection(server.address, timeout=10) as sock:
+        assert sock.recv(1)  # the server's HELLO: it has accepted and set the connection up
+
+        def options() -> dict[str, int]:
+            (peer,) = server._connections
+            accepted = peer.transport.get_extra_info("socket")
+            names = {"TCP_KEEPIDLE": socket.IPPROTO_TCP, "TCP_KEEPINTVL": socket.IPPROTO_TCP,
+                     "TCP_KEEPCNT": socket.IPPROTO_TCP, "TCP_USER_TIMEOUT": socket.IPPROTO_TCP}
+            found = {"SO_KEEPALIVE": accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)}
+            for name, level in names.items():
+                if hasattr(socket, name):
+                    found[name] = accepted.getsockopt(level, getattr(socket, name))
+            return found
+
+        found = server._on_loop(options)
+    assert found.pop("SO_KEEPALIVE") == 1
+    want = {"TCP_KEEPIDLE": expected.idle, "TCP_KEEPINTVL": expected.interval, "TCP_KEEPCNT": expected.count,
+            "TCP_USER_TIMEOUT": expected.user_timeout * 1000}
+    assert found == {name: want[name] for name in found}

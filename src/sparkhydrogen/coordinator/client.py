@@ -258,8 +258,9 @@ class CoordinatorClient:
     def start_heartbeat(self, interval: float) -> None:
         """Send a small ping every ``interval`` seconds so the coordinator knows this rank is alive.
 
-        A frozen or unreachable rank stops pinging and the coordinator aborts the gang
-        after ``spark.hydrogen.heartbeat.timeout``, instead of everyone waiting forever.
+        A rank that stops pinging for ``spark.hydrogen.heartbeat.timeout`` while its
+        connection is up is reported busy (e.g. it holds the GIL), never failed for that;
+        a dead process or an unreachable host loses the connection (TCP keepalive).
         """
         if self._heartbeat is not None:
             return

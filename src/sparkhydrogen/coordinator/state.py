@@ -178,6 +178,8 @@ class _Member:
     finished: bool = False
     closed_early: bool = False  # finished because its consumer stopped reading its partition
     connected: bool = True
+    #: Set while the rank is known busy: when it was last heard before its heartbeats stopped (logged once).
+    busy_since: float | None = None
 
 
 @dataclass
@@ -292,6 +294,8 @@ class Attempt:
         last = f"last heard {now - member.last_heard:.1f} s ago"
         if member.last_op:
             last += f" in {member.last_op}"
+        if rank in self.busy_ranks(now):
+            last += " (busy: its connection is alive but its heartbeats stopped, e.g. a long call holding the GIL)"
         return f"rank {rank} ({where}) {last}"
 
     @property
@@ -363,9 +367,31 @@ class Attempt:
             {r: m.info.host for r, m in self.members.items() if m.connected}, competitors, note))
         return self._abort(error, failed_rank=None, root_cause=error)
 
-    def heard(self, rank: int, now: float) -> None:
-        """A heartbeat (or any frame) arrived from ``rank``."""
-        self._member(rank).last_heard = now
+    def heard(self, rank: int, now: float) -> list[Action]:
+        """Bytes (a heartbeat, any frame or part of one) arrived from ``rank``; a busy rank's return is logged."""
+        member = self._member(rank)
+        member.last_heard = now
+        if member.busy_since is None:
+            return []
+        silent, member.busy_since = now - member.busy_since, None
+        return [Log("warning", f"{self.label}: rank {rank} (host {member.info.host}, pid {member.info.pid}) is "
+                               f"heard from again after {silent:.1f} s busy")]
+
+    def busy_ranks(self, now: float) -> list[int]:
+        """Ranks alive but silent: connected, unfinished, not heard from within the liveness timeout.
+
+        A rank whose process holds the GIL (a long sort, pickling a large value, a C call)
+        sends no heartbeat, since those come from a Python thread; its connection stays up,
+        because the kernel, not the interpreter, keeps it (and answers the coordinator's TCP
+        keepalive probes). Such a rank is busy, not dead: it is reported, never failed for
+        that alone. A dead process closes its connection; an unreachable host fails the
+        keepalive, which the I/O layer reports as a closed connection (:meth:`disconnect`).
+        A process stopped by a signal looks busy too: a collective ``timeout`` bounds it.
+        """
+        if self.liveness_timeout is None or self.state is not AttemptState.RUNNING or not self.started:
+            return []
+        return [r for r, m in sorted(self.members.items())
+                if m.connected and not m.finished and now - m.last_heard > self.liveness_timeout]
 
     def finish(self, rank: int, now: float, closed_early: bool = False) -> list[Action]:
         """``rank``'s task ended normally after ``next_seq`` collectives.
@@ -480,7 +506,8 @@ class Attempt:
                 f"rank {rank}'s process died or lost its connection to the coordinator (host {member.info.host}, "
                 f"pid {member.info.pid}, last heard {now - member.last_heard:.1f} s ago"
                 + (f" in {member.last_op}" if member.last_op else "")
-                + ") before finishing its task: its Python worker exited or was killed, or its executor was lost"
+                + ") before finishing its task: its Python worker exited or was killed, its executor was lost, or "
+                "its host stopped answering (TCP keepalive)"
             ),
             rank=rank,
         )
@@ -585,10 +612,7 @@ class Attempt:
             return self._settle(now)
         if not self.started:
             return self._tick_gate(now)
-        silent = self._silent_rank(now)
-        if silent is not None:
-            return silent
-        actions: list[Action] = []
+        actions: list[Action] = self._note_busy(now)
         for rnd in list(self.rounds.values()):
             expired = [
                 (r, a) for r, a in rnd.arrivals.items()
@@ -625,23 +649,22 @@ class Attempt:
             ))]
         return []
 
-    def _silent_rank(self, now: float) -> list[Action] | None:
-        """Abort for the first live, unfinished rank not heard from within the liveness timeout."""
-        if self.liveness_timeout is None:
-            return None
-        for rank, member in sorted(self.members.items()):
-            quiet = now - member.last_heard
-            if member.connected and not member.finished and quiet > self.liveness_timeout:
-                return self._abort_for(rank, ErrorInfo(
-                    type="RankUnresponsive",
-                    message=(
-                        f"rank {rank} (host {member.info.host}, pid {member.info.pid}) stopped answering: no "
-                        f"message or heartbeat for {quiet:.1f} s (limit {self.liveness_timeout:g} s, "
-                        "spark.hydrogen.heartbeat.timeout); its process is frozen or its host unreachable"
-                    ),
-                    rank=rank,
-                ))
-        return None
+    def _note_busy(self, now: float) -> list[Action]:
+        """Log once when a rank turns busy (see :meth:`busy_ranks`); :meth:`heard` logs its return."""
+        actions: list[Action] = []
+        for rank in self.busy_ranks(now):
+            member = self.members[rank]
+            if member.busy_since is None:
+                member.busy_since = member.last_heard
+                actions.append(Log("warning", (
+                    f"{self.label}: rank {rank} (host {member.info.host}, pid {member.info.pid}) has sent no "
+                    f"heartbeat for {now - member.last_heard:.1f} s "
+                    f"(spark.hydrogen.heartbeat.timeout={self.liveness_timeout:g}s), but its connection is alive: "
+                    "it is busy (a long call holding the GIL: a sort, pickling a large value, a C extension) or "
+                    "stopped; it is kept, not failed"
+                    + (f" (its last call: {member.last_op})" if member.last_op else "")
+                )))
+        return actions
 
     def _timeout(self, rnd: _Round, expired: list[tuple[int, _Arrival]], now: float) -> list[Action]:
         """A call's timeout expired: the ranks that never arrived are the failure, those that waited the detail."""
