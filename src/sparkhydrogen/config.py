@@ -29,7 +29,9 @@ Spark conf keys (all optional)::
                                                all of them (executors being added) before the launch fails
                                                (default 3min)
     spark.hydrogen.heartbeat.interval          how often a task says it is alive (default 1s)
-    spark.hydrogen.heartbeat.timeout           silence after which a rank counts as failed (default 8s)
+    spark.hydrogen.heartbeat.timeout           silence after which a rank whose connection is up counts as busy
+                                               (logged, never failed for it); also sets the TCP keepalive that
+                                               finds unreachable hosts (default 8s)
     spark.hydrogen.checkpoint.maxSize          driver memory for one gang's checkpoint (default 512m)
     spark.hydrogen.checkpoint.dir              ranks write checkpoint state here, commit only paths
     spark.hydrogen.stacks.gilDumpAfter         sparkhydrogen.stacks(): a rank whose Python cannot run this long (a C

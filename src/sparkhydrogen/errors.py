@@ -10,6 +10,7 @@ Validation of arguments raises the built-in ``TypeError``/``ValueError``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -221,6 +222,30 @@ class ErrorInfo:
         others = [dict(o) for o in self.extra.get("others") or () if isinstance(o, Mapping)]
         return replace(self, extra={**self.extra, "others": [*others, other.to_json()]})
 
+    def clipped(self, max_bytes: int) -> ErrorInfo:
+        """This error, cut so that its JSON (as framed on the wire) takes at most ``max_bytes`` bytes.
+
+        A rank's report travels in a frame's control header, whose size the coordinator
+        limits (64 KiB); a larger one would cost the connection and the error with it. So
+        the head and tail of the message and of the traceback are kept (the tail of a
+        traceback names the exception, its head where it started), the middle is replaced
+        by a line saying how many characters were cut, and ``extra`` is dropped if large.
+
+        >>> info = ErrorInfo("KeyError", "k" * 100_000, 0).clipped(4096)
+        >>> len(info.message) < 4096, "cut 9" in info.message
+        (True, True)
+        """
+        if _json_size(self.to_json()) <= max_bytes:
+            return self
+        extra = self.extra if _json_size(dict(self.extra)) <= max_bytes // 8 else {}
+        allow = max_bytes
+        while True:
+            clipped = replace(self, message=_clip(self.message, allow // 4, "message"),
+                              traceback=_clip(self.traceback, allow // 2, "traceback"), extra=extra)
+            if _json_size(clipped.to_json()) <= max_bytes or allow < 64:
+                return clipped
+            allow //= 2  # escapes (\uXXXX, \n) made the JSON larger than its characters
+
     def headline(self, limit: int = 300) -> str:
         """The first line of :meth:`describe`, at most ``limit`` characters.
 
@@ -262,8 +287,27 @@ class ErrorInfo:
         return f"rank {self.rank} raised {self.type}: {self.message}"
 
 
-#: Verdicts about a rank that raised nothing: their message is the whole description.
-_SELF_DESCRIBING = frozenset({"RankLostError", "PartitionClosedError"})
+def _json_size(data: Mapping[str, Any]) -> int:
+    return len(json.dumps(data, separators=(",", ":"), default=str).encode("utf-8"))
+
+
+def _clip(text: str, keep: int, what: str) -> str:
+    """``text`` with at most ``keep`` characters of it kept: its head and tail, and a line saying what was cut.
+
+    >>> _clip("abcdefghij", 4, "message")
+    'ab\\n[... spark-hydrogen cut 6 of 10 characters of this message here ...]\\nij'
+    """
+    if len(text) <= keep:
+        return text
+    head = keep // 2
+    tail = keep - head
+    note = f"\n[... spark-hydrogen cut {len(text) - keep:,} of {len(text):,} characters of this {what} here ...]\n"
+    return text[:head] + note + text[len(text) - tail:]
+
+
+#: Verdicts about a rank that raised nothing: their message is the whole description. (The coordinator's
+#: ``CollectiveTimeoutError`` names the ranks that never arrived; a rank's own report has a module-qualified type.)
+_SELF_DESCRIBING = frozenset({"RankLostError", "PartitionClosedError", "CollectiveTimeoutError"})
 
 
 _WIRE_TYPES: dict[str, type[HydrogenError]] = {

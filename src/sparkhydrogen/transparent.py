@@ -33,7 +33,7 @@ from typing import Any
 
 from .task.lifecycle import is_gang_body
 
-__all__ = ["install", "installed", "is_installed", "uninstall"]
+__all__ = ["install", "installed", "is_installed", "uninstall", "add_notes"]
 
 log = logging.getLogger("sparkhydrogen.transparent")
 
@@ -292,6 +292,57 @@ def _report_and_note(exc: Exception) -> None:
             notes.append(f"spark-hydrogen: the gang had already failed: {failure.describe()}")
         notes.extend(f"spark-hydrogen: another rank failed too: {other.describe()}"
                      for other in failure.others if other.rank != me)
+    add_notes(exc, notes)
+
+
+def add_notes(exc: BaseException, notes: list[str]) -> None:
+    """Attach ``notes`` to ``exc`` so that its formatted traceback (what Spark reports) shows them.
+
+    Python 3.11+: ``add_note``. Python 3.10 keeps ``__notes__`` but never prints them, so
+    there the exception's own text carries them: an exception of a library's (or the
+    user's) class moves to a subclass of the same name whose ``str()`` ends with its notes
+    (and which pickles as the original class); a built-in one with a plain message (a
+    ``ValueError("bad shard")``) gets them appended to that message. Others (a ``KeyError``,
+    an ``OSError`` with an errno) keep the notes in ``__notes__`` only.
+    """
     if hasattr(exc, "add_note"):  # Python >= 3.11
         for note in notes:
             exc.add_note(note)
+        return
+    existing = getattr(exc, "__notes__", None)
+    # 3.10's BaseException declares no __notes__ (type checkers know 3.11's): set it by name
+    setattr(exc, "__notes__", [*(existing if isinstance(existing, list) else []), *notes])  # noqa: B010
+    if type(exc).__module__ == "builtins":
+        if len(exc.args) == 1 and isinstance(exc.args[0], str) and str(exc) == exc.args[0]:
+            exc.args = (exc.args[0] + "".join("\n" + note for note in notes),)
+        return
+    with contextlib.suppress(TypeError):  # a class whose instances cannot change class: notes stay aside
+        exc.__class__ = _noted_class(type(exc))
+
+
+_NOTED: dict[type[BaseException], type[BaseException]] = {}
+
+
+def _noted_class(cls: type[BaseException]) -> type[BaseException]:
+    noted = _NOTED.get(cls)
+    if noted is None:
+        if len(_NOTED) >= 64:  # a reused Python worker sees a new class per task for classes defined in closures
+            _NOTED.clear()
+        noted = _NOTED[cls] = _make_noted_class(cls)
+    return noted
+
+
+def _make_noted_class(cls: type[BaseException]) -> type[BaseException]:
+    """A subclass of ``cls`` with its name, whose ``str()`` ends with the instance's ``__notes__`` (Python 3.10)."""
+    base_str = cls.__str__
+
+    def __str__(self: BaseException) -> str:  # noqa: N807 - the method, defined for the class below
+        notes = getattr(self, "__notes__", None) or []
+        return base_str(self) + "".join(f"\n{note}" for note in notes)
+
+    def __reduce__(self: BaseException) -> Any:  # noqa: N807
+        return cls, self.args, getattr(self, "__dict__", None)
+
+    return type(cls.__name__, (cls,), {"__str__": __str__, "__reduce__": __reduce__, "__slots__": (),
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                       "__doc__": cls.__doc__})

@@ -1,4 +1,4 @@
-"""Real local[4] Spark: whole-gang retries, liveness by heartbeat, checkpoint/restore."""
+"""Real local[4] Spark: whole-gang retries, liveness (a stopped rank is busy, not dead), checkpoint/restore."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ def test_sigkill_of_a_python_worker_is_retried(sc: Any) -> None:
     assert h2.run(fn, 4, max_retries=1, retry_backoff=0.1) == [1, 1, 1, 1]
 
 
-def test_frozen_rank_is_detected_by_heartbeat(sc: Any, tmp_path: Any) -> None:
+def test_a_stopped_rank_is_busy_not_dead_and_a_collective_timeout_names_it(sc: Any, tmp_path: Any) -> None:
+    """A stopped process keeps its connection (the kernel holds it) like one holding the GIL: it is not failed
+    for its silent heartbeat, and a collective timeout is what bounds the wait for it."""
     pidfile = tmp_path / "frozen.pid"
 
     def fn() -> int:
@@ -63,12 +65,15 @@ def test_frozen_rank_is_detected_by_heartbeat(sc: Any, tmp_path: Any) -> None:
         if ctx.gangAttempt() == 0 and ctx.rank() == 3:
             pidfile.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGSTOP)  # frozen: socket open, no heartbeats
-        ctx.barrier()  # no timeout: only liveness can end this wait
+        ctx.barrier(timeout=6)  # 3x the heartbeat timeout
         return ctx.gangAttempt()
 
     try:
-        with pytest.raises(h2.GangFailedError, match=r"rank 3 raised RankUnresponsive: .*stopped answering"):
+        with pytest.raises(h2.GangFailedError, match=r"failed: rank 3 never reached barrier \(collective call #2\) "
+                                                     r"within 6 s \(ranks 0, 1, 2 waited\): rank 3 \(host .*\) last "
+                                                     r"heard .* \(busy: its connection is alive") as caught:
             h2.run(fn, 4)
+        assert caught.value.failed_rank == 3
     finally:
         if pidfile.exists():  # stop what the test froze, by pid
             pid = int(pidfile.read_text())

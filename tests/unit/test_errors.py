@@ -129,7 +129,11 @@ def test_error_info_from_exception_names_the_type() -> None:
 
 def test_error_info_describe() -> None:
     assert ErrorInfo("ValueError", "bad input", rank=3).describe() == "rank 3 raised ValueError: bad input"
-    assert ErrorInfo("CollectiveTimeoutError", "timed out").describe() == "CollectiveTimeoutError: timed out"
+    mismatch = ErrorInfo("CollectiveMismatchError", "call #2 differs")
+    assert mismatch.describe() == "CollectiveMismatchError: call #2 differs"
+    # the coordinator's timeout verdict names the ranks that never arrived: it is not something they raised
+    late = ErrorInfo("CollectiveTimeoutError", "rank 1 never reached barrier (collective call #3) within 30 s", rank=1)
+    assert late.describe() == "rank 1 never reached barrier (collective call #3) within 30 s"
 
 
 @pytest.mark.parametrize("cls", [GangAbortedError, GangFailedError])

@@ -239,6 +239,83 @@ def test_call_after_finished_attempt_is_rejected_by_a_late_registration() -> Non
         attempt.register(1, MemberInfo(), 2.0)
 
 
+# --------------------------------------------------------------- liveness
+
+
+def live_attempt(world_size: int = 2, timeout: float = 2.0) -> Attempt:
+    attempt = Attempt(GANG_ID, (0, 3, 0), world_size, 0.0, liveness_timeout=timeout)
+    for rank in range(world_size):
+        attempt.register(rank, MemberInfo(host=f"host{rank}", pid=1000 + rank, task_attempt_id=rank), 0.0)
+    return attempt
+
+
+def test_a_busy_rank_is_kept_and_reported_not_failed() -> None:
+    attempt = live_attempt()
+    attempt.call(0, call(Op.BARRIER, 0), 0.5)  # rank 0 waits; rank 1 holds the GIL: no heartbeat
+    attempt.heard(0, 1.5)
+    assert attempt.tick(2.0) == [] and attempt.busy_ranks(2.0) == []  # at the limit, not beyond it
+    attempt.heard(0, 3.0)
+    actions = attempt.tick(3.0)
+    assert rejects(actions) == [] and attempt.state is AttemptState.RUNNING
+    assert attempt.busy_ranks(3.0) == [1]
+    (busy,) = logs(actions)
+    assert busy.level == "warning" and busy.message.startswith(
+        "gang 01234567 attempt 0 (stage 3.0): rank 1 (host host1, pid 1001) has sent no heartbeat for 3.0 s "
+        "(spark.hydrogen.heartbeat.timeout=2s), but its connection is alive: it is busy")
+    attempt.heard(0, 500.0)
+    (waiting,) = logs(attempt.tick(500.0))  # "busy" is logged once, however long it lasts
+    assert waiting.message.endswith("has waited 500 s for rank(s) 1: rank 1 (host host1, pid 1001) last heard "
+                                    "500.0 s ago (busy: its connection is alive but its heartbeats stopped, e.g. "
+                                    "a long call holding the GIL)")
+    assert attempt.busy_ranks(500.0) == [1]
+    assert attempt.failure is None
+
+
+def test_a_busy_rank_heard_again_is_logged_once_and_its_round_completes() -> None:
+    attempt = live_attempt()
+    attempt.call(0, call(Op.BARRIER, 0), 0.0)
+    attempt.heard(0, 30.0)
+    attempt.tick(30.0)
+    assert attempt.busy_ranks(30.0) == [1]
+    (again,) = logs(attempt.heard(1, 31.0))  # its long call returned: the first bytes of its next request
+    assert again.message == ("gang 01234567 attempt 0 (stage 3.0): rank 1 (host host1, pid 1001) is heard from "
+                             "again after 31.0 s busy")
+    assert attempt.heard(1, 31.0) == []  # once
+    done = attempt.call(1, call(Op.BARRIER, 0), 31.0)
+    assert completes(done) and attempt.busy_ranks(31.0) == []
+    assert logs(attempt.tick(31.1)) == []
+
+
+def test_a_busy_rank_whose_connection_closes_is_lost() -> None:
+    attempt = live_attempt()
+    attempt.call(0, call(Op.BARRIER, 0), 0.0)
+    attempt.heard(0, 10.0)
+    attempt.tick(10.0)
+    assert attempt.busy_ranks(10.0) == [1]
+    reject = only_reject(attempt.disconnect(1, 11.0))  # its process died, or its host failed the TCP keepalive
+    assert reject.ranks == (0,)
+    assert attempt.failure is not None and attempt.failure.type == "RankLostError" and attempt.failure.rank == 1
+    assert attempt.busy_ranks(11.0) == []
+
+
+def test_a_timeout_says_the_missing_rank_is_busy() -> None:
+    attempt = live_attempt()
+    attempt.call(0, call(Op.BARRIER, 0, timeout=5.0), 0.0)
+    attempt.heard(0, 5.0)
+    reject = only_reject(attempt.tick(5.0))
+    assert reject.error.rank == 1
+    assert ("rank 1 (host host1, pid 1001) last heard 5.0 s ago (busy: its connection is alive but its heartbeats "
+            "stopped") in reject.error.message
+
+
+def test_finished_ranks_and_attempts_without_liveness_have_no_busy_ranks() -> None:
+    attempt = live_attempt()
+    attempt.finish(1, 0.0)
+    attempt.heard(0, 10.0)
+    assert attempt.busy_ranks(10.0) == []
+    assert make_attempt(2).busy_ranks(1000.0) == []  # no liveness timeout: nothing is expected
+
+
 # --------------------------------------------------------------- timeouts
 
 
@@ -252,15 +329,32 @@ def test_timeout_names_missing_ranks_with_their_whereabouts() -> None:
     reject = only_reject(actions)
     assert reject.ranks == (0, 2)
     assert reject.error.type == "CollectiveTimeoutError"
-    assert reject.error.rank == 2  # the rank whose deadline came first
+    assert reject.error.rank == 1  # the missing ranks are the failure, not the rank that waited
     with pytest.raises(
         CollectiveTimeoutError,
-        match=r"allGather \(collective call #1\) timed out after 10 s on rank 2; rank\(s\) 1, 3 never arrived: "
-              r"rank 1 \(host host1, pid 1001\) last heard 10\.0 s ago; rank 3 never connected",
+        match=r"^ranks 1, 3 never reached allGather \(collective call #1\) within 10 s \(ranks 0, 2 waited\): "
+              r"rank 1 \(host host1, pid 1001\) last heard 10\.0 s "
+              r"ago; rank 3 never connected$",
     ):
         raise from_info(reject.error)
     assert attempt.state is AttemptState.ABORTED
     assert attempt.tick(100.0) == []
+
+
+def test_timeout_blames_the_missing_rank_not_the_one_that_waited() -> None:
+    attempt = make_attempt(2)
+    attempt.call(0, call(Op.BARRIER, 0), 0.0)
+    attempt.call(1, call(Op.BARRIER, 0), 0.0)
+    attempt.call(0, call(Op.BARRIER, 1, timeout=30.0), 1.0)
+    only_reject(attempt.tick(31.0))
+    failure = attempt.failure
+    assert failure is not None and failure.rank == 1
+    assert failure.headline().startswith(
+        "rank 1 never reached barrier (collective call #2) within 30 s (rank 0 waited): rank 1 (host host1")
+    assert failure.extra == {"missing": [1], "waited": [0], "seq": 1, "op": "barrier", "timeout": 30.0}
+    # the silent rank's own later error is still heard, next to the verdict on it
+    attempt.fail(1, ErrorInfo("ValueError", "bad shard", rank=1), 32.0)
+    assert [o.headline() for o in attempt.failure.others] == ["rank 1 raised ValueError: bad shard"]
 
 
 def test_timeout_mentions_the_last_call_of_a_missing_rank() -> None:

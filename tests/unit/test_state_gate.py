@@ -110,11 +110,11 @@ def test_the_bound_counts_from_the_launch_when_the_driver_told_it() -> None:
 def test_no_liveness_verdict_while_waiting_and_the_clock_restarts_at_the_gate() -> None:
     attempt = gated(2, start_timeout=None)
     attempt.register(0, info(0), 0.0)
-    assert rejects(attempt.tick(50.0)) == []  # silent for 50 s at the gate: waiting, not frozen
+    assert rejects(attempt.tick(50.0)) == [] and attempt.busy_ranks(50.0) == []  # at the gate: waiting, not busy
     attempt.register(1, info(1), 50.0)
-    assert rejects(attempt.tick(55.0)) == []
-    attempt.tick(59.0)
-    assert attempt.failure is not None and attempt.failure.type == "RankUnresponsive"
+    assert attempt.busy_ranks(55.0) == []
+    assert attempt.busy_ranks(59.0) == [0, 1]  # silent for 9 s after the start (limit 8 s): busy, never failed
+    assert rejects(attempt.tick(59.0)) == [] and attempt.failure is None
 
 
 def test_a_rank_lost_at_the_gate_can_be_replaced_but_after_the_start_it_aborts() -> None:

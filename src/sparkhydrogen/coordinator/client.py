@@ -47,10 +47,14 @@ from .protocol import (
 )
 from .tls import TlsChannel, check_pin, client_context
 
-__all__ = ["CoordinatorClient", "PayloadTooLargeError", "REPLY_GRACE"]
+__all__ = ["CoordinatorClient", "PayloadTooLargeError", "REPLY_GRACE", "MAX_REPORT_BYTES"]
 
 #: Extra seconds a client waits beyond a call's own timeout for the coordinator's verdict.
 REPLY_GRACE = 5.0
+
+#: Largest failure report (its JSON) a client sends: well inside the coordinator's 64 KiB control-header
+#: limit, so a huge error (a long chained traceback, a big repr) is cut, never lost with the connection.
+MAX_REPORT_BYTES = 32 * 1024
 
 #: Once the coordinator has proved it knows the gang's secret, a client accepts large
 #: replies (an allGather returns every rank's payload). Before that, HELLO and WELCOME
@@ -256,8 +260,9 @@ class CoordinatorClient:
     def start_heartbeat(self, interval: float) -> None:
         """Send a small ping every ``interval`` seconds so the coordinator knows this rank is alive.
 
-        A frozen or unreachable rank stops pinging and the coordinator aborts the gang
-        after ``spark.hydrogen.heartbeat.timeout``, instead of everyone waiting forever.
+        A rank that stops pinging for ``spark.hydrogen.heartbeat.timeout`` while its
+        connection is up is reported busy (e.g. it holds the GIL), never failed for that;
+        a dead process or an unreachable host loses the connection (TCP keepalive).
         """
         if self._heartbeat is not None:
             return
@@ -316,7 +321,9 @@ class CoordinatorClient:
         """Report that this rank's user code raised; the coordinator aborts the attempt.
 
         Never waits behind another thread's pending collective on this client: the
-        report goes out at once (a whole frame), and that thread's call fails too.
+        report goes out at once (a whole frame), and that thread's call fails too. A
+        report larger than :data:`MAX_REPORT_BYTES` is cut to the head and tail of its
+        message and traceback (:meth:`ErrorInfo.clipped`), saying how much was cut.
 
         ``settle`` (seconds): then wait, at most that long (plus the reply grace), until
         every other rank has reported, finished or gone, and return the attempt's root
@@ -324,7 +331,7 @@ class CoordinatorClient:
         attempt had no failure on record, or no answer came). Without ``settle``: ``None``
         at once.
         """
-        header: dict[str, object] = {"op": "fail", "error": error.to_json()}
+        header: dict[str, object] = {"op": "fail", "error": error.clipped(MAX_REPORT_BYTES).to_json()}
         if settle is None:
             self._notify(header)
             return None

@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
+import math
 import secrets
 import socket
 import ssl
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import CoordinatorConfig
@@ -42,7 +44,8 @@ from .protocol import (
 )
 from .state import Attempt, Budget, Gang
 
-__all__ = ["Peer", "PeerHost", "Outgoing", "CHUNK", "READ_PAUSE_BYTES", "WRITE_HIGH_WATER", "format_address"]
+__all__ = ["Peer", "PeerHost", "Outgoing", "CHUNK", "READ_PAUSE_BYTES", "WRITE_HIGH_WATER", "format_address",
+           "Keepalive", "keepalive_for", "enable_keepalive"]
 
 #: Replies larger than this are written in pieces of this size, as the peer reads them.
 CHUNK = 256 * 1024
@@ -50,6 +53,73 @@ CHUNK = 256 * 1024
 READ_PAUSE_BYTES = 1 << 20
 #: The transport asks us to stop writing above this many buffered bytes.
 WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive of a peer's connection (seconds; probes): the kernel's liveness check, GIL or not.
+
+    ``idle`` seconds without any packet, then ``count`` probes ``interval`` seconds apart:
+    a host that answers none of them is unreachable and the connection fails, which the
+    server sees as a closed connection. ``user_timeout`` (Linux) bounds the same way how
+    long data the coordinator sent may stay unacknowledged: while some is outstanding
+    (a reply sent to a host that just went away) the kernel sends no keepalive probe.
+    Both are answered by the peer's kernel, never by its interpreter. (Linux 5.1 to 5.10
+    also count unanswered zero-window probes against ``user_timeout``: there a rank that
+    leaves a large reply unread for longer, its receive buffer full, loses its connection.)
+    """
+
+    idle: int
+    interval: int
+    count: int
+    user_timeout: int
+
+    @property
+    def detects_within(self) -> int:
+        """Seconds from the last packet until an unreachable peer's connection fails."""
+        return self.idle + self.interval * self.count
+
+
+def keepalive_for(liveness_timeout: float | None) -> Keepalive:
+    """Keepalive settings that find an unreachable host within about ``liveness_timeout`` (pure).
+
+    ``spark.hydrogen.heartbeat.timeout`` no longer fails a silent rank whose connection is
+    up (it is busy: heartbeats come from a Python thread), so this is what notices a host
+    that went away. The kernel takes whole seconds, at least 1.
+
+    >>> keepalive_for(8.0)
+    Keepalive(idle=4, interval=1, count=4, user_timeout=8)
+    >>> keepalive_for(2.0).detects_within, keepalive_for(None).detects_within
+    (5, 8)
+    """
+    timeout = 8.0 if liveness_timeout is None else liveness_timeout
+    count = 4
+    idle = max(1, math.ceil(timeout / 2))
+    interval = max(1, math.ceil(timeout / 2 / count))
+    return Keepalive(idle, interval, count, idle + interval * count)
+
+
+def enable_keepalive(sock: socket.socket, liveness_timeout: float | None) -> Keepalive:
+    """Turn TCP keepalive on for ``sock`` with :func:`keepalive_for`'s settings, those the platform has.
+
+    ``SO_KEEPALIVE`` is everywhere; ``TCP_KEEPIDLE``/``TCP_KEEPINTVL``/``TCP_KEEPCNT`` on
+    Linux, the BSDs and recent macOS and Windows (macOS before 10.15 names the idle time
+    ``TCP_KEEPALIVE``); ``TCP_USER_TIMEOUT`` (milliseconds) on Linux. An option the
+    platform lacks or refuses is left at the system default.
+    """
+    settings = keepalive_for(liveness_timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle_option = "TCP_KEEPIDLE" if hasattr(socket, "TCP_KEEPIDLE") else "TCP_KEEPALIVE"
+    for name, value in ((idle_option, settings.idle), ("TCP_KEEPINTVL", settings.interval),
+                        ("TCP_KEEPCNT", settings.count), ("TCP_USER_TIMEOUT", settings.user_timeout * 1000)):
+        option = getattr(socket, name, None)
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError:
+            pass  # e.g. not settable on this socket type: the system default stays
+    return settings
 
 
 class PeerHost(Protocol):
@@ -196,6 +266,7 @@ class Peer(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            enable_keepalive(sock, self.host.config.liveness_timeout)
         loop = asyncio.get_running_loop()
         # one deadline for the TLS handshake (if any) and the authentication together
         self._handshake_timer = loop.call_later(self.host.config.handshake_timeout, self._handshake_expired)

@@ -664,9 +664,11 @@ class CoordinatorServer:
     def heard(self, peer: Peer) -> None:
         if peer.attempt is not None and peer.rank is not None:
             try:
-                peer.attempt.heard(peer.rank, self.now())
+                actions = peer.attempt.heard(peer.rank, self.now())
             except RegistrationError:
-                pass
+                return
+            if actions:  # a busy rank is back: log it
+                self._dispatch(peer.attempt, actions)
 
     def refuse_payload(self, peer: Peer, op: Any, nbytes: int) -> None:
         gang = peer.gang

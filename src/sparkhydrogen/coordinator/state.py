@@ -214,6 +214,9 @@ Action = Complete | Reject | Log | Start | Hold | Settled  # Stuck is a Log
 #: Later failure reports of other ranks kept with an attempt's root cause (each without its traceback).
 MAX_OTHER_FAILURES = 8
 
+#: Root causes that name a rank which said nothing itself (it never arrived): its own later report is news.
+_VERDICTS_ON_SILENT_RANKS = frozenset({"CollectiveTimeoutError"})
+
 
 class AttemptState(str, enum.Enum):
     RUNNING = "running"
@@ -231,6 +234,8 @@ class _Member:
     finished: bool = False
     closed_early: bool = False  # finished because its consumer stopped reading its partition
     connected: bool = True
+    #: Set while the rank is known busy: when it was last heard before its heartbeats stopped (logged once).
+    busy_since: float | None = None
 
 
 @dataclass
@@ -276,6 +281,15 @@ def _call_name(op: str, seq: int) -> str:
 
 def _fmt_ranks(ranks: Sequence[int]) -> str:
     return ", ".join(str(r) for r in sorted(ranks))
+
+
+def _ranks_phrase(ranks: Sequence[int]) -> str:
+    """``rank 1`` or ``ranks 1, 3`` (pure).
+
+    >>> _ranks_phrase([3, 1]), _ranks_phrase([2])
+    ('ranks 1, 3', 'rank 2')
+    """
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_fmt_ranks(ranks)}"
 
 
 class Attempt:
@@ -340,6 +354,8 @@ class Attempt:
         last = f"last heard {now - member.last_heard:.1f} s ago"
         if member.last_op:
             last += f" in {member.last_op}"
+        if rank in self.busy_ranks(now):
+            last += " (busy: its connection is alive but its heartbeats stopped, e.g. a long call holding the GIL)"
         return f"rank {rank} ({where}) {last}"
 
     @property
@@ -411,9 +427,31 @@ class Attempt:
             {r: m.info.host for r, m in self.members.items() if m.connected}, competitors, note))
         return self._abort(error, failed_rank=None, root_cause=error)
 
-    def heard(self, rank: int, now: float) -> None:
-        """A heartbeat (or any frame) arrived from ``rank``."""
-        self._member(rank).last_heard = now
+    def heard(self, rank: int, now: float) -> list[Action]:
+        """Bytes (a heartbeat, any frame or part of one) arrived from ``rank``; a busy rank's return is logged."""
+        member = self._member(rank)
+        member.last_heard = now
+        if member.busy_since is None:
+            return []
+        silent, member.busy_since = now - member.busy_since, None
+        return [Log("warning", f"{self.label}: rank {rank} (host {member.info.host}, pid {member.info.pid}) is "
+                               f"heard from again after {silent:.1f} s busy")]
+
+    def busy_ranks(self, now: float) -> list[int]:
+        """Ranks alive but silent: connected, unfinished, not heard from within the liveness timeout.
+
+        A rank whose process holds the GIL (a long sort, pickling a large value, a C call)
+        sends no heartbeat, since those come from a Python thread; its connection stays up,
+        because the kernel, not the interpreter, keeps it (and answers the coordinator's TCP
+        keepalive probes). Such a rank is busy, not dead: it is reported, never failed for
+        that alone. A dead process closes its connection; an unreachable host fails the
+        keepalive, which the I/O layer reports as a closed connection (:meth:`disconnect`).
+        A process stopped by a signal looks busy too: a collective ``timeout`` bounds it.
+        """
+        if self.liveness_timeout is None or self.state is not AttemptState.RUNNING or not self.started:
+            return []
+        return [r for r, m in sorted(self.members.items())
+                if m.connected and not m.finished and now - m.last_heard > self.liveness_timeout]
 
     def finish(self, rank: int, now: float, closed_early: bool = False) -> list[Action]:
         """``rank``'s task ended normally after ``next_seq`` collectives.
@@ -471,7 +509,8 @@ class Attempt:
         actions: list[Action] = []
         if self.state is AttemptState.RUNNING:
             actions = self._abort_for(rank, error, tell_failed=True)
-        elif first and self.state is AttemptState.ABORTED and self.failure is not None and self.failure.rank != rank:
+        elif first and self.state is AttemptState.ABORTED and self.failure is not None and (
+                self.failure.rank != rank or self.failure.type in _VERDICTS_ON_SILENT_RANKS):
             self._add_other(error)
             actions.append(Log("warning", f"{self.label}: after it had failed, {error.headline()}"))
         if settle is not None:
@@ -527,7 +566,8 @@ class Attempt:
                 f"rank {rank}'s process died or lost its connection to the coordinator (host {member.info.host}, "
                 f"pid {member.info.pid}, last heard {now - member.last_heard:.1f} s ago"
                 + (f" in {member.last_op}" if member.last_op else "")
-                + ") before finishing its task: its Python worker exited or was killed, or its executor was lost"
+                + ") before finishing its task: its Python worker exited or was killed, its executor was lost, or "
+                "its host stopped answering (TCP keepalive)"
             ),
             rank=rank,
         )
@@ -633,10 +673,7 @@ class Attempt:
             return self._settle(now)
         if not self.started:
             return self._tick_gate(now)
-        silent = self._silent_rank(now)
-        if silent is not None:
-            return silent
-        actions: list[Action] = []
+        actions: list[Action] = self._note_busy(now)
         for rnd in list(self.rounds.values()):
             expired = [
                 (r, a) for r, a in rnd.arrivals.items()
@@ -679,35 +716,38 @@ class Attempt:
             ))]
         return []
 
-    def _silent_rank(self, now: float) -> list[Action] | None:
-        """Abort for the first live, unfinished rank not heard from within the liveness timeout."""
-        if self.liveness_timeout is None:
-            return None
-        for rank, member in sorted(self.members.items()):
-            quiet = now - member.last_heard
-            if member.connected and not member.finished and quiet > self.liveness_timeout:
-                return self._abort_for(rank, ErrorInfo(
-                    type="RankUnresponsive",
-                    message=(
-                        f"rank {rank} (host {member.info.host}, pid {member.info.pid}) stopped answering: no "
-                        f"message or heartbeat for {quiet:.1f} s (limit {self.liveness_timeout:g} s, "
-                        "spark.hydrogen.heartbeat.timeout); its process is frozen or its host unreachable"
-                    ),
-                    rank=rank,
-                ))
-        return None
+    def _note_busy(self, now: float) -> list[Action]:
+        """Log once when a rank turns busy (see :meth:`busy_ranks`); :meth:`heard` logs its return."""
+        actions: list[Action] = []
+        for rank in self.busy_ranks(now):
+            member = self.members[rank]
+            if member.busy_since is None:
+                member.busy_since = member.last_heard
+                actions.append(Log("warning", (
+                    f"{self.label}: rank {rank} (host {member.info.host}, pid {member.info.pid}) has sent no "
+                    f"heartbeat for {now - member.last_heard:.1f} s "
+                    f"(spark.hydrogen.heartbeat.timeout={self.liveness_timeout:g}s), but its connection is alive: "
+                    "it is busy (a long call holding the GIL: a sort, pickling a large value, a C extension) or "
+                    "stopped; it is kept, not failed"
+                    + (f" (its last call: {member.last_op})" if member.last_op else "")
+                )))
+        return actions
 
     def _timeout(self, rnd: _Round, expired: list[tuple[int, _Arrival]], now: float) -> list[Action]:
-        rank, arrival = min(expired, key=lambda item: item[1].at + (item[1].call.timeout or 0.0))
+        """A call's timeout expired: the ranks that never arrived are the failure, those that waited the detail."""
+        _, arrival = min(expired, key=lambda item: item[1].at + (item[1].call.timeout or 0.0))
         missing = [r for r in range(self.world_size) if r not in rnd.arrivals]
+        waited = sorted(rnd.arrivals)
+        timeout = arrival.call.timeout or 0.0
         error = ErrorInfo(
             type="CollectiveTimeoutError",
             message=(
-                f"{self.label}: {_call_name(rnd.op.value, rnd.seq)} timed out after {arrival.call.timeout:g} s "
-                f"on rank {rank}; rank(s) {_fmt_ranks(missing)} never arrived: "
+                f"{_ranks_phrase(missing)} never reached {_call_name(rnd.op.value, rnd.seq)} within {timeout:g} s "
+                f"({_ranks_phrase(waited)} waited): "
                 + "; ".join(self._whereabouts(r, now) for r in missing)
             ),
-            rank=rank,
+            rank=min(missing),
+            extra={"missing": missing, "waited": waited, "seq": rnd.seq, "op": rnd.op.value, "timeout": timeout},
         )
         return self._abort(error, failed_rank=None, root_cause=error, also=tuple(r for r, _ in expired))
 

@@ -67,6 +67,8 @@ class RankStatus:
     ``seconds_in_call`` how long it has waited there, ``last_heard`` how many seconds ago
     the coordinator last heard from it (any message or heartbeat). ``host``/``pid`` are
     ``None`` for a rank that has not connected; ``executor`` is ``None`` when unknown.
+    ``busy``: its connection is alive but its heartbeats stopped (a long call holding the
+    GIL): it is reported, never failed for that alone.
     """
 
     rank: int
@@ -78,9 +80,12 @@ class RankStatus:
     waiting_for: list[int] = field(default_factory=list)
     seconds_in_call: float | None = None
     last_heard: float | None = None
+    busy: bool = False
 
     def __str__(self) -> str:
         text = f"rank {self.rank}  {self.state}"
+        if self.busy:
+            text += " (busy: heartbeats stopped, connection alive)"
         if self.host is not None:
             text += f"  host {self.host}  pid {self.pid}"
         if self.executor is not None:
@@ -94,7 +99,8 @@ class RankStatus:
         return text
 
     def _cells(self) -> list[str]:
-        return [str(self.rank), str(self.state), self.host or "-", "-" if self.pid is None else str(self.pid),
+        state = f"{self.state} (busy)" if self.busy else str(self.state)
+        return [str(self.rank), state, self.host or "-", "-" if self.pid is None else str(self.pid),
                 self.executor or "-", self.call or "-", _ranks(self.waiting_for) or "-",
                 _ago(self.seconds_in_call), _ago(self.last_heard)]
 
@@ -269,7 +275,7 @@ def _placement(gang: Gang) -> str | None:
 
 
 def _rank_status(attempt: Attempt, rank: int, now: float, in_call: dict[int, tuple[str, float, list[int]]],
-                 ) -> RankStatus:
+                 busy: frozenset[int] = frozenset()) -> RankStatus:
     member = attempt.members.get(rank)
     if member is None:
         return RankStatus(rank, RankState.JOINING)
@@ -282,10 +288,11 @@ def _rank_status(attempt: Attempt, rank: int, now: float, in_call: dict[int, tup
         state = RankState.JOINING
     elif rank in in_call:
         call, since, waiting = in_call[rank]
-        return RankStatus(rank, RankState.IN_COLLECTIVE, host, pid, None, call, waiting, now - since, heard)
+        return RankStatus(rank, RankState.IN_COLLECTIVE, host, pid, None, call, waiting, now - since, heard,
+                          rank in busy)
     else:
         state = RankState.RUNNING
-    return RankStatus(rank, state, host, pid, None, None, [], None, heard)
+    return RankStatus(rank, state, host, pid, None, None, [], None, heard, rank in busy)
 
 
 def gang_status(gang: Gang, attempt: Attempt, now: float) -> GangStatus:
@@ -296,7 +303,8 @@ def gang_status(gang: Gang, attempt: Attempt, now: float) -> GangStatus:
         name = f"{rnd.op.value} #{rnd.seq + 1}"
         for r, arrival in rnd.arrivals.items():
             in_call[r] = (name, arrival.at, waiting)
-    ranks = [_rank_status(attempt, r, now, in_call) for r in range(attempt.world_size)]
+    busy = frozenset(attempt.busy_ranks(now))
+    ranks = [_rank_status(attempt, r, now, in_call, busy) for r in range(attempt.world_size)]
     found = stragglers(attempt.timeline)
     state = "starting" if not attempt.started else attempt.state.value
     return GangStatus(

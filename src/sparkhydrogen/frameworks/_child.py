@@ -55,11 +55,11 @@ def _run(folder: str) -> int:
             raise
         finally:
             framework.stop(layout, failed)
+        child.write_result(folder, result, f"return value of rank {layout.rank}")
     except BaseException as exc:
         child.write_error(folder, exc)
         traceback.print_exc()
         return 1
-    child.write_result(folder, result)
     return 0
 
 

@@ -10,7 +10,8 @@ training code in a child process. Both sides use this module:
   and reads back its result or its exception with the traceback (:func:`outcome`);
 * the child arms :func:`die_with_parent` first (Linux ``PR_SET_PDEATHSIG``: a killed
   Spark task leaves no orphan), reads the job (:func:`read_job`) and writes the result
-  (:func:`write_result`) or the exception (:func:`write_error`).
+  (:func:`write_result`) or the exception (:func:`write_error`); a result that cannot be
+  pickled is reported as that exception (a ``PayloadError`` naming the rank and the type).
 
 Files are written atomically (a temporary name, then ``os.replace``).
 """
@@ -28,6 +29,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import serde
 from ..serde import cloudpickle
 
 __all__ = ["PARENT_PID_ENV", "ChildTraceback", "die_with_parent", "child_environment", "start", "wait_or_kill",
@@ -150,6 +152,13 @@ def _write(folder: str, name: str, obj: Any) -> None:
     os.replace(tmp, os.path.join(folder, name))
 
 
+def _write_bytes(folder: str, name: str, data: bytes) -> None:
+    tmp = os.path.join(folder, name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, os.path.join(folder, name))
+
+
 def _read(folder: str, name: str) -> Any:
     with open(os.path.join(folder, name), "rb") as fh:
         return pickle.load(fh)
@@ -164,8 +173,14 @@ def read_job(folder: str) -> Any:
     return _read(folder, _JOB)
 
 
-def write_result(folder: str, result: Any) -> None:
-    _write(folder, _RESULT, result)
+def write_result(folder: str, result: Any, what: str = "return value") -> None:
+    """The child's result, for its rank to read back.
+
+    Raises :class:`~sparkhydrogen.PayloadError` naming ``what`` (``"return value of rank 3"``)
+    and the value's type when it cannot be pickled, before anything is written: the child
+    then reports it with :func:`write_error`, as an in-process rank would raise it.
+    """
+    _write_bytes(folder, _RESULT, serde.dumps(result, what))
 
 
 def read_result(folder: str) -> Any:

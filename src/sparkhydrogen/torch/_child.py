@@ -80,7 +80,8 @@ def _run_function(folder: str) -> int:
 
     from ._layout import DEVICE_ENV
 
-    train, args, kwargs, backend = child.read_job(folder)
+    train, args, kwargs, backend, return_all = child.read_job(folder)
+    rank = os.environ.get("RANK", "?")
     written = False
     try:
         device = os.environ.get(DEVICE_ENV, "cpu")
@@ -102,12 +103,14 @@ def _run_function(folder: str) -> int:
             wait_for_every_rank()  # no teardown while a peer may still be connecting
         finally:
             dist.destroy_process_group()
+        if not (return_all or rank == "0"):
+            result = None  # dropped by its rank as an in-process rank's would be: nothing to pickle
+        child.write_result(folder, result, f"return value of rank {rank}")
     except BaseException as exc:
         if not written:
             child.write_error(folder, exc)
         traceback.print_exc()
         return 1
-    child.write_result(folder, result)
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from ..serde import cloudpickle  # the installed one, else pyspark's copy (--py-files)
+from .. import serde
 from ..task.child import die_with_parent
 from ..task.lifecycle import RankSession
 from ..task.spec import TaskSpec
@@ -48,8 +48,9 @@ def _run(task: LocalRank) -> int:
     try:
         with RankSession(task.spec, task.rank) as _ctx:
             result = run_job(task.job, local_host=LOCAL_HOST)
+            data = serde.dumps(result, f"return value of rank {task.rank}")  # PayloadError: reported as the rank's
             with open(result_path(task.out_dir, task.rank), "wb") as fh:
-                cloudpickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+                fh.write(data)
     except BaseException as exc:
         from ..errors import ErrorInfo
 

@@ -271,7 +271,7 @@ def _start_child(job: RankJob, env: dict[str, str], plan: DevicePlan, tmp: str) 
                 "SparkFiles.get(name))")
         args = ["script", script, *map(str, job.args)]
     else:
-        child.write_job(tmp, (job.train, job.args, dict(job.kwargs), job.backend))
+        child.write_job(tmp, (job.train, job.args, dict(job.kwargs), job.backend, job.return_all))
         args = ["function", tmp]
     return child.start(_ENTRY, args, _child_env(env, plan))
 
