@@ -32,6 +32,7 @@ from ..task.partition import Join
 from .data import GangData
 from .jobs import stage_canceller
 from .preflight import cluster_snapshot
+from .progress import LaunchState, ProgressView, progress_view
 from .resources import StageResources, stage_profile
 from .runner import DeclaredGang, declare, translate
 from .session import SparkTarget
@@ -85,6 +86,8 @@ class GateMonitor:
         self.first_executor: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sparkhydrogen-gate-monitor", daemon=True)
+        #: Where the wait shows its progress (a notebook bar, a terminal line when Spark shows its own, or nowhere).
+        self.view: ProgressView = progress_view(target.conf("spark.ui.showConsoleProgress") == "true")
 
     def start(self) -> GateMonitor:
         server = self.gang.service.server
@@ -98,9 +101,17 @@ class GateMonitor:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            self.view.close(f"all {self.gang.handle.world_size} ranks joined after {self.gate_opened:.1f} s"
+                            if self.gate_opened is not None else "stopped waiting")
+
+    def _watch(self) -> None:
         server = self.gang.service.server
         gang_id, world = self.gang.handle.gang_id, self.gang.handle.world_size
         label = f"gang {gang_id[:8]} ({self.gang.name}) attempt {self.gang_attempt}"
+        bound = self.gang.service.config.launch.start_timeout
         last_line, last_joined = 0.0, -1
         while not self._stop.is_set():
             try:
@@ -124,9 +135,11 @@ class GateMonitor:
                 server.note_gang(gang_id, note)
             except Exception:
                 return
+            if waited >= 1.0:
+                self.view.show(LaunchState(label, joined, world, waited, bound, snapshot.executors,
+                                           snapshot.requested))
             changed = joined != last_joined
             if waited >= 1.0 and ((changed and now - last_line >= 1.0) or now - last_line >= self.every):
-                bound = self.gang.service.config.launch.start_timeout
                 log.warning("%s: %d of %d ranks joined the start gate after %.0f s (bound %.0f s); %s",
                             label, joined, world, waited, bound, note)
                 last_line, last_joined = now, joined
