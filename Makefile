@@ -78,9 +78,13 @@ chromium:
 	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; }
 
-# everything but the load/soak runs (tests/load, marked `load`): those are `make test-load`
+# everything but the load/soak runs (tests/load, marked `load`): those are `make test-load`.
+# Two test processes side by side (pytest-xdist), each module's tests in one of them with its own Spark
+# session: most Spark tests wait (JVM starts, start bounds, peers), so two halve the time on 2 cores.
+# TEST_WORKERS=0 runs in this process alone.
+TEST_WORKERS ?= 2
 test: venv java torch horovod frameworks chromium
-	$(VPY) -m pytest -m "not load"
+	$(VPY) -m pytest -m "not load" -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: venv
 	$(VPY) -m pytest tests/unit

@@ -101,9 +101,13 @@ def _connect_session(master: str = CONNECT_MASTER, conf: Mapping[str, str] | Non
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-    # The local Connect server is an ordinary SparkContext started in this process; if it is the
-    # session that launches the JVM, its conf (spark.plugins = the Connect plugin, ...) stays behind
-    # as Java system properties that every later SparkContext would inherit. Put them back afterwards.
+    # The in-process server listens on an ephemeral port (not 15002), so that test processes running side by
+    # side (pytest-xdist) each have their own; pyspark's client finds that port only under SPARK_TESTING, which
+    # is set for the session's life. The JVM is launched first, so that it does not inherit SPARK_TESTING.
+    SparkContext._ensure_initialized()
+    # The local Connect server is an ordinary SparkContext started in this process: its conf (spark.plugins =
+    # the Connect plugin, ...) stays behind as Java system properties that every later SparkContext would
+    # inherit. Put them back afterwards.
     jvm = SparkContext._jvm
     before = _spark_system_properties(jvm) if jvm is not None else {}
     builder = (
@@ -114,18 +118,27 @@ def _connect_session(master: str = CONNECT_MASTER, conf: Mapping[str, str] | Non
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.connect.grpc.binding.port", "0")
     )
     for key, value in (conf or {}).items():
         builder = builder.config(key, value)
-    with warnings.catch_warnings():
-        # The in-process server starts with this conf; the client then sets it once more as session conf,
-        # which Spark refuses (with a warning each) for the static keys: nothing to report.
-        warnings.filterwarnings("ignore", r"Failed to set spark\..*CANNOT_MODIFY_CONFIG", UserWarning)
-        session = builder.getOrCreate()
+    testing = os.environ.get("SPARK_TESTING")
+    os.environ["SPARK_TESTING"] = "1"
     try:
-        yield session
+        with warnings.catch_warnings():
+            # The in-process server starts with this conf; the client then sets it once more as session conf,
+            # which Spark refuses (with a warning each) for the static keys: nothing to report.
+            warnings.filterwarnings("ignore", r"Failed to set spark\..*CANNOT_MODIFY_CONFIG", UserWarning)
+            session = builder.getOrCreate()
+        try:
+            yield session
+        finally:
+            session.stop()  # local mode: also stops the in-process server's SparkContext
     finally:
-        session.stop()  # local mode: also stops the in-process server's SparkContext
+        if testing is None:
+            os.environ.pop("SPARK_TESTING", None)
+        else:
+            os.environ["SPARK_TESTING"] = testing
         server = SparkContext._active_spark_context
         if server is not None:
             server.stop()

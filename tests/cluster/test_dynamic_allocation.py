@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 #: Start bounds: generous where executors must start (~30 s each on a loaded 2-core machine), short where
 #: the bound itself is tested. The bound is an application setting, so each gets its own session.
 LONG_START = 150
-START_TIMEOUT = 40
+START_TIMEOUT = 20
 
 CONF = {
     "spark.dynamicAllocation.enabled": "true",
