@@ -195,3 +195,73 @@ def test_no_thread_outlives_its_rank_in_a_reused_worker(sc: Any) -> None:
     while server.footprint()["stack_channels"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.footprint()["stack_channels"] == 0, "every stack channel closed with its rank"
+
+
+def test_a_rank_holding_the_gil_for_20_s_at_default_liveness_finishes_its_gang(sc: Any) -> None:
+    """The heartbeat timeout is the default 8 s; rank 1 holds the GIL 20 s in one C call: busy, never failed."""
+
+    def body() -> tuple[int, int]:
+        import ctypes
+
+        ctx = h2.BarrierTaskContext.get()
+        ctx.barrier()
+        if ctx.partitionId() == 1:
+            ctypes.PyDLL(None).sleep(20)  # libc sleep() through PyDLL keeps the GIL: no heartbeat for 20 s
+        ctx.barrier()
+        return ctx.partitionId(), ctx.gangAttempt()
+
+    assert service_for(sc).config.coordinator.liveness_timeout == 8.0  # the default, untouched by this module
+    assert h2.run(body, 2, max_retries=1) == [(0, 0), (1, 0)]  # first attempt: nothing was judged dead
+
+
+def test_stacks_under_transparent_mode_see_pysparks_own_barrier_api(sc: Any, tmp_path: Path) -> None:
+    """After ``install()``, ``rdd.barrier()`` jobs (xgboost.spark's and TorchDistributor's way) are ours: stacks too."""
+    parked = tmp_path / "parked"
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+
+    def body(rows: Any) -> Iterator[int]:
+        import select
+
+        from pyspark import BarrierTaskContext
+
+        ctx = BarrierTaskContext.get()
+
+        def rank_one_in_user_code_under_transparent_mode() -> None:
+            fd = os.open(str(fifo), os.O_RDWR)
+            try:
+                open(str(parked), "w").close()
+                select.select([fd], [], [], WITHIN)
+            finally:
+                os.close(fd)
+
+        if ctx.partitionId() == 1:
+            rank_one_in_user_code_under_transparent_mode()
+        ctx.barrier()
+        yield ctx.partitionId()
+
+    h2.install()
+    try:
+        result: dict[str, Any] = {}
+
+        def job() -> None:
+            result["out"] = sc.parallelize(range(4), 4).barrier().mapPartitions(body).collect()
+
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + WITHIN
+        while not parked.exists():
+            assert thread.is_alive() and time.monotonic() < deadline, f"rank 1 did not park: {result}"
+            time.sleep(0.01)
+        try:
+            found = stacks_once(sc, lambda f: "rank_one_in_user_code_under_transparent_mode" in f.get(1, "")
+                                and all(in_barrier(f.get(r, "")) for r in (0, 2, 3)), timeout=10)
+        finally:
+            release(fifo)
+        thread.join(WITHIN)
+        assert result.get("out") == [0, 1, 2, 3]
+    finally:
+        h2.uninstall()
+    assert "in rank_one_in_user_code_under_transparent_mode" in found[1]
+    for rank in (0, 2, 3):
+        assert in_barrier(found[rank]), f"rank {rank} is not shown in barrier():\n{found[rank]}"
