@@ -180,8 +180,8 @@ def test_bare_jobs_do_not_accumulate_gangs(sc: Any) -> None:
     server = service_for(sc).server
     gc.collect()
     start = server.stats()["gangs"]
-    for _ in range(300):
+    for _ in range(100):
         assert h2.barrier(sc.parallelize(range(4), 2)).mapPartitions(f).collect() == [6, 6]
     gc.collect()
     stats = server.stats()
-    assert stats["gangs"] - start <= 8, f"300 bare barrier jobs left {stats['gangs'] - start} gangs registered: {stats}"
+    assert stats["gangs"] - start <= 8, f"100 bare barrier jobs left {stats['gangs'] - start} gangs registered: {stats}"

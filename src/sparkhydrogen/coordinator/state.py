@@ -123,6 +123,10 @@ class Log:
     message: str
 
 
+#: How a busy rank (connection alive, heartbeats stopped) is described wherever its whereabouts are.
+BUSY_NOTE = " (busy: its connection is alive but its heartbeats stopped, e.g. a long call holding the GIL)"
+
+
 @dataclass(frozen=True)
 class MissingRank:
     """A rank a stuck collective waits for, as last seen (``host is None``: it never connected)."""
@@ -133,6 +137,7 @@ class MissingRank:
     last_heard: float | None = None  # seconds before the line was made
     last_call: str | None = None
     finished: bool = False
+    busy: bool = False  # connection alive, heartbeats stopped (see :meth:`Attempt.busy_ranks`)
 
     def describe(self) -> str:
         if self.host is None:
@@ -141,7 +146,8 @@ class MissingRank:
         if self.finished:
             return f"rank {self.rank} ({where}) already finished its task"
         text = f"rank {self.rank} ({where}) last heard {self.last_heard or 0.0:.1f} s ago"
-        return text + (f" in {self.last_call}" if self.last_call else "")
+        text += f" in {self.last_call}" if self.last_call else ""
+        return text + (BUSY_NOTE if self.busy else "")
 
 
 @dataclass(frozen=True)
@@ -355,7 +361,7 @@ class Attempt:
         if member.last_op:
             last += f" in {member.last_op}"
         if rank in self.busy_ranks(now):
-            last += " (busy: its connection is alive but its heartbeats stopped, e.g. a long call holding the GIL)"
+            last += BUSY_NOTE
         return f"rank {rank} ({where}) {last}"
 
     @property
@@ -695,12 +701,13 @@ class Attempt:
 
     def _stuck(self, rnd: _Round, now: float) -> Stuck:
         missing = []
+        busy = set(self.busy_ranks(now))
         for r in range(self.world_size):
             if r in rnd.arrivals:
                 continue
             m = self.members.get(r)
             missing.append(MissingRank(r) if m is None else MissingRank(
-                r, m.info.host, m.info.pid, now - m.last_heard, m.last_op, m.finished))
+                r, m.info.host, m.info.pid, now - m.last_heard, m.last_op, m.finished, r in busy))
         stuck = Stuck("warning", "", self.label, _call_name(rnd.op.value, rnd.seq), now - rnd.started, tuple(missing))
         return replace(stuck, message=stuck.line())
 
