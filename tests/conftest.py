@@ -59,6 +59,17 @@ def _spark_system_properties(jvm: Any) -> dict[str, str]:
     return {str(k): str(props.get(k)) for k in props.stringPropertyNames() if str(k).startswith("spark.")}
 
 
+#: The longest modules (measured with ``--durations``) run first, so that the two test processes of
+#: ``make test`` (pytest-xdist hands out whole modules in collection order) finish at about the same time.
+FIRST = ("tests/cluster/", "tests/transparent/test_transparent_frameworks.py", "tests/torch/", "tests/frameworks/",
+         "tests/horovod/")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest modules first (a stable sort: each module's own order is kept)."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith(FIRST) else 1)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """The shared ``spark`` runs on every kind of :data:`KINDS`, or on the module's ``SESSION_KINDS``."""
     defs = metafunc._arg2fixturedefs.get("spark")  # the fixture the test gets (a module may define its own)
