@@ -36,7 +36,7 @@ Spark conf keys (all optional)::
     spark.hydrogen.checkpoint.dir              ranks write checkpoint state here, commit only paths
     spark.hydrogen.stacks.gilDumpAfter         sparkhydrogen.stacks(): a rank whose Python cannot run this long (a C
                                                call holding the GIL) has faulthandler dump its threads to the
-                                               coordinator (default 1s; 0: off, faulthandler's timer left alone)
+                                               coordinator (default 5s; 0: off, faulthandler's timer left alone)
     spark.hydrogen.diagnosis.stuckAfter        a collective waiting this long logs a WARNING naming the ranks it
                                                waits for, and again every as long (default 60s)
     spark.hydrogen.embedded.lingerTimeout      Spark Connect: how long rank 0 keeps serving its peers after its
@@ -232,7 +232,7 @@ class LaunchConfig:
     placement: str = "auto"
     start_timeout: float = 180.0
     #: Seconds a rank's Python may be kept from running before faulthandler dumps it for stacks(); 0: never.
-    stack_dump_after: float = 1.0
+    stack_dump_after: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.stack_dump_after <= 3600:

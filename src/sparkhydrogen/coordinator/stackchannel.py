@@ -178,7 +178,7 @@ class StackResponder:
                 return
             with selectors.DefaultSelector() as selector:
                 selector.register(fd, selectors.EVENT_READ)
-                rearm = max(0.05, (self._dump_after or 1.0) / 4)
+                rearm = max(0.05, (self._dump_after or 1.0) / 2)  # each re-arm starts a new watchdog thread
                 while not self._stopping:
                     with self._lock:
                         self._arm(fd)
