@@ -24,6 +24,7 @@ import logging
 
 from .coordinator.timeline import RoundRecord, Straggler
 from .coordinator.views import GangReport, GangStatus, RankState, RankStatus
+from .errors import GangNotFoundError
 from .launch.service import DriverService, running_services
 
 __all__ = ["status", "report", "GangStatus", "RankStatus", "RankState", "GangReport", "RoundRecord", "Straggler"]
@@ -58,7 +59,7 @@ def report(gang: str | GangStatus | None = None) -> GangReport:
 
     ``gang``: a :class:`GangStatus`, a gang id (or its first 8 or more characters, as
     logs print it) or a gang name. Only the newest few attempts are kept (8 per
-    coordinator); raises ``LookupError`` when none matches.
+    coordinator); raises :class:`~sparkhydrogen.GangNotFoundError` (a ``LookupError``) when none matches.
 
     Example:
         >>> r = sparkhydrogen.report()        # doctest: +SKIP
@@ -69,7 +70,7 @@ def report(gang: str | GangStatus | None = None) -> GangReport:
         raise TypeError(f"gang must be a GangStatus, a gang id or a gang name, got {type(gang).__name__}")
     kept = [r for service in _services() for r in service.server.reports()]
     if not kept:
-        raise LookupError("no finished gang attempt to report on: no gang has finished in this application yet "
+        raise GangNotFoundError("no finished gang attempt to report on: no gang has finished in this application yet "
                           "(reports are kept for the 8 most recent attempts of the driver's coordinator)")
     if gang is None:
         return kept[-1]
@@ -80,6 +81,6 @@ def report(gang: str | GangStatus | None = None) -> GangReport:
                  or (r.name and r.name == gang)]
     if not found:
         known = ", ".join(sorted({f"{r.gang_id[:8]} ({r.name or 'unnamed'})" for r in kept}))
-        raise LookupError(f"no finished gang attempt matches {gang if isinstance(gang, str) else gang.gang_id!r} "
+        raise GangNotFoundError(f"no finished gang attempt matches {gang if isinstance(gang, str) else gang.gang_id!r} "
                           f"among the {len(kept)} kept: {known}")
     return found[-1]

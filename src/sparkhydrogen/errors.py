@@ -25,6 +25,7 @@ __all__ = [
     "RankLostError",
     "PartitionClosedError",
     "RegistrationError",
+    "GangNotFoundError",
     "PayloadError",
     "CheckpointError",
     "CoordinatorConnectionError",
@@ -95,6 +96,13 @@ class PartitionClosedError(CollectiveError):
 
 class RegistrationError(HydrogenError):
     """A task could not join its gang (stale attempt, duplicate rank, unknown gang)."""
+
+
+class GangNotFoundError(HydrogenError, LookupError):
+    """No gang matches the id or name given to :func:`~sparkhydrogen.stacks` or :func:`~sparkhydrogen.report`.
+
+    The message lists the gangs there are (live ones, or the finished attempts kept).
+    """
 
 
 class PayloadError(HydrogenError, TypeError):

@@ -168,7 +168,7 @@ def straggler(sc: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[h2.Gan
 def _reports() -> list[h2.GangReport]:
     try:
         return [h2.report()]
-    except LookupError:
+    except h2.GangNotFoundError:
         return []
 
 

@@ -122,7 +122,7 @@ def test_stacks_show_every_rank_where_it_waits(sc: Any, tmp_path: Path) -> None:
                     and all(in_barrier(found[r]) for r in (0, 2, 3)))
 
         found = stacks_once(sc, ready, timeout=10)
-        with pytest.raises(ValueError, match="no live gang 'no-such-gang' in this application; live gangs: "):
+        with pytest.raises(h2.GangNotFoundError, match="no live gang 'no-such-gang' in this application; live gangs: "):
             h2.stacks("no-such-gang")
     finally:
         release(fifo)

@@ -23,6 +23,7 @@ PUBLIC = {
     "CollectiveMismatchError",
     "GangAbortedError",
     "RegistrationError",
+    "GangNotFoundError",
     "PayloadError",
     "CoordinatorConnectionError",
     "AuthenticationError",

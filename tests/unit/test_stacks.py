@@ -30,7 +30,7 @@ from sparkhydrogen.coordinator.protocol import (
 from sparkhydrogen.coordinator.server import CoordinatorServer
 from sparkhydrogen.coordinator.stackchannel import StackResponder, dump_refusal
 from sparkhydrogen.coordinator.stacks import MAX_OPEN_REQUESTS, DumpStream, RankQuery, StackDesk, format_stacks
-from sparkhydrogen.errors import ProtocolError, RegistrationError
+from sparkhydrogen.errors import GangNotFoundError, ProtocolError, RegistrationError
 
 KEY = (0, 0, 0)
 DUMP = b"Timeout (0:00:01)!\nThread 0x00007f01 (most recent call first):\n  File \"job.py\", line 9 in hold_gil\n"
@@ -324,7 +324,7 @@ def test_a_stack_channel_must_name_a_registered_running_rank(server: Coordinator
                                                 **wrong}, timeout=10)
             finally:
                 channel.close()
-        with pytest.raises(ValueError, match=r"has no running attempt in this coordinator; live gangs: "
+        with pytest.raises(GangNotFoundError, match=r"has no running attempt in this coordinator; live gangs: "
                                              rf"{handle.gang_id} \(unnamed\)"):
             server.stacks("nope")
         with pytest.raises(ValueError, match="timeout must be"):
@@ -347,8 +347,8 @@ def test_public_stacks_checks_its_arguments_and_names_what_is_live() -> None:
     class Status:
         gang_id = "0123456789abcdef"
 
-    with pytest.raises(ValueError, match="no live gang '0123456789abcdef' in this application; live gangs: none. "
-                                         "Under Spark Connect a gang's coordinator runs inside its rank 0"):
+    with pytest.raises(GangNotFoundError, match="no live gang '0123456789abcdef' in this application; live gangs: "
+                                                "none. Under Spark Connect a gang's coordinator runs inside its"):
         h2.stacks(Status())
 
 

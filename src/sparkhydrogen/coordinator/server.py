@@ -39,7 +39,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from ..config import CoordinatorConfig
-from ..errors import ErrorInfo, HydrogenError, RegistrationError
+from ..errors import ErrorInfo, GangNotFoundError, HydrogenError, RegistrationError
 from .handles import GangHandle, LogRecord
 from .peer import Outgoing, Peer
 from .protocol import (
@@ -560,7 +560,7 @@ class CoordinatorServer:
         if not running:
             live = ", ".join(f"{g} ({n or 'unnamed'})" for g, n in sorted(
                 (gid, g.name) for gid, g in self.registry.gangs.items() if g.running)) or "none"
-            raise ValueError(f"gang {gang_id!r} has no running attempt in this coordinator; live gangs: {live}")
+            raise GangNotFoundError(f"gang {gang_id!r} has no running attempt in this coordinator; live gangs: {live}")
         attempt = max(running, key=lambda a: a.created)
         queries: dict[int, RankQuery] = {}
         for rank in range(attempt.world_size):

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..coordinator.server import CoordinatorServer
 from ..coordinator.stacks import DEFAULT_TIMEOUT
+from ..errors import GangNotFoundError
 from .service import running_services
 
 __all__ = ["stacks", "find_live_gang"]
@@ -75,4 +76,4 @@ def find_live_gang(gang: Any) -> tuple[CoordinatorServer, str]:
     connect = "" if any(not s.app_id.startswith("connect-") for s in services) else (
         ". Under Spark Connect a gang's coordinator runs inside its rank 0 on an executor, out of this "
         "process's reach, so stacks() cannot see those gangs")
-    raise ValueError(f"no live gang {wanted!r} in this application; live gangs: {listing}{connect}")
+    raise GangNotFoundError(f"no live gang {wanted!r} in this application; live gangs: {listing}{connect}")
