@@ -252,7 +252,7 @@ class ErrorInfo:
                               traceback=_clip(self.traceback, allow // 2, "traceback"), extra=extra)
             if _json_size(clipped.to_json()) <= max_bytes or allow < 64:
                 return clipped
-            allow //= 2  # escapes (\uXXXX, \n) made the JSON larger than its characters
+            allow //= 2  # escapes (\u00e9 for é, \n) made the JSON larger than its characters
 
     def headline(self, limit: int = 300) -> str:
         """The first line of :meth:`describe`, at most ``limit`` characters.
