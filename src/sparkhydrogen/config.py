@@ -54,9 +54,8 @@ from dataclasses import dataclass, field
 
 from .netaddr import is_wildcard
 
-__all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "PLACEMENTS", "HydrogenConfig", "parse_size",
-           "parse_duration",
-           "parse_bool", "normalize_host"]
+__all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "PLACEMENTS", "STACK_DUMP_AFTER", "HydrogenConfig",
+           "parse_size", "parse_duration", "parse_bool", "normalize_host"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -219,6 +218,10 @@ def _check_advertise_host(host: object) -> None:
 PLACEMENTS = ("auto", "barrier", "coordinated")
 
 
+#: Default of ``spark.hydrogen.stacks.gilDumpAfter`` (seconds): the one place it is written.
+STACK_DUMP_AFTER = 5.0
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """How the driver launches gangs and how tasks talk to the coordinator."""
@@ -232,7 +235,7 @@ class LaunchConfig:
     placement: str = "auto"
     start_timeout: float = 180.0
     #: Seconds a rank's Python may be kept from running before faulthandler dumps it for stacks(); 0: never.
-    stack_dump_after: float = 5.0
+    stack_dump_after: float = STACK_DUMP_AFTER
 
     def __post_init__(self) -> None:
         if not 0 <= self.stack_dump_after <= 3600:

@@ -31,6 +31,7 @@ import os
 import selectors
 import threading
 
+from ..config import STACK_DUMP_AFTER
 from ..errors import HydrogenError
 from .client import CoordinatorClient
 from .stacks import format_stacks
@@ -40,7 +41,7 @@ __all__ = ["StackResponder", "DEFAULT_DUMP_AFTER", "dump_refusal", "JOIN_TIMEOUT
 log = logging.getLogger("sparkhydrogen.stacks")
 
 #: Seconds this thread may be kept from running Python before faulthandler dumps every thread.
-DEFAULT_DUMP_AFTER = 1.0
+DEFAULT_DUMP_AFTER = STACK_DUMP_AFTER
 #: How long :meth:`StackResponder.close` waits for its thread.
 JOIN_TIMEOUT = 5.0
 

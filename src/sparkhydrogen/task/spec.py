@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import LaunchConfig
+from ..config import STACK_DUMP_AFTER, LaunchConfig
 
 __all__ = ["TaskSpec"]
 
@@ -36,7 +36,7 @@ class TaskSpec:
     stage_gang: bool = False
     name: str = ""
     #: sparkhydrogen.stacks(): faulthandler dumps the rank once its Python cannot run this long (None: never).
-    stack_dump_after: float | None = 5.0
+    stack_dump_after: float | None = STACK_DUMP_AFTER
 
     @classmethod
     def build(cls, launch: LaunchConfig, *, gang_id: str, secret: bytes, host: str, port: int, world_size: int,
