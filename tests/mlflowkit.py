@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["tracking_server", "free_port", "STARTUP_TIMEOUT"]
+__all__ = ["TrackingServer", "tracking_server", "free_port", "STARTUP_TIMEOUT"]
 
 #: How long the server may take to answer its health check (it imports a lot, then migrates the SQLite schema).
 STARTUP_TIMEOUT = 120.0
@@ -45,33 +45,45 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def tracking_server(folder: Path, timeout: float = STARTUP_TIMEOUT) -> Iterator[str]:
-    """Run ``mlflow server`` with its store in ``folder``; yields its URI (``http://127.0.0.1:<port>``)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / "server.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
+class TrackingServer:
+    """``mlflow server`` started now (by pid, its own process group); :meth:`wait_ready` before use, :meth:`stop` after.
+
+    Starting and waiting are apart so that a fixture can start Spark while the server boots.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.log_path = folder / "server.log"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                 "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def _log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> str:
+        """Block until ``/health`` answers (bounded); returns the server's URI."""
         deadline = time.monotonic() + timeout
         pause = threading.Event()
-        while not _healthy(url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+        while not _healthy(self.uri):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self._log_tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server did not answer {url}/health within {timeout:g} s: "
-                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+                raise TimeoutError(f"mlflow server did not answer {self.uri}/health within {timeout:g} s: "
+                                   f"{self._log_tail()}")
             pause.wait(0.2)
-        yield url
-    finally:
+        return self.uri
+
+    def stop(self) -> None:
+        """SIGTERM its process group, then SIGKILL if it lingers (bounded)."""
+        proc = self.proc
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -81,3 +93,13 @@ def tracking_server(folder: Path, timeout: float = STARTUP_TIMEOUT) -> Iterator[
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(15)
+
+
+@contextlib.contextmanager
+def tracking_server(folder: Path, timeout: float = STARTUP_TIMEOUT) -> Iterator[str]:
+    """Run ``mlflow server`` with its store in ``folder``; yields its URI (``http://127.0.0.1:<port>``)."""
+    server = TrackingServer(folder)
+    try:
+        yield server.wait_ready(timeout)
+    finally:
+        server.stop()
