@@ -116,12 +116,21 @@ class MlflowTracker:
 
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a mapping of names to values, got {type(params).__name__}")
-        entries = []
+        existing = self.client.get_run(self._run_id).data.params  # MLflow refuses to change a logged param
+        entries, clashes = [], []
         for key, value in params.items():
             text = str(value)
             if len(text) > MAX_PARAM_CHARS:
                 text = text[: MAX_PARAM_CHARS - 20] + f"... ({len(text)} chars)"
+            if str(key) in existing:
+                if existing[str(key)] != text:
+                    clashes.append(f"{key}={text[:60]!r} (logged: {existing[str(key)][:60]!r})")
+                continue
             entries.append(Param(str(key), text))
+        if clashes:
+            log.warning("MLflow run %s already has other values for param(s) %s: kept as they were (fit into a "
+                        "nested run, fit_run(..., nested=True), to log each fit's own)", self._run_id,
+                        ", ".join(clashes))
         for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self._run_id, params=entries[start : start + 100], synchronous=True)
 
