@@ -230,14 +230,14 @@ def fit_run(params: Mapping[str, Any], *, nested: bool = False, name: str | None
 
     active = mlflow.active_run()
     parent = parent_run_id or (active.info.run_id if active is not None else None)
+    if parent is None and not autolog_enabled():
+        log.debug("fit_run: no MLflow run is active and autologging is off; nothing is logged")
+        yield NoopTracker()  # no store touched: a client for the default URI could create ./mlflow.db
+        return
     uri = mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     started_here = False  # a fluent run of this thread (autolog): ended with mlflow.end_run
     if parent is None:
-        if not autolog_enabled():
-            log.debug("fit_run: no MLflow run is active and autologging is off; nothing is logged")
-            yield NoopTracker()
-            return
         run_id = mlflow.start_run(run_name=name).info.run_id
         started_here = True
     elif nested:
