@@ -35,6 +35,14 @@ def dataset(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: b
     as in :func:`sparkhydrogen.data.numpy_batches`; do not ``.batch()`` the dataset again.
     Each iteration is one epoch: more than one needs ``cache=True``.
 
+    The dataset has ``state_dict()`` and ``load_state_dict(sd)`` (those of
+    :class:`sparkhydrogen.data.Batches`): save the state with ``ctx.checkpoint(...)`` and
+    load it into the dataset of a retried attempt before iterating it to continue with the
+    next batch. They belong to this dataset object (not to one made from it by ``map``);
+    the state counts the batches the generator made, so a ``.prefetch(k)`` after it lets
+    the state run up to ``k`` batches ahead of your loop (tf.data's own injected prefetch is
+    turned off here for that reason).
+
     Example:
         >>> def train():                                                        # doctest: +SKIP
         ...     ds = sparkhydrogen.tensorflow.dataset(64, columns=["x", "y"], drop_last=True, cache=True)
@@ -57,4 +65,10 @@ def dataset(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: b
                             dtype=_dtype(tf, name, array.dtype))
         for name, array in first.items()
     }
-    return tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
+    ds = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False  # made ahead, a batch would count as handed out
+    ds = ds.with_options(options)
+    ds.state_dict = batches.state_dict
+    ds.load_state_dict = batches.load_state_dict
+    return ds

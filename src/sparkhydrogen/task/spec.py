@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import STACK_DUMP_AFTER, LaunchConfig
+from ..config import DEFAULT_CACHE_MEMORY, STACK_DUMP_AFTER, LaunchConfig
 
 __all__ = ["TaskSpec"]
 
@@ -37,6 +37,8 @@ class TaskSpec:
     name: str = ""
     #: sparkhydrogen.stacks(): faulthandler dumps the rank once its Python cannot run this long (None: never).
     stack_dump_after: float | None = STACK_DUMP_AFTER
+    #: spark.hydrogen.data.cacheMemoryBudget: bytes of its share a cache=True loader keeps in memory.
+    data_cache_memory: int = DEFAULT_CACHE_MEMORY
 
     @classmethod
     def build(cls, launch: LaunchConfig, *, gang_id: str, secret: bytes, host: str, port: int, world_size: int,
@@ -55,7 +57,7 @@ class TaskSpec:
             heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
             stream_logs=stream_logs, tls_fingerprint=tls_fingerprint, gated=gated,
             start_timeout=launch.start_timeout if gated else None, stage_gang=stage_gang, name=name[:200],
-            stack_dump_after=launch.stack_dump_after or None)
+            stack_dump_after=launch.stack_dump_after or None, data_cache_memory=launch.data_cache_memory)
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
