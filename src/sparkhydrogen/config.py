@@ -248,7 +248,7 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         if self.data_cache_memory < 0:
-            raise ValueError(f"data_cache_memory must be >= 0 bytes (0: spill everything), got {self.data_cache_memory}")
+            raise ValueError(f"data_cache_memory must be >= 0 bytes (0: spill all), got {self.data_cache_memory}")
         if not 0 <= self.stack_dump_after <= 3600:
             raise ValueError(f"stack_dump_after must be in 0..3600 seconds (0: off), got {self.stack_dump_after}")
         if self.placement not in PLACEMENTS:

@@ -51,6 +51,7 @@ class FeedOptions:
         seed: seeds the shuffle, with the rank and the epoch.
         cache: keep this rank's rows so the batches can be iterated again (epochs): in memory up to
             ``spark.hydrogen.data.cacheMemoryBudget``, the rest in a spill file on local disk.
+        cache_memory: this loader's memory budget in bytes instead of that key's (0: spill it all).
     """
 
     batch_size: int
@@ -61,6 +62,7 @@ class FeedOptions:
     equal_steps: bool = True
     seed: int = 0
     cache: bool = False
+    cache_memory: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("batch_size", self.batch_size)
@@ -82,6 +84,10 @@ class FeedOptions:
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        memory = self.cache_memory
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, numbers.Integral)
+                                   or memory < 0):
+            raise ValueError(f"cache_memory must be a number of bytes >= 0 (or None: the Spark conf's), got {memory!r}")
 
 
 class Batches:
@@ -114,7 +120,8 @@ class Batches:
         self._raw: Iterator[Any] | None = None
         self._converted: Iterator[Chunk] | None = None
         self._peeked: list[Chunk] = []
-        self.store: ShareStore | None = ShareStore(memory_budget, spill_dir) if options.cache else None
+        budget = memory_budget if options.cache_memory is None else int(options.cache_memory)
+        self.store: ShareStore | None = ShareStore(budget, spill_dir) if options.cache else None
         self._fingerprint = Fingerprint()
         self._expect: LoaderState | None = None  # a loaded state whose share is still to be compared
         self._resume: LoaderState | None = None  # a loaded state the next pass starts from
@@ -417,7 +424,8 @@ def from_context(options: FeedOptions) -> Batches:
 
 def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuffle: bool = False,
                   drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
-                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False) -> Batches:
+                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False,
+                  cache_memory: int | None = None) -> Batches:
     """This rank's share of ``data=`` as batches of ``batch_size`` rows: ``dict`` column -> ``numpy.ndarray``.
 
     Call it inside a rank of ``sparkhydrogen.run(fn, n, data=df)`` (or a launcher with
@@ -426,7 +434,11 @@ def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuf
     batches, so collective training steps never wait for a rank that ran out; the rows
     a rank could not use are logged on ``sparkhydrogen.data``. ``shuffle`` mixes rows in a
     buffer of ``shuffle_buffer`` rows seeded by ``(seed, rank, epoch)``. ``cache=True``
-    keeps the rank's rows in memory so the batches can be iterated for more epochs.
+    keeps the rank's rows so the batches can be iterated for more epochs: in memory up to
+    ``cache_memory`` bytes (default: ``spark.hydrogen.data.cacheMemoryBudget``, 1 GiB), the
+    rest in an Arrow file under Spark's local dirs, read back a batch at a time. The
+    batches have :meth:`Batches.state_dict` / :meth:`Batches.load_state_dict` to resume
+    mid-epoch after a gang retry.
 
     Example:
         >>> def train():                                                       # doctest: +SKIP
@@ -438,5 +450,5 @@ def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuf
     """
     options = FeedOptions(batch_size=batch_size, columns=columns,
                           shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
-                          equal_steps=equal_steps, seed=seed, cache=cache)
+                          equal_steps=equal_steps, seed=seed, cache=cache, cache_memory=cache_memory)
     return from_context(options)

@@ -1,0 +1,249 @@
+"""Cached epochs (in memory and spilled to disk) and loaders resumed after a gang retry, on real Spark.
+
+One shared ``local[2]`` session (tests/data/conftest.py). A "failure" is ``os._exit`` in rank 1
+on attempt 0, mid-way through epoch 2; ``max_retries=1`` launches the whole gang again, and each
+rank restores its last checkpoint (loader state, rows seen so far, model) to continue.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import sparkhydrogen as h2
+
+pytestmark = [pytest.mark.spark, pytest.mark.timeout(240)]
+
+ROWS = 20_000  # 10,000 per rank, 100 batches of 100 per epoch
+
+
+def cached_epochs(cache_memory: int | None) -> Callable[[], dict[str, Any]]:
+    """Rank body: three shuffled cached epochs; every id per epoch, the RSS growth, the spill file."""
+
+    def body() -> dict[str, Any]:
+        import os
+
+        import numpy as np
+
+        from sparkhydrogen.data import numpy_batches
+
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def rss() -> int:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * page
+
+        batches = numpy_batches(4096, shuffle=True, shuffle_buffer=20_000, cache=True, equal_steps=False,
+                                cache_memory=cache_memory)
+        start = peak = rss()
+        epochs, later_peak, share_bytes = [], 0, 0
+        for epoch in range(3):
+            got = []
+            for i, batch in enumerate(batches):
+                if not np.array_equal(batch["f3"], batch["id"] * 3.0):
+                    raise AssertionError("a row's columns were separated")
+                got.append(batch["id"])
+                share_bytes += sum(v.nbytes for v in batch.values()) if epoch == 0 else 0
+                if i % 8 == 0:
+                    now = rss()
+                    peak = max(peak, now)
+                    later_peak = max(later_peak, now) if epoch else later_peak
+            epochs.append(np.concatenate(got))
+        store = batches.store
+        return {"epochs": epochs, "growth": peak - start, "share_bytes": share_bytes,
+                "spilled": store.spilled_chunks if store else -1, "path": store.path if store else None,
+                "local_dirs": os.environ.get("SPARK_LOCAL_DIRS", "")}
+
+    return body
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled"])
+def test_cached_epochs_give_every_row_exactly_once_and_the_spill_bounds_memory(spark: Any, spill: bool) -> None:
+    rows = 1_600_000
+    df = spark.range(rows, numPartitions=2).selectExpr("id", *[f"cast(id * {k} AS double) AS f{k}" for k in range(7)])
+    out = h2.run(cached_epochs(2 << 20 if spill else None), 2, data=df)
+    for epoch in range(3):
+        ids = np.concatenate([rank["epochs"][epoch] for rank in out])
+        assert len(ids) == rows and np.array_equal(np.sort(ids), np.arange(rows)), epoch
+    for rank in out:
+        assert not np.array_equal(rank["epochs"][1], rank["epochs"][2])  # reshuffled per epoch
+        share = rank["share_bytes"]  # 800,000 rows x 8 columns x 8 bytes: 51 MB
+        print(f"spill={spill}: rank RSS growth {rank['growth'] / 2**20:.1f} MiB for a share of "
+              f"{share / 2**20:.1f} MiB, {rank['spilled']} batches spilled")
+        if spill:
+            assert rank["spilled"] > 0 and rank["path"] is not None
+            assert rank["path"].startswith(tuple(rank["local_dirs"].split(","))), rank["path"]
+            assert not os.path.exists(os.path.dirname(rank["path"]))  # removed when the rank ended
+            assert rank["growth"] < share / 3, rank["growth"]
+        else:
+            assert rank["spilled"] == 0 and rank["growth"] > share * 0.7  # the measurement sees a cache
+
+
+def resumable_epochs(kind: str, kill: bool, cache_memory: int | None) -> Callable[[], dict[str, Any]]:
+    """Rank body: three epochs of ids from a numpy or tf.data loader, checkpointed every 10 batches."""
+
+    def body() -> dict[str, Any]:
+        import os
+
+        import sparkhydrogen as h2
+
+        ctx = h2.BarrierTaskContext.get()
+        calls = [0]
+        gather = ctx.allGather
+
+        def counted(message: Any = "", timeout: float | None = None) -> list[Any]:
+            calls[0] += 1
+            return gather(message, timeout)
+
+        ctx.allGather = counted  # type: ignore[method-assign]  # counts the loader's agreements
+        options: dict[str, Any] = {"columns": ["id"], "shuffle": True, "shuffle_buffer": 700, "cache": True,
+                                   "seed": 11, "cache_memory": cache_memory}
+        if kind == "tf":
+            from sparkhydrogen.data.tensorflow_feed import dataset
+
+            loader: Any = dataset(100, **options)
+
+            def ids() -> Any:
+                return (b["id"].numpy() for b in loader)
+        else:
+            from sparkhydrogen.data import numpy_batches
+
+            loader = numpy_batches(100, **options)
+
+            def ids() -> Any:
+                return (b["id"] for b in loader)
+        seen: list[list[int]] = [[], [], []]
+        state = ctx.restore()
+        if state is not None:
+            loader.load_state_dict(state["loader"])
+            seen = state["seen"]
+        agreements = []
+        for epoch in range(loader.state_dict()["epoch"], 3):
+            before = calls[0]
+            for batch in ids():
+                seen[epoch].extend(batch.tolist())
+                position = loader.state_dict()["position"]
+                if position % 10 == 0:
+                    ctx.checkpoint({"loader": loader.state_dict(), "seen": seen})
+                if kill and ctx.gangAttempt() == 0 and epoch == 1 and position == 57 and ctx.rank() == 1:
+                    os._exit(3)
+            agreements.append(calls[0] - before)
+        return {"seen": seen, "attempt": ctx.gangAttempt(), "agreements": agreements}
+
+    return body
+
+
+@pytest.fixture(scope="module")
+def ids_df(spark: Any) -> Any:
+    return spark.range(ROWS, numPartitions=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ids_df: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = h2.run(resumable_epochs("numpy", False, None), 2, data=ids_df)
+    return out
+
+
+def check_resumed(out: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
+    for rank, ref in zip(out, reference, strict=True):
+        assert rank["attempt"] == 1 and ref["attempt"] == 0
+        assert rank["seen"] == ref["seen"]  # every epoch in the uninterrupted order, the failed one included
+        assert rank["agreements"] == [0, 0]  # the resumed epoch and the next take the saved step count
+    for epoch in range(3):
+        ids = np.concatenate([rank["seen"][epoch] for rank in out])
+        assert np.array_equal(np.sort(ids), np.arange(ROWS)), epoch  # exactly once across the failure
+
+
+def test_uninterrupted_epochs_agree_a_few_times_in_the_first_epoch_and_never_after(
+        uninterrupted: list[dict[str, Any]]) -> None:
+    for rank in uninterrupted:
+        assert [len(e) for e in rank["seen"]] == [ROWS // 2] * 3
+        assert rank["agreements"] == [4, 0, 0]  # windows of 8, 16, 32, then the last 44: 100 steps, 4 collectives
+
+
+def test_numpy_batches_killed_mid_epoch_resume_exactly_from_a_spilled_cache(
+        ids_df: Any, uninterrupted: list[dict[str, Any]]) -> None:
+    started = time.monotonic()
+    out = h2.run(resumable_epochs("numpy", True, 0), 2, data=ids_df, max_retries=1, retry_backoff=0.1)
+    print(f"numpy: killed and resumed run {time.monotonic() - started:.1f} s")
+    check_resumed(out, uninterrupted)
+
+
+def test_tf_dataset_killed_mid_epoch_resumes_exactly(ids_df: Any, uninterrupted: list[dict[str, Any]]) -> None:
+    pytest.importorskip("tensorflow")
+    out = h2.run(resumable_epochs("tf", True, None), 2, data=ids_df, max_retries=1, retry_backoff=0.1)
+    check_resumed(out, uninterrupted)
+
+
+def torch_training(kill: bool) -> Callable[[], dict[str, Any]]:
+    """Rank body: a linear model under DDP, three epochs, checkpointed (model, optimizer, loader) every 4 steps."""
+
+    def train() -> dict[str, Any]:
+        import os
+
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        import sparkhydrogen as h2
+        from sparkhydrogen.data.torch_feed import data_loader
+
+        ctx = h2.BarrierTaskContext.get()
+        torch.manual_seed(0)
+        net = torch.nn.Linear(2, 1)
+        model = DistributedDataParallel(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        loader = data_loader(64, columns=["id", "x", "y"], shuffle=True, shuffle_buffer=500, cache=True, seed=5)
+        seen: list[list[int]] = [[], [], []]
+        state = ctx.restore()
+        if state is not None:
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            loader.load_state_dict(state["loader"])
+            seen = state["seen"]
+        for epoch in range(loader.state_dict()["epoch"], 3):
+            for batch in loader:
+                loss = torch.nn.functional.mse_loss(model(batch["x"]).squeeze(1), batch["y"])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                seen[epoch].extend(batch["id"].tolist())
+                position = loader.state_dict()["position"]
+                if position % 4 == 0:
+                    ctx.checkpoint({"model": net.state_dict(), "opt": opt.state_dict(),
+                                    "loader": loader.state_dict(), "seen": seen})
+                if kill and ctx.gangAttempt() == 0 and epoch == 1 and position == 10 and ctx.rank() == 1:
+                    os._exit(3)
+        return {"seen": seen, "params": [p.detach().numpy().copy() for p in net.parameters()],
+                "attempt": ctx.gangAttempt()}
+
+    return train
+
+
+def test_torch_ddp_killed_mid_epoch_resumes_to_the_parameters_of_an_uninterrupted_run(spark: Any) -> None:
+    pytest.importorskip("torch")
+    import sparkhydrogen.torch as h2torch
+
+    df = spark.range(4_000, numPartitions=2).selectExpr(
+        "id", "array(cast(rand(1) AS float), cast(rand(2) AS float)) AS x").selectExpr(
+        "id", "x", "cast(3 * x[0] - 2 * x[1] + 1 AS float) AS y")
+    timings = []
+    runs = []
+    for kill in (False, True):
+        started = time.monotonic()
+        runs.append(h2torch.run(torch_training(kill), num_processes=2, data=df, return_all=True, stream_logs=False,
+                                max_retries=1, retry_backoff=0.1))
+        timings.append(time.monotonic() - started)
+    print(f"torch: uninterrupted {timings[0]:.1f} s, killed and resumed {timings[1]:.1f} s")
+    whole, resumed = runs
+    for ref, rank in zip(whole, resumed, strict=True):
+        assert (ref["attempt"], rank["attempt"]) == (0, 1)
+        assert rank["seen"] == ref["seen"]
+        for a, b in zip(ref["params"], rank["params"], strict=True):
+            assert np.array_equal(a, b), (a, b)
+    ids = np.concatenate([rank["seen"][1] for rank in resumed])
+    assert np.array_equal(np.sort(ids), np.arange(4_000))
