@@ -1,8 +1,9 @@
 """Cached epochs (in memory and spilled to disk) and loaders resumed after a gang retry, on real Spark.
 
-One shared ``local[2]`` session (tests/data/conftest.py). A "failure" is ``os._exit`` in rank 1
-on attempt 0 (an exception for tf.data, whose import a new worker would repeat), mid-way through epoch 2; ``max_retries=1`` launches the whole gang again, and each
-rank restores its last checkpoint (loader state, rows seen so far, model) to continue.
+One shared ``local[2]`` session (tests/data/conftest.py). A "failure" is ``os._exit`` in rank 1 on
+attempt 0 mid-way through epoch 2 (an exception for tf.data, whose slow import a new worker would
+repeat); ``max_retries=1`` launches the whole gang again, and each rank restores its last
+checkpoint (loader state, rows seen so far, model) to continue.
 """
 
 from __future__ import annotations
