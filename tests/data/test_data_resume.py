@@ -142,7 +142,8 @@ def resumable_epochs(kind: str, kill: bool, cache_memory: int | None) -> Callabl
                         raise RuntimeError("injected failure mid-epoch")
                     os._exit(3)
             agreements.append(calls[0] - before)
-        return {"seen": seen, "attempt": ctx.gangAttempt(), "agreements": agreements}
+        return {"seen": seen, "attempt": ctx.gangAttempt(), "agreements": agreements,
+                "local_dirs": os.environ.get("SPARK_LOCAL_DIRS", "")}
 
     return body
 
@@ -181,6 +182,8 @@ def test_numpy_batches_killed_mid_epoch_resume_exactly_from_a_spilled_cache(
     out = h2.run(resumable_epochs("numpy", True, 0), 2, data=ids_df, max_retries=1, retry_backoff=0.1)
     print(f"numpy: killed and resumed run {time.monotonic() - started:.1f} s")
     check_resumed(out, uninterrupted)
+    dirs = {d for rank in out for d in rank["local_dirs"].split(",") if d}
+    assert dirs and not [name for d in dirs for name in os.listdir(d) if name.startswith("sparkhydrogen-spill-")]
 
 
 def test_tf_dataset_killed_mid_epoch_resumes_exactly(ids_df: Any, uninterrupted: list[dict[str, Any]]) -> None:

@@ -18,7 +18,7 @@ from sparkhydrogen.config import HydrogenConfig
 from sparkhydrogen.data import Batches, FeedOptions
 from sparkhydrogen.data._batching import equal_steps
 from sparkhydrogen.data._state import LoaderState
-from sparkhydrogen.data._store import ShareStore, spill_root
+from sparkhydrogen.data._store import PREFIX, ShareStore, spill_root, sweep
 from sparkhydrogen.errors import LaunchError
 
 pytestmark = pytest.mark.timeout(60)
@@ -237,3 +237,18 @@ def test_spill_root_uses_spark_local_dirs_and_the_budget_key_is_read(tmp_path: A
         HydrogenConfig.from_conf({"spark.hydrogen.data.cacheMemoryBudget": "lots"}.get, "localhost")
     with pytest.raises(ValueError, match="budget must be >= 0"):
         ShareStore(-1)
+
+
+def test_a_spill_directory_of_a_dead_worker_is_swept_and_a_live_ones_kept(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True, timeout=60)
+    dead = tmp_path / f"{PREFIX}{gone.stdout.strip()}-abc"
+    live = tmp_path / f"{PREFIX}{os.getppid()}-def"
+    other = tmp_path / "blockmgr-1"
+    for folder in (dead, live, other):
+        folder.mkdir()
+    assert sweep(str(tmp_path)) == [dead.name]
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])

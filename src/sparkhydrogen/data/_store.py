@@ -3,7 +3,8 @@
 The file lives in a directory of its own under Spark's local dirs (``SPARK_LOCAL_DIRS``, as the
 executor gives them to its Python workers; the system's temporary directory elsewhere) and is
 removed when the store closes (the rank's end, failed or not); a worker killed outright leaves
-it to Spark, which removes its local dirs when the executor stops. Spilled batches are read
+it to the next store on the host (which removes the directories of workers that are gone) or
+to Spark, which removes its local dirs when the executor stops. Spilled batches are read
 back one at a time with plain file reads, so a later epoch holds one batch of them, never the file.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from ._convert import Chunk, to_chunk
 
-__all__ = ["ShareStore", "spill_root"]
+__all__ = ["PREFIX", "ShareStore", "spill_root", "sweep"]
 
 log = logging.getLogger("sparkhydrogen.data")
 
@@ -39,6 +40,41 @@ def spill_root(environ: dict[str, str] | None = None) -> str:
 
 def _remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+#: Spill directories are named ``<PREFIX><pid>-<random>``: the pid of the worker that wrote them.
+PREFIX = "sparkhydrogen-spill-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep(root: str) -> list[str]:
+    """Remove the spill directories under ``root`` whose worker process is gone (killed before its cleanup).
+
+    Returns the directories removed. A worker killed outright (``SIGKILL``, ``os._exit``) cannot
+    remove its own file; the next store on the host does.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(os.path.join(root, name))
+            removed.append(name)
+    return removed
 
 
 def _nbytes(chunk: Chunk) -> int:
@@ -103,7 +139,10 @@ class ShareStore:
     def _open_writer(self, schema: Any) -> None:
         import pyarrow as pa
 
-        self._dir = tempfile.mkdtemp(prefix="sparkhydrogen-spill-", dir=self._root or spill_root())
+        root = self._root or spill_root()
+        for name in sweep(root):
+            log.info("removed %s under %s: left by a worker that was killed", name, root)
+        self._dir = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
         self._finalizer = weakref.finalize(self, _remove, self._dir)
         self._path = os.path.join(self._dir, "share.arrow")
         self._sink = pa.OSFile(self._path, "wb")
