@@ -134,7 +134,7 @@ def agreed(reports: Iterable[tuple[int, bool]]) -> tuple[int, bool]:
 
 def equal_steps(batches: Iterable[Chunk], agree: Agree, on_end: Callable[[int, int], None], *,
                 first_window: int = 8, max_window: int = 4096,
-                max_bytes: int = 64 * 1024 * 1024) -> Iterator[Chunk]:
+                max_bytes: int = 4 * 1024 * 1024) -> Iterator[Chunk]:
     """``batches`` for as long as every rank still has one, agreeing once per window of steps, not per step.
 
     Each rank makes up to a window of batches ahead (``first_window``, doubling each round to
