@@ -138,6 +138,8 @@ def resumable_epochs(kind: str, kill: bool, cache_memory: int | None,
             for batch in ids():
                 seen[epoch].extend(batch.tolist())
                 position = loader.state_dict()["position"]
+                if position * 100 != len(seen[epoch]):  # tf.data too: the state counts what the loop received
+                    raise AssertionError(f"state at batch {position}, the loop received {len(seen[epoch]) // 100}")
                 if position % 10 == 0:
                     ctx.checkpoint({"loader": loader.state_dict(), "seen": seen})
                 if epoch == 1 and position == 57:

@@ -158,6 +158,7 @@ def test_state_after_a_finished_epoch_points_at_the_next_one_and_a_fresh_loader_
     batches = make(record_batches(0, SIZES), options())
     assert (batches.state_dict()["epoch"], batches.state_dict()["position"]) == (0, 0)
     it = iter(batches)
+    assert (batches.state_dict()["epoch"], batches.state_dict()["position"]) == (0, 0)
     next(it)
     next(it)
     assert (batches.state_dict()["epoch"], batches.state_dict()["position"]) == (0, 2)

@@ -289,10 +289,10 @@ class Batches:
             stream = self._replay(epoch, skip)
         self._passes += 1
         self._next_epoch = epoch + 1
-        return self._track(stream, epoch, skip)
+        self._epoch, self._position, self._open_pass = epoch, skip, True
+        return self._track(stream)
 
-    def _track(self, stream: Iterator[Chunk], epoch: int, position: int) -> Iterator[Chunk]:
-        self._epoch, self._position, self._open_pass = epoch, position, True
+    def _track(self, stream: Iterator[Chunk]) -> Iterator[Chunk]:
         try:
             for batch in stream:
                 self._position += 1
