@@ -290,15 +290,18 @@ class Batches:
         self._passes += 1
         self._next_epoch = epoch + 1
         self._epoch, self._position, self._open_pass = epoch, skip, True
-        return self._track(stream)
+        return self._track(stream, self._passes)
 
-    def _track(self, stream: Iterator[Chunk]) -> Iterator[Chunk]:
+    def _track(self, stream: Iterator[Chunk], token: int) -> Iterator[Chunk]:
+        """``stream``, counting the batches handed out while it is the current pass (``token``)."""
         try:
             for batch in stream:
-                self._position += 1
+                if self._passes == token:
+                    self._position += 1
                 yield batch
         finally:
-            self._open_pass = False
+            if self._passes == token:  # an older pass closed late leaves the current one alone
+                self._open_pass = False
 
     def _rng(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.options.seed, self.rank, epoch])
