@@ -253,3 +253,18 @@ def test_a_spill_directory_of_a_dead_worker_is_swept_and_a_live_ones_kept(tmp_pa
         folder.mkdir()
     assert sweep(str(tmp_path)) == [dead.name]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
+
+
+def test_rank_end_runs_every_closer_even_after_one_fails(caplog: Any) -> None:
+    from sparkhydrogen.task.data import RankData
+
+    share = RankData(iter(()), arrow=True)
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise OSError("disk gone")
+
+    share.closers += [lambda: ran.append("a"), broken, lambda: ran.append("b")]
+    share.close()
+    share.close()  # once only
+    assert ran == ["a", "b"] and "disk gone" in caplog.text
