@@ -13,7 +13,7 @@
 """
 
 from .config import CoordinatorConfig, HydrogenConfig, LaunchConfig
-from .context import BarrierTaskContext, BarrierTaskInfo
+from .context import BarrierTaskContext, BarrierTaskInfo, Restored
 from .diagnosis import GangReport, GangStatus, RankState, RankStatus, report, status
 from .errors import (
     AuthenticationError,
@@ -27,6 +27,7 @@ from .errors import (
     GangCancelledError,
     GangFailedError,
     GangNotFoundError,
+    GangResizing,
     GangSetupError,
     GpuPlacementError,
     HydrogenError,
@@ -70,6 +71,7 @@ __all__ = [
     "GangAbortedError",
     "GangCancelledError",
     "GangSetupError",
+    "GangResizing",
     "GangFailedError",
     "GangReport",
     "GangStatus",
@@ -87,6 +89,7 @@ __all__ = [
     "RankState",
     "RankStatus",
     "RegistrationError",
+    "Restored",
     "GangNotFoundError",
     "barrier",
     "install",
