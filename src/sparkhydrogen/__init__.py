@@ -41,6 +41,7 @@ from .errors import (
     RegistrationError,
 )
 from .launch import RDDBarrier, barrier, retry, run, stacks
+from .launch.elastic import SizeRange
 from .transparent import install, installed, is_installed, uninstall
 
 __version__ = "0.1.0"
@@ -90,6 +91,7 @@ __all__ = [
     "RankStatus",
     "RegistrationError",
     "Restored",
+    "SizeRange",
     "GangNotFoundError",
     "barrier",
     "install",

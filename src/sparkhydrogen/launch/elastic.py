@@ -63,6 +63,8 @@ def size_range(value: Any, name: str = "num_tasks", grow: str = "attempt") -> Si
     ...
     ValueError: num_tasks=(4, 2): min must not exceed max
     """
+    if isinstance(value, SizeRange):
+        return value
     if not isinstance(grow, str) or grow not in GROW_MODES:
         raise ValueError(f"grow must be one of {', '.join(map(repr, GROW_MODES))}, got {grow!r}")
     if isinstance(value, (tuple, list)):
