@@ -40,8 +40,7 @@ from .errors import (
     RankLostError,
     RegistrationError,
 )
-from .launch import RDDBarrier, barrier, retry, run, stacks
-from .launch.elastic import SizeRange
+from .launch import RDDBarrier, SizeRange, barrier, retry, run, stacks
 from .transparent import install, installed, is_installed, uninstall
 
 __version__ = "0.1.0"

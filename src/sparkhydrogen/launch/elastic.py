@@ -131,7 +131,8 @@ def growth(wanted: SizeRange, current: int, snapshot: SlotSnapshot) -> int | Non
 
     ``snapshot.busy`` counts the gang's own running ranks: the free slots are what it can add.
 
-    >>> growth(SizeRange(2, 4), 2, SlotSnapshot(slots=4, busy=2)), growth(SizeRange(2, 4), 4, SlotSnapshot(slots=6))
+    >>> every = SizeRange(2, 4, grow="checkpoint")
+    >>> growth(every, 2, SlotSnapshot(slots=4, busy=2)), growth(every, 4, SlotSnapshot(slots=6))
     (4, None)
     """
     if wanted.grow != "checkpoint" or current >= wanted.high:
