@@ -31,6 +31,9 @@ log = logging.getLogger("sparkhydrogen.launch")
 
 #: How often the driver reads the cluster's slots while an elastic gang waits below min or may grow.
 POLL_INTERVAL = 0.5
+#: After an attempt ended, how long the next one's size waits, at most, for the ended attempt's tasks to leave
+#: their slots (Spark kills them asynchronously); only while waiting could make the gang larger.
+SETTLE = 3.0
 
 
 def snapshot_of(target: SparkTarget) -> SlotSnapshot:
@@ -77,7 +80,7 @@ class AttemptSizer:
             self.current = self.wanted.high
             self.history.record(SizeStep(attempt, self.current, cause))
             return self.current
-        choice = self._choose()
+        choice = self._choose(settle=SETTLE if attempt else 0.0)
         self.current = choice.size
         previous = self.history.last
         self.history.record(SizeStep(attempt, choice.size, cause, choice.arithmetic))
@@ -87,16 +90,18 @@ class AttemptSizer:
                choice.size, change, choice.arithmetic)
         return choice.size
 
-    def _choose(self) -> SizeChoice:
+    def _choose(self, settle: float = 0.0) -> SizeChoice:
         started = time.monotonic()
         deadline = started + self.bound()
         pause = threading.Event()
         last_log = started
         while True:
-            choice = choose_size(self.wanted, self.snapshot())
-            if choice.fits:
-                return choice
+            snapshot = self.snapshot()
+            choice = choose_size(self.wanted, snapshot)
             now = time.monotonic()
+            settling = snapshot.busy > 0 and choice.size < self.wanted.high and now < started + settle
+            if choice.fits and (not settling or now >= deadline):
+                return choice
             if now >= deadline:
                 raise InsufficientSlotsError(
                     f"elastic gang {self.name} ({self.wanted.describe()}) did not start: {choice.arithmetic}, "
