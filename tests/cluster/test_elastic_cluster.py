@@ -15,7 +15,6 @@ is the gradient of the mean loss over all ``N`` rows, whatever the number of ran
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -84,45 +83,6 @@ def _reference(rows: list[Any], epochs: int) -> tuple[float, float]:
     return w, b
 
 
-def _mark(folder: str, name: str) -> None:
-    Path(folder, name).write_text(json.dumps({"pid": os.getpid(), "t": time.time()}))
-
-
-def train(folder: str, epochs: int, total: int) -> dict[str, Any]:
-    """DDP training with a checkpoint per epoch; attempt 0 stops after epoch 2 until the test kills a worker."""
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    ctx = h2.BarrierTaskContext.get()
-    rows = list(ctx.rows())
-    ids = sorted(i for share in ctx.allGather([int(r["id"]) for r in rows]) for i in share)
-    x = torch.tensor([[float(r["x"])] for r in rows], dtype=torch.float64)
-    y = torch.tensor([[float(r["y"])] for r in rows], dtype=torch.float64)
-    model = torch.nn.Linear(1, 1).double()
-    restored = ctx.restored()
-    start = 0 if restored is None else int(restored.state["epoch"])
-    with torch.no_grad():
-        model.weight.fill_(0.5 if restored is None else restored.state["w"])
-        model.bias.fill_(-0.2 if restored is None else restored.state["b"])
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-    for epoch in range(start, epochs):
-        opt.zero_grad()
-        loss = ((ddp(x) - y) ** 2).sum() * dist.get_world_size() / total
-        loss.backward()
-        opt.step()
-        ctx.checkpoint({"epoch": epoch + 1, "w": model.weight.item(), "b": model.bias.item()})
-        if ctx.gangAttempt() == 0 and epoch + 1 == 2:
-            if ctx.rank() == 0:
-                _mark(folder, "epoch2")
-            ctx.barrier(timeout=120)  # never completes: the test SIGKILLs a worker holding a rank
-    return {"attempt": ctx.gangAttempt(), "world": ctx.worldSize(), "dist_world": dist.get_world_size(),
-            "tasks": len(ctx.getTaskInfos()), "every_row_once": ids == list(range(total)),
-            "restored_at": None if restored is None else restored.world_size, "start": start,
-            "w": model.weight.item(), "b": model.bias.item()}
-
-
 def _kill_when(cluster: Cluster, marker: Path, killed: list[int]) -> threading.Thread:
     def kill() -> None:
         deadline = time.monotonic() + 240
@@ -144,6 +104,41 @@ def test_torch_ddp_loses_a_worker_and_finishes_smaller_from_its_checkpoint(
 
     running, spark = cluster
     sc = spark.sparkContext
+
+    def train(folder: str, epochs: int, total: int) -> dict[str, Any]:
+        """DDP training with a checkpoint per epoch; attempt 0 stops after epoch 2 until the test kills a worker."""
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        ctx = h2.BarrierTaskContext.get()
+        rows = list(ctx.rows())
+        ids = sorted(i for share in ctx.allGather([int(r["id"]) for r in rows]) for i in share)
+        x = torch.tensor([[float(r["x"])] for r in rows], dtype=torch.float64)
+        y = torch.tensor([[float(r["y"])] for r in rows], dtype=torch.float64)
+        model = torch.nn.Linear(1, 1).double()
+        restored = ctx.restored()
+        start = 0 if restored is None else int(restored.state["epoch"])
+        with torch.no_grad():
+            model.weight.fill_(0.5 if restored is None else restored.state["w"])
+            model.bias.fill_(-0.2 if restored is None else restored.state["b"])
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+        for epoch in range(start, epochs):
+            opt.zero_grad()
+            loss = ((ddp(x) - y) ** 2).sum() * dist.get_world_size() / total
+            loss.backward()
+            opt.step()
+            ctx.checkpoint({"epoch": epoch + 1, "w": model.weight.item(), "b": model.bias.item()})
+            if ctx.gangAttempt() == 0 and epoch + 1 == 2:
+                if ctx.rank() == 0:
+                    Path(folder, "epoch2").write_text(str(os.getpid()))
+                ctx.barrier(timeout=120)  # never completes: the test SIGKILLs a worker holding a rank
+        return {"attempt": ctx.gangAttempt(), "world": ctx.worldSize(), "dist_world": dist.get_world_size(),
+                "tasks": len(ctx.getTaskInfos()), "every_row_once": ids == list(range(total)),
+                "restored_at": None if restored is None else restored.world_size, "start": start,
+                "w": model.weight.item(), "b": model.bias.item()}
+
     running.add_worker()
     running.add_worker()
     wait_for(lambda: executors(sc) == 4, "4 executors registered", 120)
@@ -180,7 +175,7 @@ def test_a_gang_grows_back_from_2_to_4_at_a_checkpoint_when_workers_return(
         restored = ctx.restored()
         step = 0 if restored is None else restored.state
         if ctx.gangAttempt() == 0 and ctx.rank() == 0:
-            _mark(folder, "started-small")
+            Path(folder, "started-small").write_text(str(os.getpid()))
         deadline = time.monotonic() + 180
         while ctx.worldSize() < 4:  # checkpoint until the gang is relaunched larger (GangResizing ends it here)
             step += 1
