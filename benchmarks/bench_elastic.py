@@ -61,9 +61,12 @@ def _gang(folder: str) -> Any:
             fh.write(repr(time.time()))
         ctx.checkpoint(ctx.gangAttempt())
         if ctx.gangAttempt() == 0:
-            if ctx.rank() == 0:
+            if ctx.rank() == 0:  # holds the others in barrier() until a worker holding a rank was SIGKILLed
                 open(os.path.join(folder, "ready"), "w").close()
-            ctx.barrier(timeout=300)  # a worker holding a rank is SIGKILLed here
+                deadline = time.monotonic() + 300
+                while not os.path.exists(os.path.join(folder, "killed")) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the benchmark's marker file is the signal
+            ctx.barrier(timeout=300)  # raises GangAbortedError: a rank's executor is gone
         return ctx.worldSize()
 
     return fn
@@ -79,6 +82,7 @@ def once(cluster: Cluster, sc: Any, size: Any) -> tuple[float, int]:
             _wait(lambda: os.path.exists(os.path.join(folder, "ready")), "the gang's first checkpoint", 300)
             killed.append(time.time())
             cluster.kill_worker(cluster.workers()[-1])
+            open(os.path.join(folder, "killed"), "w").close()
             cluster.add_worker()  # the replacement, started at once
 
         killer = threading.Thread(target=kill, daemon=True)

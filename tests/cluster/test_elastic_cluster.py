@@ -92,6 +92,7 @@ def _kill_when(cluster: Cluster, marker: Path, killed: list[int]) -> threading.T
             victim = cluster.workers()[-1]
             cluster.kill_worker(victim)
             killed.append(victim)
+            Path(marker.parent, "killed").write_text(str(victim))
 
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
@@ -131,9 +132,12 @@ def test_torch_ddp_loses_a_worker_and_finishes_smaller_from_its_checkpoint(
             opt.step()
             ctx.checkpoint({"epoch": epoch + 1, "w": model.weight.item(), "b": model.bias.item()})
             if ctx.gangAttempt() == 0 and epoch + 1 == 2:
-                if ctx.rank() == 0:
+                if ctx.rank() == 0:  # holds the others in barrier() until the test has SIGKILLed a worker
                     Path(folder, "epoch2").write_text(str(os.getpid()))
-                ctx.barrier(timeout=120)  # never completes: the test SIGKILLs a worker holding a rank
+                    deadline = time.monotonic() + 240
+                    while not Path(folder, "killed").exists() and time.monotonic() < deadline:
+                        time.sleep(0.1)  # the test's marker file is the signal
+                ctx.barrier(timeout=240)  # raises GangAbortedError: a rank's executor is gone
         return {"attempt": ctx.gangAttempt(), "world": ctx.worldSize(), "dist_world": dist.get_world_size(),
                 "tasks": len(ctx.getTaskInfos()), "every_row_once": ids == list(range(total)),
                 "restored_at": None if restored is None else restored.world_size, "start": start,
