@@ -164,6 +164,18 @@ def test_an_elastic_gang_needs_classic_spark() -> None:
         h2.run(lambda: 0, (2, 4), spark=_ConnectLike())
 
 
+def test_tensorflow_says_it_cannot_and_torch_says_where_it_cannot() -> None:
+    import sparkhydrogen.tensorflow as h2tf
+    import sparkhydrogen.torch as h2torch
+
+    with pytest.raises(ValueError, match="TensorFlow gangs have a fixed size: this launcher does not resize them"):
+        h2tf.run(lambda: 0, num_workers=(2, 4))
+    with pytest.raises(ValueError, match="not with local_mode=True or processes_per_task > 1"):
+        h2torch.run(lambda: 0, num_processes=(2, 4), local_mode=True)
+    with pytest.raises(ValueError, match=r"num_processes=\(4, 2\): min must not exceed max"):
+        h2torch.run(lambda: 0, num_processes=(4, 2))
+
+
 class _ConnectLike:
     """Stands for a Spark Connect session (the module name is what ``is_connect`` reads)."""
 

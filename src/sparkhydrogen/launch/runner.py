@@ -355,7 +355,8 @@ GREW = "the gang grows at a checkpoint (grow='checkpoint')"
 def _growing(error: LaunchError) -> bool:
     """Whether an attempt ended because its ranks were told to relaunch larger at a checkpoint."""
     cause = getattr(error, "cause", None)
-    return isinstance(error, GangFailedError) and cause is not None and cause.type == RESIZE_TYPE
+    return isinstance(error, GangFailedError) and cause is not None and (
+        cause.type == RESIZE_TYPE or cause.type.endswith("." + RESIZE_TYPE.rsplit(".", 1)[1]))
 
 
 def _offer(scope: GangScope) -> Callable[[int], None] | None:
