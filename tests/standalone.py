@@ -64,15 +64,22 @@ class Cluster:
 
     def add_worker(self, timeout: float = 90) -> int:
         """Start one more worker; return its pid once it registered with the master."""
-        self.started += 1
-        number = self.started
-        subprocess.run([DAEMON, "start", "org.apache.spark.deploy.worker.Worker", str(number), self.master,
-                        "--host", "127.0.0.1", "--cores", str(self.cores), "--memory", self.memory,
-                        "--webui-port", str(_free_port()), "--work-dir", str(self.root / "work")],
-                       env=self.env, check=True, capture_output=True, timeout=60)
-        out = next((self.root / "logs").glob(f"*Worker-{number}-*.out"))
-        _wait_for_file(out, r"Successfully registered with master", timeout)
-        return self.worker_pid(number)
+        return self.add_workers(1, timeout)[0]
+
+    def add_workers(self, count: int, timeout: float = 90) -> list[int]:
+        """Start ``count`` more workers at once; return their pids once all registered with the master."""
+        numbers = []
+        for _ in range(count):
+            self.started += 1
+            numbers.append(self.started)
+            subprocess.run([DAEMON, "start", "org.apache.spark.deploy.worker.Worker", str(self.started), self.master,
+                            "--host", "127.0.0.1", "--cores", str(self.cores), "--memory", self.memory,
+                            "--webui-port", str(_free_port()), "--work-dir", str(self.root / "work")],
+                           env=self.env, check=True, capture_output=True, timeout=60)
+        for number in numbers:
+            out = next((self.root / "logs").glob(f"*Worker-{number}-*.out"))
+            _wait_for_file(out, r"Successfully registered with master", timeout)
+        return [self.worker_pid(number) for number in numbers]
 
     def worker_pid(self, number: int) -> int:
         path = next((self.root / "pids").glob(f"*Worker-{number}.pid"))

@@ -143,8 +143,7 @@ def test_torch_ddp_loses_a_worker_and_finishes_smaller_from_its_checkpoint(
                 "restored_at": None if restored is None else restored.world_size, "start": start,
                 "w": model.weight.item(), "b": model.bias.item()}
 
-    running.add_worker()
-    running.add_worker()
+    running.add_workers(2)
     wait_for(lambda: executors(sc) == 4, "4 executors registered", 120)
     df = _data(spark)
     killed: list[int] = []
@@ -195,8 +194,7 @@ def test_a_gang_grows_back_from_2_to_4_at_a_checkpoint_when_workers_return(
         deadline = time.monotonic() + 240
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.1)  # the rank's marker file is the signal
-        running.add_worker()
-        running.add_worker()
+        running.add_workers(2)
 
     helper = threading.Thread(target=restart, daemon=True)
     helper.start()

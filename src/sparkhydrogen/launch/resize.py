@@ -34,6 +34,8 @@ POLL_INTERVAL = 0.5
 #: After an attempt ended, how long the next one's size waits, at most, for the ended attempt's tasks to leave
 #: their slots (Spark kills them asynchronously); only while waiting could make the gang larger.
 SETTLE = 3.0
+#: The same after a gang ended its attempt to grow at a checkpoint: the slots it grows into are known to be there.
+SETTLE_GROWING = 15.0
 
 
 def snapshot_of(target: SparkTarget) -> SlotSnapshot:
@@ -74,13 +76,17 @@ class AttemptSizer:
             return self._wait
         return self.target.config().launch.start_timeout if self.target is not None else 0.0
 
-    def next(self, attempt: int, cause: str) -> int:
-        """The size of attempt ``attempt`` (logged and recorded); waits below ``min``, bounded by the start timeout."""
+    def next(self, attempt: int, cause: str, growing: bool = False) -> int:
+        """The size of attempt ``attempt`` (logged and recorded); waits below ``min``, bounded by the start timeout.
+
+        ``growing``: the previous attempt ended to grow at a checkpoint (its tasks are given
+        longer to leave the slots, so that the relaunch is not at the same size again).
+        """
         if not self.elastic:
             self.current = self.wanted.high
             self.history.record(SizeStep(attempt, self.current, cause))
             return self.current
-        choice = self._choose(settle=SETTLE if attempt else 0.0)
+        choice = self._choose(settle=(SETTLE_GROWING if growing else SETTLE) if attempt else 0.0)
         self.current = choice.size
         previous = self.history.last
         self.history.record(SizeStep(attempt, choice.size, cause, choice.arithmetic))

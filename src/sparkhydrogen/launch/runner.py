@@ -312,7 +312,7 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
                 pause.wait(delay)
             if sizer is not None:
                 try:
-                    sizer.next(attempt, cause)
+                    sizer.next(attempt, cause, growing=cause == GREW)
                 except InsufficientSlotsError as exc:  # below min until the start bound
                     errors.append(exc)
                     break
