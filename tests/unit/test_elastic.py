@@ -6,6 +6,7 @@ in by the test; the coordinator is a real one on loopback.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -148,6 +149,16 @@ def test_growing_at_a_checkpoint_relaunches_at_once_without_using_a_retry() -> N
     assert attempts(_sized_action(sizer, [grew]), max_retries=0, retry_backoff=0, target=FakeTarget(),
                     sizer=sizer) == 4
     assert sizer.history.sizes == [2, 4] and "grows at a checkpoint" in sizer.history.steps[1].cause
+
+
+def test_relaunches_to_grow_that_find_no_slots_stop_the_growing() -> None:
+    sizer = AttemptSizer(None, SizeRange(2, 4, "checkpoint"), "train", wait=5, snapshot=_snapshots(2), poll=0.01)
+    sizer.history.record(SizeStep(0, 2, "start"))
+    for attempt in (1, 2, 3):
+        sizer.next(attempt, "grows", growing=True)
+    assert sizer.idle_grows == 3
+    with sizer.watching(lambda: None):  # no watcher is started any more
+        assert not any(t.name == "sparkhydrogen-growth-watcher" for t in threading.enumerate())
 
 
 def test_a_fixed_size_never_reads_the_cluster() -> None:

@@ -36,6 +36,8 @@ POLL_INTERVAL = 0.5
 SETTLE = 3.0
 #: The same after a gang ended its attempt to grow at a checkpoint: the slots it grows into are known to be there.
 SETTLE_GROWING = 15.0
+#: Relaunches to grow that found no more slots, after which a gang stops growing at checkpoints.
+MAX_IDLE_GROWS = 3
 
 
 def snapshot_of(target: SparkTarget) -> SlotSnapshot:
@@ -59,6 +61,9 @@ class AttemptSizer:
         self._snapshot = snapshot
         #: The size of the running (or last) attempt.
         self.current = wanted.high
+        #: Relaunches to grow that did not get a larger size (the slots were taken meanwhile); growth stops at
+        #: :data:`MAX_IDLE_GROWS` of them, so that a gang never relaunches in a loop at the same size.
+        self.idle_grows = 0
 
     @property
     def elastic(self) -> bool:
@@ -89,6 +94,11 @@ class AttemptSizer:
         choice = self._choose(settle=(SETTLE_GROWING if growing else SETTLE) if attempt else 0.0)
         self.current = choice.size
         previous = self.history.last
+        if growing and previous is not None and choice.size <= previous:
+            self.idle_grows += 1
+            if self.idle_grows >= MAX_IDLE_GROWS:
+                log.warning("elastic gang %s: %d relaunches to grow found no more slots; it grows at attempt "
+                            "boundaries only from now on", self.name, self.idle_grows)
         self.history.record(SizeStep(attempt, choice.size, cause, choice.arithmetic))
         change = "" if previous is None or previous == choice.size else f" (was {previous}: {cause})"
         log_at = log.warning if previous is not None and previous != choice.size else log.info
@@ -112,7 +122,7 @@ class AttemptSizer:
                 raise InsufficientSlotsError(
                     f"elastic gang {self.name} ({self.wanted.describe()}) did not start: {choice.arithmetic}, "
                     f"waited {now - started:.0f} s (spark.hydrogen.launch.startTimeout={self.bound():.0f} s); "
-                    f"add executors or lower min. {self.history.describe()}")
+                    "add executors or lower min")
             if now - last_log >= 10.0:
                 last_log = now
                 log.warning("elastic gang %s waits for slots (up to %.0f s more): %s", self.name, deadline - now,
@@ -122,7 +132,8 @@ class AttemptSizer:
     @contextmanager
     def watching(self, offer: Callable[[], Callable[[int], None] | None]) -> Iterator[None]:
         """While the attempt runs: offer growth through ``offer()`` (``None`` until the gang is declared)."""
-        if growth(self.wanted, self.current, SlotSnapshot(slots=self.wanted.high)) is None:
+        if self.idle_grows >= MAX_IDLE_GROWS or growth(self.wanted, self.current,
+                                                       SlotSnapshot(slots=self.wanted.high)) is None:
             yield  # a fixed size, grow="attempt", or already at max: nothing to watch
             return
         watcher = GrowthWatcher(self, offer).start()
