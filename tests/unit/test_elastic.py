@@ -187,6 +187,21 @@ def test_tensorflow_says_it_cannot_and_torch_says_where_it_cannot() -> None:
         h2torch.run(lambda: 0, num_processes=(4, 2))
 
 
+def test_jax_horovod_and_frameworks_take_a_range() -> None:
+    import sparkhydrogen.horovod as h2hvd
+    import sparkhydrogen.jax as h2jax
+    from sparkhydrogen.frameworks import TorchDistributed
+    from sparkhydrogen.frameworks import run as run_framework
+
+    for launch in (lambda: h2jax.run(lambda: 0, num_processes=(2, 4)),
+                   lambda: h2hvd.run(lambda: 0, num_proc=(2, 4)),
+                   lambda: run_framework(TorchDistributed(), lambda: 0, num_tasks=h2.SizeRange(2, 4))):
+        with pytest.raises(ValueError, match="no active SparkSession"):  # the range was accepted
+            launch()
+    with pytest.raises(ValueError, match=r"num_processes=\(3, 1\): min must not exceed max"):
+        h2jax.run(lambda: 0, num_processes=(3, 1))
+
+
 class _ConnectLike:
     """Stands for a Spark Connect session (the module name is what ``is_connect`` reads)."""
 
