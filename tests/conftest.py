@@ -61,13 +61,17 @@ def _spark_system_properties(jvm: Any) -> dict[str, str]:
 
 #: The longest modules (measured with ``--durations``) run first, so that the two test processes of
 #: ``make test`` (pytest-xdist hands out whole modules in collection order) finish at about the same time.
-FIRST = ("tests/cluster/", "tests/transparent/test_transparent_frameworks.py", "tests/torch/", "tests/frameworks/",
-         "tests/horovod/")
+FIRST = ("tests/cluster/test_elastic_cluster.py", "tests/cluster/", "tests/transparent/test_transparent_frameworks.py",
+         "tests/torch/", "tests/frameworks/", "tests/horovod/", "tests/ml/", "tests/mlflow/", "tests/data/")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest modules first (a stable sort: each module's own order is kept)."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith(FIRST) else 1)
+    """Longest modules first, in :data:`FIRST`'s order (a stable sort: each module's own order is kept)."""
+
+    def place(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST))
+
+    items.sort(key=place)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
