@@ -1,0 +1,237 @@
+"""sparkhydrogen.ml on real Spark (one local[2] session for the module): Pipeline, equivalence with one process,
+persistence, CrossValidator/TrainValidationSplit with parallelism=2, resume after a killed rank.
+
+Classes and functions the ranks unpickle are nested in the tests or are torch's own (workers cannot import test
+modules). Data order: the DataFrame has 2 partitions of contiguous rows and the gang 2 ranks, so rank r reads
+partition r in order (``data=`` keeps whole partitions, no shuffle); with ``shuffle=False`` and equal shares, the
+k-th DDP step averages the gradients of rows ``[16k, 16k+16)`` and ``[128+16k, 128+16k+16)``, which is the gradient
+of the mean loss over those 32 rows in one process (equal batch sizes, mean-reduced loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from sparkutil import spark_session
+
+torch = pytest.importorskip("torch")
+
+from pyspark.ml import Pipeline, PipelineModel  # noqa: E402
+from pyspark.ml.evaluation import RegressionEvaluator  # noqa: E402
+from pyspark.ml.feature import StandardScaler, VectorAssembler  # noqa: E402
+from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit  # noqa: E402
+
+from sparkhydrogen.ml import TorchEstimator, TorchModel  # noqa: E402
+
+pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
+
+ROWS, HALF, BATCH, EPOCHS, LR = 256, 128, 16, 3, 0.5
+COLS = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    with spark_session("local[2]") as session:
+        yield session
+
+
+def raw_data(seed: int = 7) -> Any:
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(ROWS, 4)) * [1.0, 3.0, 0.5, 2.0] + [5.0, -2.0, 0.0, 1.0]
+    logit = (x - [5.0, -2.0, 0.0, 1.0]) / [1.0, 3.0, 0.5, 2.0] @ np.array([1.5, -2.0, 1.0, 0.0])
+    frame = pd.DataFrame(x, columns=COLS)
+    frame["label"] = (logit > 0).astype("float64")
+    frame["target"] = logit + rng.normal(scale=0.1, size=ROWS)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def df(spark: Any) -> Any:
+    frame = spark.createDataFrame(raw_data())
+    assert frame.rdd.getNumPartitions() == 2
+    return frame.cache()
+
+
+def net() -> Any:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def classifier(model: Any, **kw: Any) -> TorchEstimator:
+    options = dict(model=model, loss=torch.nn.CrossEntropyLoss(), optimizer=torch.optim.SGD, learning_rate=LR,
+                   features_col="scaled", batch_size=BATCH, epochs=EPOCHS, num_workers=2, shuffle=False)
+    options.update(kw)
+    return TorchEstimator(**options)
+
+
+def stages() -> list[Any]:
+    return [VectorAssembler(inputCols=COLS, outputCol="raw"),
+            StandardScaler(inputCol="raw", outputCol="scaled", withMean=True, withStd=True)]
+
+
+def one_process(module: Any, x: np.ndarray, y: np.ndarray, epochs: int = EPOCHS) -> Any:
+    """Plain SGD on the global batches DDP forms (see the module docstring)."""
+    module = copy.deepcopy(module)
+    opt = torch.optim.SGD(module.parameters(), lr=LR)
+    loss = torch.nn.CrossEntropyLoss()
+    xs, ys = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+    for _ in range(epochs):
+        for k in range(HALF // BATCH):
+            rows = np.r_[k * BATCH:(k + 1) * BATCH, HALF + k * BATCH:HALF + (k + 1) * BATCH]
+            opt.zero_grad()
+            loss(module(xs[rows]), ys[rows]).backward()
+            opt.step()
+    return module
+
+
+def scaled_rows(model: PipelineModel, df: Any) -> tuple[np.ndarray, np.ndarray]:
+    prepared = PipelineModel(model.stages[:2]).transform(df).select("scaled", "label").collect()  # test side only
+    return np.array([r["scaled"].toArray() for r in prepared]), np.array([r["label"] for r in prepared])
+
+
+def predictions(frame: Any) -> np.ndarray:
+    return np.array([r["prediction"] for r in frame.select("prediction").collect()])
+
+
+@pytest.fixture(scope="module")
+def fitted(df: Any) -> tuple[Any, PipelineModel]:
+    start = net()
+    return start, Pipeline(stages=[*stages(), classifier(start)]).fit(df)
+
+
+def test_pipeline_reaches_accuracy_and_reports_epochs(df: Any, fitted: tuple[Any, PipelineModel]) -> None:
+    _, model = fitted
+    out = model.transform(df)
+    assert dict(out.dtypes)["prediction"] == "array<double>"  # two outputs: an array of doubles
+    logits = predictions(out)
+    labels = np.array([r["label"] for r in df.select("label").collect()])
+    accuracy = float((logits.argmax(axis=1) == labels).mean())
+    assert accuracy >= 0.9, accuracy
+    summary = model.stages[-1].summary
+    assert summary.epochs == EPOCHS and summary.num_workers == 2
+    losses = summary.metric("train_loss")
+    assert losses[-1] < losses[0]
+    assert summary.metric("train_loss", mean=True) != losses  # the two ranks' shares differ
+
+
+def test_predictions_equal_one_process_training(df: Any, fitted: tuple[Any, PipelineModel]) -> None:
+    start, model = fitted
+    x, y = scaled_rows(model, df)
+    reference = one_process(start, x, y)
+    trained = model.stages[-1].module
+    for name, tensor in reference.state_dict().items():
+        assert torch.allclose(trained.state_dict()[name], tensor, atol=1e-5), name
+    with torch.no_grad():
+        expected = reference(torch.tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(predictions(model.transform(df)), expected, atol=1e-5)
+
+
+def test_pipeline_model_save_load_predicts_the_same(df: Any, fitted: tuple[Any, PipelineModel],
+                                                    tmp_path: Any) -> None:
+    _, model = fitted
+    path = str(tmp_path / "pipeline")
+    model.write().overwrite().save(path)
+    loaded = PipelineModel.load(path)
+    assert isinstance(loaded.stages[-1], TorchModel)
+    assert loaded.stages[-1].summary.metric("train_loss") == model.stages[-1].summary.metric("train_loss")
+    np.testing.assert_array_equal(predictions(loaded.transform(df)), predictions(model.transform(df)))
+    est = classifier(net(), validation_fraction=0.25)
+    est.save(str(tmp_path / "estimator"))
+    back = TorchEstimator.load(str(tmp_path / "estimator"))
+    assert back.uid == est.uid and back.getValidationFraction() == 0.25 and back.getBatchSize() == BATCH
+    assert back.getOptimizer() is torch.optim.SGD and isinstance(back.getLoss(), torch.nn.CrossEntropyLoss)
+
+
+def test_validation_fraction_and_named_metrics(df: Any, fitted: tuple[Any, PipelineModel]) -> None:
+    def accuracy(output: Any, label: Any) -> float:
+        return float((output.argmax(dim=1) == label.long()).float().mean())
+
+    _, pipeline = fitted
+    scaled = PipelineModel(pipeline.stages[:2]).transform(df)
+    model = classifier(net(), validation_fraction=0.25, metrics={"accuracy": accuracy}, epochs=2).fit(scaled)
+    summary = model.summary
+    assert set(summary.names) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    assert all(0.0 <= a <= 1.0 for a in summary.metric("val_accuracy", mean=True))
+    assert summary.metric("val_loss")[-1] < summary.metric("val_loss")[0] + 0.5
+
+
+def regression_grid(est: TorchEstimator) -> list[Any]:
+    return ParamGridBuilder().addGrid(est.getParam("learning_rate"), [1e-5, 0.01]).build()
+
+
+def regressor(**kw: Any) -> TorchEstimator:
+    def linear() -> Any:
+        import torch
+
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 1)
+
+    return TorchEstimator(model=linear, loss=torch.nn.MSELoss(), optimizer=torch.optim.SGD, features_col=COLS,
+                          label_col="target", batch_size=16, epochs=2, **kw)
+
+
+def test_cross_validator_parallel_gangs_pick_the_better_learning_rate(df: Any) -> None:
+    est = regressor(num_workers=1)  # two one-rank gangs fit at once on local[2]
+    grid = regression_grid(est)
+    cv = CrossValidator(estimator=est, estimatorParamMaps=grid, evaluator=RegressionEvaluator(labelCol="target"),
+                        numFolds=2, parallelism=2, seed=1)
+    model = cv.fit(df)
+    best = int(np.argmin(model.avgMetrics))
+    assert grid[best][est.getParam("learning_rate")] == 0.01
+    assert model.avgMetrics[best] < model.avgMetrics[1 - best]
+    assert dict(model.transform(df).dtypes)["prediction"] == "double"  # one output: a double
+
+
+def test_train_validation_split_waits_when_two_gangs_do_not_fit_at_once(df: Any) -> None:
+    """Two 2-rank gangs on 2 slots: each passes the preflight (2 <= 2 slots), Spark holds the second barrier stage
+    until the first's tasks are done; both finish, nothing deadlocks."""
+    est = regressor(num_workers=2)
+    grid = regression_grid(est)
+    tvs = TrainValidationSplit(estimator=est, estimatorParamMaps=grid, evaluator=RegressionEvaluator(labelCol="target"),
+                               trainRatio=0.75, parallelism=2, seed=1)
+    model = tvs.fit(df)
+    assert grid[int(np.argmin(model.validationMetrics))][est.getParam("learning_rate")] == 0.01
+
+
+def test_gang_larger_than_the_cluster_fails_with_slot_arithmetic(df: Any) -> None:
+    import sparkhydrogen as h2
+
+    with pytest.raises(h2.InsufficientSlotsError, match=r"needs 3 slots but the cluster has 2"):
+        regressor(num_workers=3).fit(df)
+
+
+def test_rank_killed_mid_epoch_resumes_from_last_epoch_checkpoint(df: Any, fitted: tuple[Any, PipelineModel]) -> None:
+    start, pipeline = fitted
+    steps = HALF // BATCH
+
+    class DiesOnce(torch.nn.Module):
+        """Rank 1's worker process exits in the middle of epoch 1 of the first gang attempt."""
+
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+            self.calls = 0
+
+        def forward(self, x: Any) -> Any:
+            self.calls += 1
+            if (os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+                    and self.calls == steps + steps // 2):
+                os._exit(3)
+            return self.inner(x)
+
+    scaled = PipelineModel(pipeline.stages[:2]).transform(df)
+    model = classifier(DiesOnce(copy.deepcopy(start)), max_retries=1).fit(scaled)
+    assert model.summary.attempts == 2
+    assert model.summary.resumed_from_epoch == 1  # epoch 0 came from the checkpoint, not trained again
+    assert model.summary.epochs == EPOCHS
+    x, y = scaled_rows(pipeline, df)
+    reference = one_process(start, x, y)  # resumed weights and optimizer: the same as an uninterrupted run
+    for name, tensor in reference.state_dict().items():
+        assert torch.allclose(model.module.inner.state_dict()[name], tensor, atol=1e-5), name
