@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from sparkutil import spark_session
 
 torch = pytest.importorskip("torch")
 
@@ -30,33 +28,8 @@ from sparkhydrogen.ml import TorchEstimator, TorchModel  # noqa: E402
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
-ROWS, HALF, BATCH, EPOCHS, LR = 256, 128, 16, 3, 0.5
+HALF, BATCH, EPOCHS, LR = 128, 16, 3, 0.5
 COLS = ["a", "b", "c", "d"]
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    with spark_session("local[2]") as session:
-        yield session
-
-
-def raw_data(seed: int = 7) -> Any:
-    import pandas as pd
-
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(ROWS, 4)) * [1.0, 3.0, 0.5, 2.0] + [5.0, -2.0, 0.0, 1.0]
-    logit = (x - [5.0, -2.0, 0.0, 1.0]) / [1.0, 3.0, 0.5, 2.0] @ np.array([1.5, -2.0, 1.0, 0.0])
-    frame = pd.DataFrame(x, columns=COLS)
-    frame["label"] = (logit > 0).astype("float64")
-    frame["target"] = logit + rng.normal(scale=0.1, size=ROWS)
-    return frame
-
-
-@pytest.fixture(scope="module")
-def df(spark: Any) -> Any:
-    frame = spark.createDataFrame(raw_data())
-    assert frame.rdd.getNumPartitions() == 2
-    return frame.cache()
 
 
 def net() -> Any:
