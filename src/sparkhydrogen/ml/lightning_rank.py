@@ -76,7 +76,8 @@ def train_lightning_rank(spec: LightningTrainSpec) -> RankResult | None:
                     widths.extend([batch[0].shape[-1], pl_module(batch[0][:1])[0].numel()])
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                       if getattr(v, "numel", lambda: 1)() == 1}
             history.append(ctx.allGather(metrics))
             optimizers = [o.state_dict() for o in trainer.optimizers]
             ctx.checkpoint({"epoch": len(history),
