@@ -96,6 +96,31 @@ def test_two_gangs_from_two_threads_log_into_their_own_runs(spark: Any, mlflow_u
         assert history(mlflow_client, run_id, "rank_1/seen") == [(0, tag + 1), (1, tag + 1), (2, tag + 1)]
 
 
+def test_fit_run_logs_nowhere_without_a_run_and_opens_one_under_autolog(spark: Any, mlflow_uri: str,
+                                                                        mlflow_client: Any) -> None:
+    import mlflow.pytorch
+
+    from sparkhydrogen.mlflow import NoopTracker, fit_run
+    from sparkhydrogen.tracking.sink import sink_for_launch
+
+    assert mlflow.active_run() is None
+    with fit_run({"lr": 0.5}) as tracker:  # no run, autolog off: nothing is logged
+        assert isinstance(tracker, NoopTracker) and tracker.run_id is None
+        assert sink_for_launch("g") is None  # a gang launched here drops its ranks' metrics
+    mlflow.pytorch.autolog(log_models=False)
+    try:
+        with fit_run({"lr": 0.5}, name="autologged") as tracker:
+            run_id = tracker.run_id
+            assert run_id is not None and mlflow.active_run().info.run_id == run_id
+            h2.run(rank_body(7.0), num_tasks=2, spark=spark)
+    finally:
+        mlflow.pytorch.autolog(disable=True)
+    assert mlflow.active_run() is None  # the run fit_run started is ended
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "autologged" and run.data.params == {"lr": "0.5"}
+    assert history(mlflow_client, run_id, "loss") == [(0, 7.0), (1, 7.1), (2, 7.2)]
+
+
 def torch_body() -> Any:
     """What every torch rank's child process runs (a local function: pickled by value)."""
 

@@ -157,7 +157,7 @@ def test_points_reach_the_driver_hook_in_order_and_gangs_without_a_hook_drop_the
         assert got.wait(10)
         assert [(r.rank, [(p.key, p.value, p.step) for p in r.points], r.dropped) for r in records] == [
             (0, [("loss", 1.0, 0), ("loss", 0.5, 1)], 0), (1, [("rank_1/loss", 2.0, 0)], 3)]
-        third.collective("barrier", timeout=10)  # the connection still works: the points went nowhere and were not refused
+        third.collective("barrier", timeout=10)  # still works: the points went nowhere, not refused
         with pytest.raises(ValueError, match=f"at most {MAX_POINTS_PER_FRAME} points per call"):
             first.metrics([MetricPoint("x", 0.0, 0, 0)] * (MAX_POINTS_PER_FRAME + 1))
         for client in (first, second, third):

@@ -31,6 +31,7 @@ from ..errors import (
     ProtocolError,
     from_info,
 )
+from ..tracking.points import MAX_POINTS_PER_FRAME, MetricPoint, encode_points
 from .protocol import (
     NONCE_BYTES,
     PREAUTH_LIMITS,
@@ -46,7 +47,6 @@ from .protocol import (
     encode_frame,
     server_proof,
 )
-from ..tracking.points import MAX_POINTS_PER_FRAME, MetricPoint, encode_points
 from .tls import TlsChannel, check_pin, client_context
 
 __all__ = ["CoordinatorClient", "PayloadTooLargeError", "REPLY_GRACE", "MAX_REPORT_BYTES"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import importlib
 import logging
 import os
 import shutil
@@ -213,16 +214,14 @@ class Relay:
 
 def _psutil() -> Any:
     try:
-        import psutil
+        return importlib.import_module("psutil")  # optional: the [mlflow] extra installs it
     except ImportError:
         return None
-    return psutil
 
 
 def _nvml() -> Any:
     try:
-        import pynvml  # type: ignore[import-not-found]
-
+        pynvml = importlib.import_module("pynvml")  # optional, only where there are NVIDIA GPUs
         pynvml.nvmlInit()
     except Exception:  # not installed, or no driver / no GPU: no GPU metrics
         return None

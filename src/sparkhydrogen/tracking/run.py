@@ -20,6 +20,7 @@ the tracker is a :class:`NoopTracker`: every method does nothing and ``run_id`` 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -156,7 +157,10 @@ class MlflowTracker:
         feature columns) and ``output_example`` (the module's output for it, numpy or
         pandas): ``mlflow.pyfunc.load_model(uri).predict(df)`` takes a DataFrame of those
         columns (fed to the module as float32, as the pytorch flavour does). The model is
-        saved locally and uploaded into this run by its id, so it works from any thread.
+        pickled (the flavour's ``serialization_format="pickle"``: any module, no tracing),
+        saved locally and uploaded into this run by its id, so it works from any thread;
+        its requirements are the flavour's defaults (``torch`` and ``cloudpickle`` as
+        installed here), not inferred.
         """
         import tempfile
 
@@ -166,8 +170,11 @@ class MlflowTracker:
         signature = infer_signature(input_example_pandas, output_example)
         with tempfile.TemporaryDirectory(prefix="sparkhydrogen-model-") as tmp:
             path = f"{tmp}/{MODEL_NAME}"
+            # the flavour's own requirements (torch, cloudpickle, pinned to what runs here): MLflow's inference
+            # of requirements would load the model in a subprocess, tens of seconds per fit
             mlflow.pytorch.save_model(module, path, signature=signature, input_example=input_example_pandas,
-                                      serialization_format="pickle")
+                                      serialization_format="pickle",
+                                      pip_requirements=mlflow.pytorch.get_default_pip_requirements())
             self.client.log_artifacts(self._run_id, path, MODEL_NAME)
         return f"runs:/{self._run_id}/{MODEL_NAME}"
 
@@ -182,11 +189,10 @@ def mlflow_available() -> bool:
 
 def autolog_enabled() -> bool:
     """Whether ``mlflow.autolog()`` or ``mlflow.pytorch.autolog()`` is on (MLflow's own autologging config)."""
-    from mlflow.utils.autologging_utils import autologging_is_disabled, get_autologging_config
-
-    if get_autologging_config("mlflow", "disable", True) is False:
+    utils: Any = importlib.import_module("mlflow.utils.autologging_utils")  # untyped
+    if utils.get_autologging_config("mlflow", "disable", True) is False:  # mlflow.autolog()
         return True
-    return not autologging_is_disabled("pytorch")
+    return not utils.autologging_is_disabled("pytorch")  # mlflow.pytorch.autolog()
 
 
 @contextlib.contextmanager
