@@ -27,10 +27,15 @@ LSTAMP := $(VENV)/.installed-lint
 TORCH_VERSION ?= 2.13.0
 TSTAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
 
+# sparkhydrogen.mlflow against a real `mlflow server`: the client and server of MLflow 3.17.2 without the full
+# `mlflow` package, whose pins (pyarrow<26, cryptography<51) would downgrade the venv's pyarrow and cryptography
+MLFLOW := "mlflow-skinny==3.17.2" "Flask==3.1.3" "flask-cors==6.0.5" "sqlalchemy==2.1.9" "alembic==1.20.1" \
+          "graphene==3.4.3" "huey==3.5.4" "psutil==7.2.2"
+
 # the frameworks the launchers serve, tested for real: CPU builds, pinned (torch pinned alongside so pip keeps it)
 FRAMEWORKS := "jax==0.10.2" "jaxlib==0.10.2" "tensorflow-cpu==2.21.0" "tf-keras==2.21.0" "lightning==2.6.6" \
-              "deepspeed==0.19.8"
-FSTAMP := $(VENV)/.installed-frameworks-1
+              "deepspeed==0.19.8" $(MLFLOW)
+FSTAMP := $(VENV)/.installed-frameworks-2
 
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))

@@ -44,11 +44,12 @@ from .transparent import install, installed, is_installed, uninstall
 
 __version__ = "0.1.0"
 
-_LAUNCHERS = ("torch", "horovod", "jax", "tensorflow", "frameworks")
+_LAUNCHERS = ("torch", "horovod", "jax", "tensorflow", "frameworks", "mlflow")
 
 
 def __getattr__(name: str) -> object:
-    """Launchers (``sparkhydrogen.torch``, ``.horovod``, ``.jax``, ``.tensorflow``, ``.frameworks``) load on use."""
+    """Launchers (``sparkhydrogen.torch``, ``.horovod``, ``.jax``, ``.tensorflow``, ``.frameworks``) and
+    ``sparkhydrogen.mlflow`` load on use."""
     if name in _LAUNCHERS:
         import importlib
 

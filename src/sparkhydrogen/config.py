@@ -236,8 +236,14 @@ class LaunchConfig:
     start_timeout: float = 180.0
     #: Seconds a rank's Python may be kept from running before faulthandler dumps it for stacks(); 0: never.
     stack_dump_after: float = STACK_DUMP_AFTER
+    #: Seconds between a rank's system-metrics samples for MLflow (``spark.hydrogen.mlflow.systemMetricsInterval``;
+    #: only in gangs that log into a run); 0: off.
+    system_metrics_interval: float = 10.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.system_metrics_interval <= 86400:
+            raise ValueError(f"system_metrics_interval must be in 0..86400 seconds (0: off), "
+                             f"got {self.system_metrics_interval}")
         if not 0 <= self.stack_dump_after <= 3600:
             raise ValueError(f"stack_dump_after must be in 0..3600 seconds (0: off), got {self.stack_dump_after}")
         if self.placement not in PLACEMENTS:
@@ -305,6 +311,7 @@ class HydrogenConfig:
             "placement": ("launch.placement", lambda v, k: v.strip().lower()),
             "start_timeout": ("launch.startTimeout", parse_duration),
             "stack_dump_after": ("stacks.gilDumpAfter", parse_duration),
+            "system_metrics_interval": ("mlflow.systemMetricsInterval", parse_duration),
         }
 
         def build(cls: type, fields: dict[str, tuple[str, Callable[[str, str], object]]],

@@ -18,6 +18,7 @@ import secrets
 import socket
 import ssl
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from ..errors import (
@@ -30,6 +31,7 @@ from ..errors import (
     ProtocolError,
     from_info,
 )
+from ..tracking.points import MAX_POINTS_PER_FRAME, MetricPoint, encode_points
 from .protocol import (
     NONCE_BYTES,
     PREAUTH_LIMITS,
@@ -316,6 +318,12 @@ class CoordinatorClient:
         """Stream output (whole lines) to the driver's log hook; no reply, never blocks on the peer's answer."""
         frame = encode_frame(Kind.REQUEST, {"op": "log", "stream": stream, "dropped": dropped}, text.encode("utf-8"))
         self._send(frame)
+
+    def metrics(self, points: Sequence[MetricPoint], dropped: int = 0) -> None:
+        """Send metric points (keys final, at most ``MAX_POINTS_PER_FRAME``) to the driver's metric hook; no reply."""
+        if len(points) > MAX_POINTS_PER_FRAME:
+            raise ValueError(f"at most {MAX_POINTS_PER_FRAME} points per call, got {len(points)}")
+        self._send(encode_frame(Kind.REQUEST, {"op": "metrics", "dropped": int(dropped)}, encode_points(points)))
 
     def fail(self, error: ErrorInfo, settle: float | None = None) -> ErrorInfo | None:
         """Report that this rank's user code raised; the coordinator aborts the attempt.

@@ -1,4 +1,4 @@
-"""What the driver side holds for a gang: the handle tasks join with, and the log records ranks stream.
+"""What the driver side holds for a gang: the handle tasks join with, the log and metric records ranks stream.
 
 Small and dependency-free so that launchers can import these types without the server.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GangHandle", "LogRecord"]
+from ..tracking.points import MetricPoint
+
+__all__ = ["GangHandle", "LogRecord", "MetricRecord"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,20 @@ class LogRecord:
     rank: int
     stream: str
     text: str
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    """Metric points a rank sent to the driver (``sparkhydrogen.mlflow.log_metric``), keys already final.
+
+    ``dropped`` counts points the rank had to discard before these because its
+    bounded queue overflowed.
+    """
+
+    gang_attempt: int
+    rank: int
+    points: tuple[MetricPoint, ...]
     dropped: int = 0
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ErrorInfo, ProtocolError
+from ..tracking.points import MetricPoint, decode_points
 from .state import Call, MemberInfo, Op
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "MAX_SETTLE",
     "Finish",
     "LogLines",
+    "Metrics",
     "Ping",
     "Restore",
     "Request",
@@ -345,6 +347,19 @@ class LogLines:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """``metrics``: metric points for the driver's metric hook (no reply); ``dropped`` were lost on the rank.
+
+    The payload is JSON ``[[key, value, step, timestamp_ms], ...]``, at most
+    :data:`~sparkhydrogen.tracking.points.MAX_POINTS_PER_FRAME` points, keys final
+    (``rank_<r>/...`` decided on the rank), non-finite values as ``"nan"``/``"inf"``/``"-inf"``.
+    """
+
+    points: tuple[MetricPoint, ...]
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
 class Ping:
     """``ping``: a heartbeat (no reply)."""
 
@@ -384,7 +399,8 @@ class StacksAnswer:
 #: The longest ``dump_after`` a stack channel may state (seconds).
 MAX_DUMP_AFTER = 3600.0
 
-Request = Register | CallRequest | Fail | Finish | LogLines | Ping | Restore | StacksChannel | StacksAnswer
+Request = (Register | CallRequest | Fail | Finish | LogLines | Metrics | Ping | Restore | StacksChannel
+           | StacksAnswer)
 
 
 def _int(header: Mapping[str, Any], name: str, default: int | None = None) -> int:
@@ -478,6 +494,17 @@ def _decode_log(header: Mapping[str, Any], payload: bytes | bytearray) -> LogLin
                     else 0)
 
 
+def _decode_metrics(header: Mapping[str, Any], payload: bytes | bytearray) -> Metrics:
+    dropped = header.get("dropped", 0)
+    if isinstance(dropped, bool) or not isinstance(dropped, int) or dropped < 0:
+        raise RequestError(f"dropped must be a non-negative integer, got {dropped!r}")
+    try:
+        points = decode_points(payload)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    return Metrics(points=tuple(points), dropped=dropped)
+
+
 def _decode_stacks_channel(header: Mapping[str, Any]) -> StacksChannel:
     after = header.get("dump_after")
     if after is not None and (isinstance(after, bool) or not isinstance(after, (int, float))
@@ -521,6 +548,8 @@ def decode_request(frame: Frame) -> Request:
         return Ping()
     if op == "log":
         return _decode_log(header, frame.payload)
+    if op == "metrics":
+        return _decode_metrics(header, frame.payload)
     if op == "finish":
         return _decode_finish(header)
     if op == "fail":

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from ..config import CoordinatorConfig
 from ..errors import ErrorInfo, GangNotFoundError, HydrogenError, RegistrationError
-from .handles import GangHandle, LogRecord
+from .handles import GangHandle, LogRecord, MetricRecord
 from .peer import Outgoing, Peer
 from .protocol import (
     CallRequest,
@@ -48,6 +48,7 @@ from .protocol import (
     Finish,
     Kind,
     LogLines,
+    Metrics,
     Ping,
     Register,
     Request,
@@ -142,6 +143,7 @@ class CoordinatorServer:
         self._tls: ServerTls | None = None
         self._abort_hooks: dict[str, Callable[[AttemptKey, ErrorInfo], None]] = {}
         self._log_hooks: dict[str, Callable[[LogRecord], None]] = {}
+        self._metric_hooks: dict[str, Callable[[MetricRecord], None]] = {}
         #: Exceptions that escaped into the event loop or were caught as bugs (0 in a healthy run).
         self.internal_errors = 0
         self._refusal_log_at = float("-inf")
@@ -341,6 +343,7 @@ class CoordinatorServer:
     def add_gang(self, world_size: int, name: str = "",
                  on_abort: Callable[[AttemptKey, ErrorInfo], None] | None = None,
                  on_log: Callable[[LogRecord], None] | None = None,
+                 on_metrics: Callable[[MetricRecord], None] | None = None,
                  gang_id: str | None = None, secret: bytes | None = None,
                  ephemeral: bool = False, gated: bool = False, start_timeout: float | None = None) -> GangHandle:
         """Declare a gang of ``world_size`` ranks; returns what its tasks need to join.
@@ -349,6 +352,9 @@ class CoordinatorServer:
         coordinator's loop) once for every attempt of the gang that aborts.
         ``on_log(record)`` receives the output ranks stream with
         :meth:`CoordinatorClient.log`; it runs on the coordinator's loop and must be quick.
+        ``on_metrics(record)`` likewise receives the metric points ranks send with
+        :meth:`CoordinatorClient.metrics` (``sparkhydrogen.mlflow.log_metric``); without
+        it they are dropped here.
         ``ephemeral``: once an attempt has succeeded and its connections are gone, the
         coordinator forgets the gang's attempts and checkpoint and keeps only the dormant
         declaration (for notebooks that run thousands of bare jobs); a re-evaluation can
@@ -379,6 +385,8 @@ class CoordinatorServer:
                 self._abort_hooks[gang.gang_id] = on_abort
             if on_log is not None:
                 self._log_hooks[gang.gang_id] = on_log
+            if on_metrics is not None:
+                self._metric_hooks[gang.gang_id] = on_metrics
 
         self._on_loop(add, f"add_gang({name or gang.gang_id[:8]!r})")
         host, port = self.address
@@ -406,6 +414,7 @@ class CoordinatorServer:
         def remove() -> None:
             self._abort_hooks.pop(gang_id, None)  # before aborting: a removed gang reports nothing
             self._log_hooks.pop(gang_id, None)
+            self._metric_hooks.pop(gang_id, None)
             gang = self.registry.remove(gang_id)
             if gang is not None:
                 for attempt in list(gang.attempts.values()):
@@ -518,6 +527,7 @@ class CoordinatorServer:
                 "roster_connections": self.roster.endpoint_count,
                 "abort_hooks": len(self._abort_hooks),
                 "log_hooks": len(self._log_hooks),
+                "metric_hooks": len(self._metric_hooks),
                 "stage_tombstones": len(self._tombstones),
                 "held": len(self._held),
                 "connections": len(self._connections),
@@ -707,6 +717,9 @@ class CoordinatorServer:
         elif isinstance(request, LogLines):
             attempt.heard(rank, now)
             self._forward_log(attempt, rank, request)
+        elif isinstance(request, Metrics):
+            attempt.heard(rank, now)
+            self._forward_metrics(attempt, rank, request)
         elif isinstance(request, Restore):
             peer.send(restore_reply(gang.restore(rank)))
         elif isinstance(request, Fail):
@@ -890,6 +903,7 @@ class CoordinatorServer:
         self.registry.remove(gang_id)
         self._abort_hooks.pop(gang_id, None)
         self._log_hooks.pop(gang_id, None)
+        self._metric_hooks.pop(gang_id, None)
         self.roster.drop_gang(gang_id)
 
     def _dispatch(self, attempt: Attempt, actions: list[Action]) -> None:
@@ -938,6 +952,16 @@ class CoordinatorServer:
             hook(record)
         except Exception:  # a broken hook must not take the coordinator down
             log.exception("coordinator: log hook of gang %s failed", attempt.gang_id[:8])
+
+    def _forward_metrics(self, attempt: Attempt, rank: int, request: Metrics) -> None:
+        hook = self._metric_hooks.get(attempt.gang_id)
+        if hook is None:
+            return
+        record = MetricRecord(gang_attempt=attempt.key[0], rank=rank, points=request.points, dropped=request.dropped)
+        try:
+            hook(record)
+        except Exception:  # a broken hook must not take the coordinator down
+            log.exception("coordinator: metric hook of gang %s failed", attempt.gang_id[:8])
 
     def _report_abort(self, attempt: Attempt) -> None:
         hook = self._abort_hooks.get(attempt.gang_id)

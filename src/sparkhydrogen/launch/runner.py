@@ -42,6 +42,7 @@ from ..errors import (
 )
 from ..task.embedded import parse_failure_marker
 from ..task.spec import TaskSpec
+from ..tracking.sink import MlflowSink, sink_for_launch
 from .jobs import AttemptTag, is_cancellation
 from .preflight import STARTUP_WAIT, ensure_gang_fits, ensure_slots
 from .resources import java_profile
@@ -98,13 +99,16 @@ class DeclaredGang:
     name: str
     stream_logs: bool = False
     gated: bool = False  # coordinated placement: the coordinator's start gate, not a barrier stage
+    #: where the ranks' metrics go (the MLflow run of the launching thread, chosen at declaration); None: dropped
+    metrics: MlflowSink | None = None
 
     def spec(self, gang_attempt: int = 0) -> TaskSpec:
         handle = self.handle
         return TaskSpec.build(self.service.config.launch, gang_id=handle.gang_id, secret=handle.secret,
                               host=handle.host, port=handle.port, world_size=handle.world_size,
                               gang_attempt=gang_attempt, tls_fingerprint=handle.tls_fingerprint,
-                              stream_logs=self.stream_logs, gated=self.gated, name=self.name)
+                              stream_logs=self.stream_logs, gated=self.gated, name=self.name,
+                              track_metrics=self.metrics is not None)
 
     def last_failure(self, gang_attempt: int | None = None) -> ErrorInfo | None:
         return self.service.server.last_failure(self.handle.gang_id, gang_attempt)
@@ -130,11 +134,16 @@ class DeclaredGang:
         returns its gang is gone); otherwise on the service's releaser thread (safe from
         a garbage-collector finalizer).
         """
+        sink = self.metrics
         if wait:
             self.settle()
             self.service.release_now(self.handle.gang_id, self.service.config.launch.checkpoint_dir)
+            if sink is not None:  # every rank's points arrived before its outcome: log them before returning
+                sink.close()
         else:
             self.service.release(self.handle.gang_id, self.service.config.launch.checkpoint_dir)
+            if sink is not None:
+                threading.Thread(target=sink.close, name="sparkhydrogen-mlflow-close", daemon=True).start()
 
 
 def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable[[LogRecord], None] | None = None,
@@ -170,12 +179,14 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable
             return gang, scope.attempt
     report = _preflight(target, world_size, wait, gated, profile, resources) if preflight else None
     hook = _canceller(scope, on_abort) if scope is not None else on_abort
-    handle = service.server.add_gang(world_size, name, on_abort=hook, on_log=on_log, ephemeral=scope is None,
-                                     gated=gated, start_timeout=service.config.launch.start_timeout)
+    sink = sink_for_launch(name)  # in the launching thread: its MLflow run (MLflow keeps active runs per thread)
+    handle = service.server.add_gang(world_size, name, on_abort=hook, on_log=on_log, on_metrics=sink,
+                                     ephemeral=scope is None, gated=gated,
+                                     start_timeout=service.config.launch.start_timeout)
     log.info("gang %s (%s): %d ranks, %s, coordinator %s:%d", handle.gang_id[:8], name, world_size,
              f"{report.slots} slots free" if report is not None else
              ("gated start, executors on demand" if gated else "no slot preflight"), handle.host, handle.port)
-    gang = DeclaredGang(service, handle, name, stream_logs=on_log is not None, gated=gated)
+    gang = DeclaredGang(service, handle, name, stream_logs=on_log is not None, gated=gated, metrics=sink)
     if scope is not None:
         scope.gangs.append(gang)
         scope.next_index = len(scope.gangs)

@@ -31,6 +31,7 @@ from typing import Any
 
 from .. import serde
 from ..serde import cloudpickle
+from ..tracking.rank import relay_environment
 
 __all__ = ["PARENT_PID_ENV", "ChildTraceback", "die_with_parent", "child_environment", "start", "wait_or_kill",
            "wait_all", "stop_group", "describe_exit", "write_job", "read_job", "write_result", "read_result",
@@ -71,9 +72,13 @@ def die_with_parent(parent_env: str = PARENT_PID_ENV) -> None:
 
 
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment plus ``extra``, with the parent's pid and unbuffered output (lines stream live)."""
+    """This process's environment plus ``extra``, with the parent's pid and unbuffered output (lines stream live).
+
+    Inside a rank it also names the rank's metric relay (:func:`~sparkhydrogen.tracking.rank.relay_environment`).
+    """
     env = dict(os.environ)
     env.update(extra or {})
+    env.update(relay_environment())  # sparkhydrogen.mlflow.log_metric in the child: through this rank
     env[PARENT_PID_ENV] = str(os.getpid())
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

@@ -29,6 +29,9 @@ from ..coordinator.client import CoordinatorClient
 from ..coordinator.protocol import StageGangInfo
 from ..coordinator.stackchannel import StackResponder
 from ..errors import CollectiveError, ErrorInfo, LaunchError
+from ..tracking.rank import RankMetrics
+from ..tracking.rank import install as install_metrics
+from ..tracking.rank import uninstall as uninstall_metrics
 from .gpus import GpuPlacementError, RankGpus, place, task_gpu_addresses
 from .spec import TaskSpec
 
@@ -116,6 +119,7 @@ class RankSession:
         self.gpus: RankGpus | None = None
         self._restore_visible = False
         self._stacks: StackResponder | None = None
+        self._metrics: RankMetrics | None = None
 
     def __enter__(self) -> BarrierTaskContext:
         spec = self.spec
@@ -143,6 +147,9 @@ class RankSession:
             BarrierTaskContext._set(self.context)
             RankSession._active = self
             self._place_gpus()
+            # sparkhydrogen.mlflow.log_metric: to the driver's run, or dropped here if the gang logs nowhere
+            self._metrics = install_metrics(self.rank, client.metrics if spec.track_metrics else None,
+                                            spec.system_metrics_interval)
             if spec.stream_logs:
                 from ..logstream import OutputCapture
 
@@ -210,7 +217,8 @@ class RankSession:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         try:
-            self._stop_capture()  # every line reaches the driver before the outcome does
+            self._stop_metrics()  # every metric point reaches the driver before the outcome does
+            self._stop_capture()  # every line too
             if self.client is not None and not self._reported:
                 if exc is None:
                     self._reported = True
@@ -228,7 +236,13 @@ class RankSession:
         if capture is not None:
             capture.stop()
 
+    def _stop_metrics(self) -> None:
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            uninstall_metrics(metrics)
+
     def _teardown(self) -> None:
+        self._stop_metrics()
         self._stop_capture()
         self._restore_gpus()
         if RankSession._active is self:

@@ -37,11 +37,16 @@ class TaskSpec:
     name: str = ""
     #: sparkhydrogen.stacks(): faulthandler dumps the rank once its Python cannot run this long (None: never).
     stack_dump_after: float | None = STACK_DUMP_AFTER
+    #: sparkhydrogen.mlflow: the driver logs this gang's metrics into a run (False: ranks drop them locally) ...
+    track_metrics: bool = False
+    #: ... and every rank samples its system metrics this often (seconds; None: never).
+    system_metrics_interval: float | None = None
 
     @classmethod
     def build(cls, launch: LaunchConfig, *, gang_id: str, secret: bytes, host: str, port: int, world_size: int,
               gang_attempt: int = 0, tls_fingerprint: str | None = None, stream_logs: bool = False,
-              gated: bool = False, stage_gang: bool = False, name: str = "") -> TaskSpec:
+              gated: bool = False, stage_gang: bool = False, name: str = "",
+              track_metrics: bool = False) -> TaskSpec:
         """The one place a task spec is made: the gang's identity and address, the rest from ``launch``.
 
         Example:
@@ -55,7 +60,8 @@ class TaskSpec:
             heartbeat_interval=launch.heartbeat_interval, checkpoint_dir=launch.checkpoint_dir,
             stream_logs=stream_logs, tls_fingerprint=tls_fingerprint, gated=gated,
             start_timeout=launch.start_timeout if gated else None, stage_gang=stage_gang, name=name[:200],
-            stack_dump_after=launch.stack_dump_after or None)
+            stack_dump_after=launch.stack_dump_after or None, track_metrics=track_metrics,
+            system_metrics_interval=(launch.system_metrics_interval or None) if track_metrics else None)
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "
