@@ -24,7 +24,6 @@ from .params import HasColumnParams, HasGangParams, HasInferenceParams
 from .persistence import StageReader, StageWriter
 from .summary import TrainingSummary
 from .torch_estimator import GangTrainingMixin
-from .tracking import fit_tracking
 
 __all__ = ["GangEstimator", "GangModel", "launch"]
 
@@ -154,7 +153,7 @@ class GangEstimator(Estimator[GangModel], GangTrainingMixin, HasGangParams, MLRe
         if not callable(launcher) and launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {list(LAUNCHERS)} or a callable, got {launcher!r}")
         frame = self._training_frame(dataset)
-        with fit_tracking(self._json_params(), nested=getattr(self, "_nested_tracking", False)):
+        with self._tracking():
             state = launch(launcher, train_fn, self._config(), num_workers=self.getNumWorkers(), data=frame,
                            max_retries=self.getMaxRetries())
         first = frame.select(F.size(FEATURES).alias("width")).head()  # one row: the feature width
@@ -165,10 +164,8 @@ class GangEstimator(Estimator[GangModel], GangTrainingMixin, HasGangParams, MLRe
         return self._copyValues(GangModel(state, predict_fn, width, max(int(probe.size), 1)))
 
     def fitMultiple(self, dataset: Any, paramMaps: Any) -> Any:
-        """As ``Estimator.fitMultiple``, with each fit tracked as a nested run."""
-        estimator = self.copy()
-        estimator._nested_tracking = True  # type: ignore[attr-defined]
-        return Estimator.fitMultiple(estimator, dataset, paramMaps)
+        """As ``Estimator.fitMultiple``, each fit logged as a nested MLflow run."""
+        return self._fit_multiple(dataset, paramMaps)
 
     def write(self) -> StageWriter:
         """An ``MLWriter``: metadata JSON plus ``train_fn``/``predict_fn``/``launcher`` (cloudpickle)."""

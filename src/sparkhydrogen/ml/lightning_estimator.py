@@ -22,7 +22,6 @@ from .persistence import StageReader, StageWriter
 from .summary import TrainingSummary
 from .torch_estimator import GangTrainingMixin, TorchModel
 from .torch_rank import RankResult, build_module
-from .tracking import fit_tracking
 
 __all__ = ["LightningEstimator", "LightningModel"]
 
@@ -87,7 +86,7 @@ class LightningEstimator(Estimator[LightningModel], GangTrainingMixin, MLReadabl
 
     def getTrainerParams(self) -> dict[str, Any]:
         """The ``trainer_params``."""
-        return self.getOrDefault(self.trainer_params)  # type: ignore[no-any-return]
+        return self.getOrDefault(self.trainer_params)
 
     def _fit(self, dataset: Any) -> LightningModel:
         if self.getModel() is None:
@@ -99,7 +98,7 @@ class LightningEstimator(Estimator[LightningModel], GangTrainingMixin, MLReadabl
                                   shuffle=self.getShuffle(), seed=self.getSeed(), validation=self._has_validation(),
                                   trainer_params=dict(self.getTrainerParams()))
         frame = self._training_frame(dataset)
-        with fit_tracking(self._json_params(), nested=getattr(self, "_nested_tracking", False)) as tracker:
+        with self._tracking() as tracker:
             result: RankResult = torch_run(train_lightning_rank, spec, num_processes=self.getNumWorkers(), data=frame,
                                            max_retries=self.getMaxRetries())
             module = build_module(spec.model)
@@ -111,10 +110,8 @@ class LightningEstimator(Estimator[LightningModel], GangTrainingMixin, MLReadabl
         return model
 
     def fitMultiple(self, dataset: Any, paramMaps: Any) -> Any:
-        """As ``Estimator.fitMultiple``, with each fit tracked as a nested run."""
-        estimator = self.copy()
-        estimator._nested_tracking = True  # type: ignore[attr-defined]
-        return Estimator.fitMultiple(estimator, dataset, paramMaps)
+        """As ``Estimator.fitMultiple``, each fit logged as a nested MLflow run."""
+        return self._fit_multiple(dataset, paramMaps)
 
     def write(self) -> StageWriter:
         """An ``MLWriter``: metadata JSON plus the module (cloudpickle) in ``<path>/data``."""

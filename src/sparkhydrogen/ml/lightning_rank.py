@@ -69,7 +69,7 @@ def train_lightning_rank(spec: LightningTrainSpec) -> RankResult | None:
     loader = h2torch.data_loader(spec.batch_size, columns=columns, shuffle=spec.shuffle, seed=spec.seed, cache=True)
     widths: list[int] = []
 
-    class Gather(pl.Callback):  # type: ignore[misc]
+    class Gather(pl.Callback):
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if not widths and len(batch[0]):
                 with torch.no_grad():

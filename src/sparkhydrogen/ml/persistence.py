@@ -45,11 +45,11 @@ class StageWriter(MLWriter):
         self.instance = instance
 
     def saveImpl(self, path: str) -> None:
-        extra = getattr(self.instance, "_extra_metadata", lambda: {})()
+        extra: dict[str, Any] = getattr(self.instance, "_extra_metadata", dict)()
         DefaultParamsWriter.saveMetadata(self.instance, path, self.sparkSession, extraMetadata=extra,
                                          paramMap=json_params(self.instance))
-        payload = {"params": object_params(self.instance),
-                   "state": getattr(self.instance, "_state_to_save", lambda: None)()}
+        state = getattr(self.instance, "_state_to_save", None)
+        payload = {"params": object_params(self.instance), "state": state() if state is not None else None}
         blob = cloudpickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         frame = self.sparkSession.createDataFrame([(bytearray(blob),)], schema="data binary")
         frame.coalesce(1).write.parquet(os.path.join(path, "data"))

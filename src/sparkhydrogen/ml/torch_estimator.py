@@ -23,7 +23,7 @@ from .params import HasColumnParams, HasInferenceParams, HasTorchParams, HasTrai
 from .persistence import StageReader, StageWriter
 from .summary import TrainingSummary
 from .torch_rank import RankResult, TorchTrainSpec, build_module, train_rank
-from .tracking import fit_tracking
+from .tracking import active_run_id, fit_tracking
 
 __all__ = ["TorchEstimator", "TorchModel", "GangTrainingMixin"]
 
@@ -33,6 +33,10 @@ log = logging.getLogger("sparkhydrogen.ml")
 class GangTrainingMixin(HasColumnParams, HasTrainingParams, HasInferenceParams):
     """The Params and the data projection every gang estimator shares."""
 
+    _input_kwargs: dict[str, Any]  # set by pyspark's @keyword_only
+    _nested_tracking: bool = False  # a fit started by fitMultiple (CrossValidator): a nested MLflow run
+    _parent_run_id: str | None = None  # the run it nests under
+
     def _training_frame(self, dataset: Any, with_label: bool = True) -> Any:
         return training_frame(dataset, self.getFeaturesCol(), self.getLabelCol() if with_label else None,
                               validation_col=self.getValidationCol(),
@@ -40,6 +44,18 @@ class GangTrainingMixin(HasColumnParams, HasTrainingParams, HasInferenceParams):
 
     def _has_validation(self) -> bool:
         return self.getValidationCol() is not None or self.getValidationFraction() > 0
+
+    def _tracking(self) -> Any:
+        """This fit's MLflow context: nested under the caller's run when started by :meth:`_fit_multiple`."""
+        return fit_tracking(self._json_params(), nested=self._nested_tracking, parent_run_id=self._parent_run_id)
+
+    def _fit_multiple(self, dataset: Any, paramMaps: Any) -> Any:
+        """``Estimator.fitMultiple`` with every fit logged as a nested run of the caller's active MLflow run
+        (``CrossValidator``/``TrainValidationSplit`` fit in worker threads, which do not see that run)."""
+        estimator = self.copy()
+        estimator._nested_tracking = True
+        estimator._parent_run_id = active_run_id()
+        return Estimator.fitMultiple(estimator, dataset, paramMaps)  # type: ignore[arg-type]
 
     def _json_params(self) -> dict[str, Any]:
         """The Params as plain values (for tracking): objects by their names."""
@@ -112,6 +128,30 @@ class TorchModel(Model, HasColumnParams, HasInferenceParams, MLReadable["TorchMo
         if self._summary is None:
             raise RuntimeError(f"no training summary available for this {type(self).__name__}")
         return self._summary
+
+    def input_example(self, dataset: Any, rows: int = 5) -> tuple[Any, Any] | None:
+        """A few rows of ``dataset``'s features as a pandas DataFrame (one column per feature: the
+        ``features_col`` names, or ``<features_col>_<i>`` for a vector/array), and the module's output for them.
+
+        What MLflow's model signature is made of; ``None`` for an empty DataFrame.
+        """
+        import numpy as np
+        import pandas as pd
+        import torch
+
+        from .columns import FEATURES, feature_expression
+
+        found = dataset.select(feature_expression(dataset, self.getFeaturesCol()).alias(FEATURES)).limit(rows)
+        values = [r[FEATURES] for r in found.collect()]
+        if not values:
+            return None
+        x = np.asarray(values, dtype=np.float32)
+        names = self.getFeaturesCol()
+        columns = names if isinstance(names, list) and len(names) == x.shape[1] else [
+            f"{names if isinstance(names, str) else 'features'}_{i}" for i in range(x.shape[1])]
+        with torch.no_grad():
+            output = self._module(torch.from_numpy(x)).detach().numpy()
+        return pd.DataFrame(x, columns=columns), output
 
     def _make_predict_fn(self) -> Any:
         return torch_predictor(self._module, self._output_width, self.getUseGpu())
@@ -202,7 +242,7 @@ class TorchEstimator(Estimator[TorchModel], GangTrainingMixin, HasTorchParams, M
     def _fit(self, dataset: Any) -> TorchModel:
         spec = self._spec()
         frame = self._training_frame(dataset)
-        with fit_tracking(self._json_params(), nested=getattr(self, "_nested_tracking", False)) as tracker:
+        with self._tracking() as tracker:
             result: RankResult = torch_run(train_rank, spec, num_processes=self.getNumWorkers(), data=frame,
                                            max_retries=self.getMaxRetries(), use_gpu=self.getUseGpu())
             module = build_module(spec.model)
@@ -214,10 +254,8 @@ class TorchEstimator(Estimator[TorchModel], GangTrainingMixin, HasTorchParams, M
         return model
 
     def fitMultiple(self, dataset: Any, paramMaps: Any) -> Any:
-        """As ``Estimator.fitMultiple``, with each fit tracked as a nested run (``CrossValidator``'s folds)."""
-        estimator = self.copy()
-        estimator._nested_tracking = True  # type: ignore[attr-defined]
-        return Estimator.fitMultiple(estimator, dataset, paramMaps)
+        """As ``Estimator.fitMultiple``, each fit logged as a nested MLflow run (``CrossValidator``'s folds)."""
+        return self._fit_multiple(dataset, paramMaps)
 
     # persistence ------------------------------------------------------------
     def write(self) -> StageWriter:

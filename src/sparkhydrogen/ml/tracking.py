@@ -9,12 +9,13 @@ nothing is logged and nothing is imported.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["FitTracker", "fit_tracking"]
+__all__ = ["FitTracker", "fit_tracking", "active_run_id"]
 
 log = logging.getLogger("sparkhydrogen.ml")
 
@@ -48,12 +49,22 @@ def _tracking_module() -> Any:
         return None
 
 
+def active_run_id() -> str | None:
+    """The MLflow run active in this thread, if mlflow is installed (``CrossValidator`` fits in other threads,
+    which do not see it: :meth:`fitMultiple` hands its id to them)."""
+    if importlib.util.find_spec("mlflow") is None:
+        return None
+    run = importlib.import_module("mlflow").active_run()
+    return None if run is None else str(run.info.run_id)
+
+
 @contextmanager
-def fit_tracking(params: Mapping[str, Any], *, nested: bool = False) -> Iterator[FitTracker]:
+def fit_tracking(params: Mapping[str, Any], *, nested: bool = False,
+                 parent_run_id: str | None = None) -> Iterator[FitTracker]:
     """The fit's MLflow context (``sparkhydrogen.mlflow.fit_run``), or a tracker that logs nothing."""
     module = _tracking_module()
     if module is None or not hasattr(module, "fit_run"):
         yield FitTracker()
         return
-    with module.fit_run(params, nested=nested) as tracker:
+    with module.fit_run(params, nested=nested, parent_run_id=parent_run_id) as tracker:
         yield FitTracker(tracker)
