@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -331,3 +332,69 @@ def test_example_script_runs(ml_spark: Any) -> None:
     assert result["accuracy"] > 0.85 and result["reloaded_accuracy"] == result["accuracy"]
     assert result["summary"].names == ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     assert result["best_learning_rate"] == 1e-2
+
+
+# MLflow: a real tracking server (tests/mlflowkit.py), started by pid on loopback, stopped after ---------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pytest.importorskip("mlflow")
+    import mlflow
+    from mlflowkit import TrackingServer
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    server = TrackingServer(tmp_path_factory.mktemp("mlflow"))
+    previous = mlflow.get_tracking_uri()
+    try:
+        uri = server.wait_ready()
+        mlflow.set_tracking_uri(uri)
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+        server.stop()
+
+
+def test_fit_logs_one_mlflow_run_and_a_pyfunc_model_that_predicts_the_same(df: Any, mlflow_uri: str) -> None:
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    est = TorchEstimator(model=net(), loss=torch.nn.CrossEntropyLoss(), optimizer=torch.optim.SGD, learning_rate=LR,
+                         features_col=COLS, batch_size=BATCH, epochs=2, num_workers=2, validation_fraction=0.25)
+    with mlflow.start_run() as run:
+        model = est.fit(df)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run.info.run_id]  # one run: not one per rank, none nested
+    logged = client.get_run(run.info.run_id)
+    assert logged.data.params["batch_size"] == str(BATCH) and logged.data.params["learning_rate"] == str(LR)
+    assert logged.data.params["num_workers"] == "2"
+    for name in ("train_loss", "val_loss", "train_loss_mean", "val_loss_mean"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [0, 1], name
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+            model.summary.metric(name.removesuffix("_mean"), mean=name.endswith("_mean")))
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    rows = df.select(*COLS).collect()
+    served = np.asarray(pyfunc.predict(pd.DataFrame([[r[c] for c in COLS] for r in rows], columns=COLS)))
+    np.testing.assert_allclose(served, predictions(model.transform(df)), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_validator_fits_log_as_nested_runs(df: Any, mlflow_uri: str) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    est = regressor(num_workers=1)
+    grid = regression_grid(est)
+    cv = CrossValidator(estimator=est, estimatorParamMaps=grid, evaluator=RegressionEvaluator(labelCol="target"),
+                        numFolds=2, parallelism=2, seed=1)
+    with mlflow.start_run() as run:
+        cv.fit(df)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert len(children) == 4  # 2 folds x 2 learning rates, each its own nested run
+    assert sorted(c.data.params["learning_rate"] for c in children) == ["0.01", "0.01", "1e-05", "1e-05"]
+    parent = client.get_run(run.info.run_id)  # the refit on the whole data with the best learning rate
+    assert parent.data.params["learning_rate"] == "0.01"

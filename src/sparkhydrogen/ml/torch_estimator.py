@@ -151,7 +151,7 @@ class TorchModel(Model, HasColumnParams, HasInferenceParams, MLReadable["TorchMo
             f"{names if isinstance(names, str) else 'features'}_{i}" for i in range(x.shape[1])]
         with torch.no_grad():
             output = self._module(torch.from_numpy(x)).detach().numpy()
-        return pd.DataFrame(x, columns=columns), output
+        return pd.DataFrame(x.astype(np.float64), columns=columns), output  # Spark's doubles; fed as float32
 
     def _make_predict_fn(self) -> Any:
         return torch_predictor(self._module, self._output_width, self.getUseGpu())
