@@ -172,8 +172,8 @@ def test_cross_validator_parallel_gangs_pick_the_better_learning_rate(df: Any) -
 
 
 def test_train_validation_split_waits_when_two_gangs_do_not_fit_at_once(df: Any) -> None:
-    """Two 2-rank gangs on 2 slots: each passes the preflight (2 <= 2 slots), Spark holds the second barrier stage
-    until the first's tasks are done; both finish, nothing deadlocks."""
+    """Two 2-rank gangs on 2 slots: each passes the preflight (2 <= 2 slots); Spark's FIFO scheduler gives the
+    earlier gang's tasks the free slots, the second gang's stage waits for them; both finish, nothing deadlocks."""
     est = regressor(num_workers=2)
     grid = regression_grid(est)
     tvs = TrainValidationSplit(estimator=est, estimatorParamMaps=grid, evaluator=RegressionEvaluator(labelCol="target"),
