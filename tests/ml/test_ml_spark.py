@@ -328,10 +328,9 @@ def test_example_script_runs(ml_spark: Any) -> None:
 
     path = Path(__file__).resolve().parents[2] / "examples" / "estimator.py"
     example = runpy.run_path(str(path), run_name="estimator_example")
-    result = example["run"](ml_spark, epochs=3)
+    result = example["run"](ml_spark, epochs=3, tune=False)  # its CrossValidator part: see the CV tests above
     assert result["accuracy"] > 0.85 and result["reloaded_accuracy"] == result["accuracy"]
     assert result["summary"].names == ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
-    assert result["best_learning_rate"] == 1e-2
 
 
 # MLflow: a real tracking server (tests/mlflowkit.py), started by pid on loopback, stopped after ---------------
