@@ -58,9 +58,17 @@ def rank_body(tag: float) -> Any:
 
 
 def test_h2_run_ranks_reach_the_active_run(spark: Any, mlflow_uri: str, mlflow_client: Any) -> None:
+    from sparkhydrogen.mlflow import fit_run
+
     with mlflow.start_run() as run:
-        assert h2.run(rank_body(5.0), num_tasks=2, spark=spark) == [0, 1]
+        with fit_run({"lr": 1}) as tracker:  # not nested: the active run itself
+            assert tracker.run_id == run.info.run_id
+            assert h2.run(rank_body(5.0), num_tasks=2, spark=spark) == [0, 1]
+        with fit_run({"lr": 2, "epochs": 3}):  # a second fit into the same run: lr stays (MLflow keeps params)
+            pass
     run_id = run.info.run_id
+    assert mlflow_client.get_run(run_id).data.params == {"lr": "1", "epochs": "3"}
+    assert mlflow_client.get_run(run_id).info.status == "FINISHED"  # ended by its owner, not by fit_run
     keys = set(mlflow_client.get_run(run_id).data.metrics)
     assert {"loss", "seen", "rank_1/seen"} <= keys
     assert "rank_1/loss" not in keys and "rank_0/seen" not in keys

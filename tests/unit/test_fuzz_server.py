@@ -201,7 +201,7 @@ def test_handshake_mutations_are_refused_silently_and_change_nothing(
 # ------------------------------------------------------------ authenticated
 
 
-ops = st.sampled_from(["register", "call", "fail", "finish", "ping", "log", "restore", "???", None])
+ops = st.sampled_from(["register", "call", "fail", "finish", "ping", "log", "metrics", "restore", "???", None])
 values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.integers(),
                    st.floats(allow_nan=False, allow_infinity=False),
                    st.text(max_size=20), st.lists(st.integers(), max_size=3),

@@ -50,7 +50,7 @@ from sparkhydrogen.tracking.rank import MetricSender, RankMetrics, install, unin
 
 pytestmark = pytest.mark.timeout(120)
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def request(header: dict[str, object], payload: bytes = b"") -> Frame:

@@ -29,6 +29,7 @@ from ..coordinator.handles import LogRecord
 from ..task.data import fed
 from ..task.embedded import EmbeddedGang, parse_failure_marker
 from ..task.partition import Join
+from ..tracking.sink import sink_for_launch
 from . import choice
 from .coordinated import CoordinatedStage
 from .data import GangData
@@ -111,6 +112,9 @@ class EmbeddedCoordinator:
     def run(self, call: RankCall, world_size: int, *, name: str, on_log: OnLog = None) -> list[Any]:
         if on_log is not None:
             log.info("stream_logs: under Spark Connect the ranks' output stays in the executors' logs")
+        if sink_for_launch(name) is not None:
+            log.info("sparkhydrogen.mlflow: under Spark Connect the ranks' log_metric calls cannot reach the driver's "
+                     "MLflow run (the coordinator runs in rank 0); they are dropped")
         rank_fn: Any = functools.partial(result_batches, call)
         if self.data is not None:
             rank_fn = functools.partial(fed, rank_fn, True)

@@ -301,7 +301,11 @@ class RankMetrics:
         self.relay: Relay | None = None
         self.sampler: SystemSampler | None = None
         if self.sender is not None:
-            self.relay = Relay(self.sender.put)
+            try:
+                self.relay = Relay(self.sender.put)
+            except OSError as exc:  # e.g. a temp folder path too long for a Unix socket: the rank itself still logs
+                log.warning("rank %d: no metric relay for its child processes (%s): their log_metric calls are "
+                            "dropped", rank, exc)
             if system_interval:
                 self.sampler = SystemSampler(rank, system_interval, self.sender.put).start()
 

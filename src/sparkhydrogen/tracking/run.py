@@ -116,12 +116,21 @@ class MlflowTracker:
 
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a mapping of names to values, got {type(params).__name__}")
-        entries = []
+        existing = self.client.get_run(self._run_id).data.params  # MLflow refuses to change a logged param
+        entries, clashes = [], []
         for key, value in params.items():
             text = str(value)
             if len(text) > MAX_PARAM_CHARS:
                 text = text[: MAX_PARAM_CHARS - 20] + f"... ({len(text)} chars)"
+            if str(key) in existing:
+                if existing[str(key)] != text:
+                    clashes.append(f"{key}={text[:60]!r} (logged: {existing[str(key)][:60]!r})")
+                continue
             entries.append(Param(str(key), text))
+        if clashes:
+            log.warning("MLflow run %s already has other values for param(s) %s: kept as they were (fit into a "
+                        "nested run, fit_run(..., nested=True), to log each fit's own)", self._run_id,
+                        ", ".join(clashes))
         for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self._run_id, params=entries[start : start + 100], synchronous=True)
 
@@ -221,14 +230,14 @@ def fit_run(params: Mapping[str, Any], *, nested: bool = False, name: str | None
 
     active = mlflow.active_run()
     parent = parent_run_id or (active.info.run_id if active is not None else None)
+    if parent is None and not autolog_enabled():
+        log.debug("fit_run: no MLflow run is active and autologging is off; nothing is logged")
+        yield NoopTracker()  # no store touched: a client for the default URI could create ./mlflow.db
+        return
     uri = mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     started_here = False  # a fluent run of this thread (autolog): ended with mlflow.end_run
     if parent is None:
-        if not autolog_enabled():
-            log.debug("fit_run: no MLflow run is active and autologging is off; nothing is logged")
-            yield NoopTracker()
-            return
         run_id = mlflow.start_run(run_name=name).info.run_id
         started_here = True
     elif nested:
