@@ -22,7 +22,7 @@ def test_public_names() -> None:
 
 def test_importing_sparkhydrogen_ml_imports_no_framework() -> None:
     code = ("import sys, sparkhydrogen.ml; "
-            "print(sorted(m for m in ('torch', 'lightning', 'jax', 'tensorflow') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'lightning', 'jax', 'tensorflow', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
 
