@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-# compatibility subset on the newest pyspark 3.5.x, in a second environment
+# compatibility subset on the newest pyspark 3.5.x, in a second environment (two test processes, as `make test`)
 COMPAT_PYSPARK ?= 3.5.9
 CVENV  := .venv-spark35
 CPY    := $(CVENV)/bin/python
@@ -108,7 +108,7 @@ $(CSTAMP): pyproject.toml
 	@touch $(CSTAMP)
 
 test-compat: $(CSTAMP) java
-	PYSPARK_PYTHON=$(abspath $(CPY)) $(CPY) -m pytest tests/unit tests/spark/test_spark_barrier.py \
+	PYSPARK_PYTHON=$(abspath $(CPY)) $(CPY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests/unit tests/spark/test_spark_barrier.py \
 	  tests/spark/test_spark_recovery.py tests/spark/test_spark_dataframe.py \
 	  tests/transparent/test_transparent_pyspark.py tests/transparent/test_transparent_install.py \
 	  tests/transparent/test_transparent_context.py
@@ -127,10 +127,10 @@ $(P313)/.installed: pyproject.toml
 	@touch $@
 
 test-py310: $(P310)/.installed java
-	PYSPARK_PYTHON=$(abspath $(P310))/bin/python $(P310)/bin/python -m pytest $(CORE_TESTS)
+	PYSPARK_PYTHON=$(abspath $(P310))/bin/python $(P310)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(CORE_TESTS)
 
 test-py313: $(P313)/.installed java
-	PYSPARK_PYTHON=$(abspath $(P313))/bin/python $(P313)/bin/python -m pytest $(CORE_TESTS)
+	PYSPARK_PYTHON=$(abspath $(P313))/bin/python $(P313)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(CORE_TESTS)
 
 $(LSTAMP): $(STAMP)
 	$(VPY) -m pip install --quiet -e ".[lint]"

@@ -51,6 +51,79 @@ def _pids(pid_dir: Path) -> list[int]:
 @contextmanager
 def standalone_cluster(workers: int = 2, cores: int = 1, memory: str = "1g") -> Iterator[str]:
     """Start a master and ``workers`` workers on 127.0.0.1; yield the master URL; stop all by pid."""
+    with elastic_cluster(workers, cores, memory) as cluster:
+        yield cluster.master
+
+
+class Cluster:
+    """A running standalone cluster whose workers can be added and SIGKILLed (by pid) while it runs."""
+
+    def __init__(self, root: Path, env: dict[str, str], master: str, cores: int, memory: str) -> None:
+        self.root, self.env, self.master, self.cores, self.memory = root, env, master, cores, memory
+        self.started = 0  # workers started so far (each daemon instance gets its own number)
+
+    def add_worker(self, timeout: float = 90) -> int:
+        """Start one more worker; return its pid once it registered with the master."""
+        return self.add_workers(1, timeout)[0]
+
+    def add_workers(self, count: int, timeout: float = 90) -> list[int]:
+        """Start ``count`` more workers at once; return their pids once all registered with the master."""
+        numbers = []
+        for _ in range(count):
+            self.started += 1
+            numbers.append(self.started)
+            subprocess.run([DAEMON, "start", "org.apache.spark.deploy.worker.Worker", str(self.started), self.master,
+                            "--host", "127.0.0.1", "--cores", str(self.cores), "--memory", self.memory,
+                            "--webui-port", str(_free_port()), "--work-dir", str(self.root / "work")],
+                           env=self.env, check=True, capture_output=True, timeout=60)
+        for number in numbers:
+            out = next((self.root / "logs").glob(f"*Worker-{number}-*.out"))
+            _wait_for_file(out, r"Successfully registered with master", timeout)
+        return [self.worker_pid(number) for number in numbers]
+
+    def worker_pid(self, number: int) -> int:
+        path = next((self.root / "pids").glob(f"*Worker-{number}.pid"))
+        return int(path.read_text().strip())
+
+    def workers(self) -> list[int]:
+        """Pids of the workers still alive, in the order they were started."""
+        alive = []
+        for number in range(1, self.started + 1):
+            pid = self.worker_pid(number)
+            if os.path.exists(f"/proc/{pid}") and "Worker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                alive.append(pid)
+        return alive
+
+    def kill_worker(self, pid: int) -> None:
+        """SIGKILL a worker JVM and its executor JVM (and the executor's Python workers): gone, not replaced."""
+        tree = _descendants(pid)
+        for target in [pid, *tree]:
+            try:
+                os.kill(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def _wait_for_file(path: Path, pattern: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    regex = re.compile(pattern)
+    while time.monotonic() < deadline:
+        if regex.search(path.read_text(errors="replace")):
+            return
+        time.sleep(0.2)  # polling the daemon's log: the only readiness signal it gives
+    raise TimeoutError(f"standalone worker: {pattern!r} not in {path} after {timeout} s")
+
+
+@contextmanager
+def elastic_cluster(workers: int = 2, cores: int = 1, memory: str = "1g") -> Iterator[Cluster]:
+    """A master and ``workers`` workers on 127.0.0.1, whose workers the test may add or kill; all stopped by pid."""
     root = Path(tempfile.mkdtemp(prefix="sparkhydrogen-standalone-"))
     env = dict(os.environ, SPARK_HOME=SPARK_HOME, SPARK_LOG_DIR=str(root / "logs"), SPARK_PID_DIR=str(root / "pids"),
                SPARK_IDENT_STRING="sparkhydrogen-test", SPARK_LOCAL_IP="127.0.0.1",
@@ -64,16 +137,19 @@ def standalone_cluster(workers: int = 2, cores: int = 1, memory: str = "1g") -> 
                         "--port", str(port), "--webui-port", str(_free_port())], env=env, check=True,
                        capture_output=True, timeout=60)
         _wait_for_log(root / "logs", r"I have been elected leader", 1, 60)
+        cluster = Cluster(root, env, master, cores, memory)
         for number in range(1, workers + 1):
             subprocess.run([DAEMON, "start", "org.apache.spark.deploy.worker.Worker", str(number), master,
                             "--host", "127.0.0.1", "--cores", str(cores), "--memory", memory,
                             "--webui-port", str(_free_port()), "--work-dir", str(root / "work")],
                            env=env, check=True, capture_output=True, timeout=60)
+        cluster.started = workers
         _wait_for_log(root / "logs", r"Successfully registered with master", workers, 90)
-        yield master
+        yield cluster
     finally:
         for pid in _pids(root / "pids"):
-            _kill_tree(pid)
+            if os.path.exists(f"/proc/{pid}"):
+                _kill_tree(pid)
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 

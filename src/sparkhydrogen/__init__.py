@@ -13,7 +13,7 @@
 """
 
 from .config import CoordinatorConfig, HydrogenConfig, LaunchConfig
-from .context import BarrierTaskContext, BarrierTaskInfo
+from .context import BarrierTaskContext, BarrierTaskInfo, Restored
 from .diagnosis import GangReport, GangStatus, RankState, RankStatus, report, status
 from .errors import (
     AuthenticationError,
@@ -27,6 +27,7 @@ from .errors import (
     GangCancelledError,
     GangFailedError,
     GangNotFoundError,
+    GangResizing,
     GangSetupError,
     GpuPlacementError,
     HydrogenError,
@@ -39,7 +40,7 @@ from .errors import (
     RankLostError,
     RegistrationError,
 )
-from .launch import RDDBarrier, barrier, retry, run, stacks
+from .launch import RDDBarrier, SizeRange, barrier, retry, run, stacks
 from .transparent import install, installed, is_installed, uninstall
 
 __version__ = "0.1.0"
@@ -71,6 +72,7 @@ __all__ = [
     "GangAbortedError",
     "GangCancelledError",
     "GangSetupError",
+    "GangResizing",
     "GangFailedError",
     "GangReport",
     "GangStatus",
@@ -88,6 +90,8 @@ __all__ = [
     "RankState",
     "RankStatus",
     "RegistrationError",
+    "Restored",
+    "SizeRange",
     "GangNotFoundError",
     "barrier",
     "install",

@@ -41,6 +41,9 @@ Spark conf keys (all optional)::
                                                waits for, and again every as long (default 60s)
     spark.hydrogen.embedded.lingerTimeout      Spark Connect: how long rank 0 keeps serving its peers after its
                                                own work is done (default 10min)
+    spark.hydrogen.data.cacheMemoryBudget      bytes of its share a rank's loader with cache=True keeps in memory;
+                                               the rest goes to an Arrow file under Spark's local dirs, removed
+                                               when the rank ends (default 1g; 0: all of it on disk)
 
 Sizes accept Spark's suffixes (``64k``, ``256m``, ``1g``); durations accept
 seconds or Spark's ``500ms``/``30s``/``5min`` forms.
@@ -54,7 +57,8 @@ from dataclasses import dataclass, field
 
 from .netaddr import is_wildcard
 
-__all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "PLACEMENTS", "STACK_DUMP_AFTER", "HydrogenConfig",
+__all__ = ["CoordinatorConfig", "TlsConfig", "LaunchConfig", "PLACEMENTS", "STACK_DUMP_AFTER", "DEFAULT_CACHE_MEMORY",
+           "HydrogenConfig",
            "parse_size", "parse_duration", "parse_bool", "normalize_host"]
 
 KiB = 1024
@@ -221,6 +225,9 @@ PLACEMENTS = ("auto", "barrier", "coordinated")
 #: Default of ``spark.hydrogen.stacks.gilDumpAfter`` (seconds): the one place it is written.
 STACK_DUMP_AFTER = 5.0
 
+#: Default of ``spark.hydrogen.data.cacheMemoryBudget`` (bytes): a rank's cached share above it spills to disk.
+DEFAULT_CACHE_MEMORY = GiB
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -239,11 +246,15 @@ class LaunchConfig:
     #: Seconds between a rank's system-metrics samples for MLflow (``spark.hydrogen.mlflow.systemMetricsInterval``;
     #: only in gangs that log into a run); 0: off.
     system_metrics_interval: float = 10.0
+    #: Bytes of its share a rank's ``cache=True`` loader keeps in memory; the rest spills to local disk.
+    data_cache_memory: int = DEFAULT_CACHE_MEMORY
 
     def __post_init__(self) -> None:
         if not 0 <= self.system_metrics_interval <= 86400:
             raise ValueError(f"system_metrics_interval must be in 0..86400 seconds (0: off), "
                              f"got {self.system_metrics_interval}")
+        if self.data_cache_memory < 0:
+            raise ValueError(f"data_cache_memory must be >= 0 bytes (0: spill all), got {self.data_cache_memory}")
         if not 0 <= self.stack_dump_after <= 3600:
             raise ValueError(f"stack_dump_after must be in 0..3600 seconds (0: off), got {self.stack_dump_after}")
         if self.placement not in PLACEMENTS:
@@ -312,6 +323,7 @@ class HydrogenConfig:
             "start_timeout": ("launch.startTimeout", parse_duration),
             "stack_dump_after": ("stacks.gilDumpAfter", parse_duration),
             "system_metrics_interval": ("mlflow.systemMetricsInterval", parse_duration),
+            "data_cache_memory": ("data.cacheMemoryBudget", parse_size),
         }
 
         def build(cls: type, fields: dict[str, tuple[str, Callable[[str, str], object]]],

@@ -22,13 +22,42 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from . import serde
 from .coordinator.client import CoordinatorClient
-from .errors import CheckpointError, CollectiveMismatchError, GangAbortedError, LaunchError, NotInGangError
+from .errors import (
+    CheckpointError,
+    CollectiveMismatchError,
+    GangAbortedError,
+    GangResizing,
+    LaunchError,
+    NotInGangError,
+)
 
-__all__ = ["BarrierTaskContext", "BarrierTaskInfo"]
+__all__ = ["BarrierTaskContext", "BarrierTaskInfo", "Restored"]
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :meth:`BarrierTaskContext.restored` gives back: a state and the size of the gang that wrote it.
+
+    ``world_size`` is the number of ranks of the attempt that committed the checkpoint,
+    ``rank`` the rank whose state ``state`` is. An elastic gang (``num_tasks=(min, max)``)
+    may resume at another size than it checkpointed at: compare ``world_size`` with
+    ``ctx.worldSize()`` and re-shard (``ctx.restoreRank(r)`` reads any rank's state).
+
+    Example:
+        >>> r = ctx.restored()                                           # doctest: +SKIP
+        >>> r.world_size, ctx.worldSize(), r.rank
+        (4, 3, 0)
+    """
+
+    state: Any
+    world_size: int
+    rank: int
+
 
 
 class _StateFile:
@@ -366,6 +395,7 @@ class BarrierTaskContext(_ContextBase):
         timeout = self._timeout(timeout)
         if self._checkpoint_dir is None:
             self._client.collective("checkpoint", serde.dumps(state, "checkpoint state"), timeout=timeout)
+            self._grow_here()
             return
         path = _write_state_file(self._checkpoint_dir, self._client.gang_id, self._rank, state)
         try:
@@ -382,17 +412,52 @@ class BarrierTaskContext(_ContextBase):
                 _remove(old)
         self._uncertain_files.clear()
         self._committed_file = path
+        self._grow_here()
+
+    def _grow_here(self) -> None:
+        """An elastic gang offered a larger size at this committed checkpoint: end the attempt to relaunch larger."""
+        grow = getattr(self._client, "grow_offer", None)
+        if grow is not None and grow > self._world_size:
+            raise GangResizing(f"the elastic gang grows from {self._world_size} to {grow} ranks at this checkpoint "
+                               "(grow='checkpoint'): it is relaunched at once and resumes from this checkpoint")
 
     def restore(self) -> Any:
-        """This rank's state from the gang's last committed checkpoint, or ``None``."""
-        data = self._client.restore()
-        if data is None:
+        """This rank's state from the gang's last committed checkpoint, or ``None``.
+
+        An elastic gang may resume at another size than it checkpointed at: a rank the
+        checkpoint has no state for gets rank 0's (right for data-parallel training, where
+        every rank holds the same model); :meth:`restored` says the size it was written at.
+        """
+        restored = self.restored()
+        return None if restored is None else restored.state
+
+    def restored(self) -> Restored | None:
+        """This rank's state from the last committed checkpoint with the world size it was written at, or ``None``.
+
+        Example:
+            >>> r = ctx.restored()                                        # doctest: +SKIP
+            >>> if r is not None and r.world_size != ctx.worldSize():
+            ...     shards = [ctx.restoreRank(i) for i in range(r.world_size)]   # re-shard
+        """
+        return self._restored(None)
+
+    def restoreRank(self, rank: int) -> Any:
+        """Rank ``rank``'s state in the last committed checkpoint (a rank of the size it was written at), or None."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+        restored = self._restored(rank)
+        return None if restored is None else restored.state
+
+    def _restored(self, of: int | None) -> Restored | None:
+        data, written, source = self._client.restored(of)
+        if data is None or source is None:
             return None
         state = serde.loads(data, "checkpoint state")
         if isinstance(state, _StateFile):
-            self._committed_file = state.path
-            return state.load()
-        return state
+            if source == self._rank:
+                self._committed_file = state.path
+            state = state.load()
+        return Restored(state, written, source)
 
     def __repr__(self) -> str:
         return f"BarrierTaskContext(rank={self._rank}, worldSize={self._world_size}, gangAttempt={self._gang_attempt})"

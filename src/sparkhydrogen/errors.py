@@ -37,6 +37,7 @@ __all__ = [
     "GangFailedError",
     "GangCancelledError",
     "GangSetupError",
+    "GangResizing",
     "ErrorInfo",
     "from_info",
 ]
@@ -169,6 +170,15 @@ class GangSetupError(LaunchError):
     For example ``sparkhydrogen`` (or the user's module) is not importable on the
     executors, the task's closure does not unpickle there, or the coordinator's address
     is unreachable from them. The message names the Python exception; never retried.
+    """
+
+
+class GangResizing(HydrogenError):
+    """Raised by ``ctx.checkpoint`` in every rank of an elastic gang that grows there (``grow="checkpoint"``).
+
+    Not a failure: the checkpoint is committed, and the driver relaunches the gang at
+    once at its larger size, where ``ctx.restore()`` resumes from that checkpoint. Let it
+    propagate out of the rank's function (do not catch it).
     """
 
 

@@ -23,13 +23,14 @@ from typing import Any
 
 from .data.jax_feed import batches
 from .frameworks import JaxDistributed
-from .frameworks.launch import check_count
 from .frameworks.launch import run as _run_framework
+from .launch.elastic import SizeRange, size_range
 
 __all__ = ["run", "batches", "JaxDistributed"]
 
 
-def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool = False, max_retries: int = 0,
+def run(fn: Callable[..., Any], *args: Any, num_processes: int | tuple[int, int] | SizeRange,
+        return_all: bool = False, max_retries: int = 0,
         retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
         env: Mapping[str, str] | None = None, resources: Any = None, data: Any = None,
         initialization_timeout: int = 300, **kwargs: Any) -> Any:
@@ -38,6 +39,8 @@ def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool
     * ``jax.process_count()`` is ``num_processes`` and ``jax.process_index()`` the rank
       inside ``fn``; cross-process collectives (``multihost_utils``, ``psum`` over
       ``jax.devices()``) work on CPU through gloo.
+    * ``num_processes=(min, max)`` (or a :class:`~sparkhydrogen.SizeRange`) is an elastic gang:
+      each attempt is a new JAX cluster of the attempt's size (``docs/elastic.md``).
     * Returns rank 0's return value, or every rank's in rank order with ``return_all=True``.
     * A rank that raises aborts the others and is named, with its traceback, in the
       :class:`~sparkhydrogen.GangFailedError`; ``max_retries`` relaunches the whole gang.
@@ -49,8 +52,8 @@ def run(fn: Callable[..., Any], *args: Any, num_processes: int, return_all: bool
 
     The keyword names above are the launcher's; every other keyword goes to ``fn``.
     """
-    check_count("num_processes", num_processes)
+    wanted = size_range(num_processes, "num_processes")
     framework = JaxDistributed(initialization_timeout=initialization_timeout)
-    return _run_framework(framework, fn, *args, num_tasks=num_processes, return_all=return_all,
+    return _run_framework(framework, fn, *args, num_tasks=wanted, return_all=return_all,
                           max_retries=max_retries, retry_backoff=retry_backoff, stream_logs=stream_logs, spark=spark,
                           env=env, resources=resources, data=data, **kwargs)

@@ -58,6 +58,11 @@ def run(fn: Callable[..., Any], *args: Any, num_workers: int, return_all: bool =
 
     The keyword names above are the launcher's; every other keyword goes to ``fn``.
     """
+    if isinstance(num_workers, (tuple, list)) or type(num_workers).__name__ == "SizeRange":
+        raise ValueError(f"num_workers={num_workers!r}: TensorFlow gangs have a fixed size: this launcher does "
+                         "not resize them (MultiWorkerMirroredStrategy fixes its cluster from TF_CONFIG, and "
+                         "tf.keras's BackupAndRestore resumes on the same number of workers); pass an int "
+                         "(elastic gangs: sparkhydrogen.torch, .horovod, .jax or sparkhydrogen.run; docs/elastic.md)")
     check_count("num_workers", num_workers)
     if not isinstance(legacy_keras, bool):
         raise TypeError(f"legacy_keras must be True or False, got {legacy_keras!r}")

@@ -18,7 +18,7 @@ import pytest
 
 import sparkhydrogen.data as h2data
 from sparkhydrogen.data import Batches, FeedOptions
-from sparkhydrogen.data._batching import rebatch, shuffle
+from sparkhydrogen.data._batching import agreed, rebatch, shuffle
 from sparkhydrogen.data._convert import to_chunk
 from sparkhydrogen.errors import LaunchError, NotInGangError
 
@@ -42,20 +42,20 @@ def feed(batches: list[pa.RecordBatch], **options: Any) -> Batches:
 
 
 class Gang:
-    """``agree`` for ``size`` ranks running in threads: every rank's answer meets at a barrier."""
+    """``agree`` for ``size`` ranks running in threads: every rank's report meets at a barrier (an allGather)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.answers: list[bool] = [False] * size
+        self.answers: list[tuple[int, bool]] = [(0, False)] * size
         self.calls = [0] * size
         self._meet = threading.Barrier(size, timeout=20)
 
-    def agree(self, rank: int) -> Callable[[bool], bool]:
-        def agree(has_batch: bool) -> bool:
+    def agree(self, rank: int) -> Callable[[int, bool], tuple[int, bool]]:
+        def agree(ready: int, ended: bool) -> tuple[int, bool]:
             self.calls[rank] += 1
-            self.answers[rank] = has_batch
+            self.answers[rank] = (ready, ended)
             self._meet.wait()
-            verdict = all(self.answers)
+            verdict = agreed(self.answers)
             self._meet.wait()  # nobody overwrites an answer before everyone has read them
             return verdict
 
@@ -160,7 +160,7 @@ def test_uneven_shares_yield_equal_step_counts_and_the_leftover_is_logged(caplog
     with caplog.at_level(logging.INFO, logger="sparkhydrogen.data"):
         sizes = gang.run(rank)
     assert sizes[0] == [64] * 6 and sizes[1] == [64] * 5 + [50]  # rank 1's short last batch is a step
-    assert gang.calls == [7, 7]  # one agreement per step, one to stop
+    assert gang.calls == [1, 1]  # rank 1 made all its 6 batches within the first window of 8: one agreement
     messages = [r.getMessage() for r in caplog.records]
     assert any("rank 0: 6 batches (384 rows) of its 1000 rows; 616 rows left unused" in m for m in messages)
 
@@ -253,7 +253,7 @@ def test_cached_epochs_keep_the_agreed_step_count_without_asking_again() -> None
         return [sum(1 for _ in batches) for _ in range(3)]
 
     assert gang.run(rank) == [[5, 5, 5], [5, 5, 5]]
-    assert gang.calls == [6, 6]  # the first epoch only
+    assert gang.calls == [1, 1]  # one window in the first epoch; none later
 
 
 def test_a_cache_left_incomplete_by_an_early_stop_is_refused() -> None:

@@ -232,7 +232,8 @@ def test_a_peer_that_stops_reading_stops_being_read_and_others_run_on(
             data = sock.recv(1 << 20)
             assert data, "the coordinator closed the hoarder's connection"
             for frame in decoder.feed(data):
-                assert frame.kind is Kind.REPLY and frame.header == {"op": "restore", "found": True}
+                assert frame.kind is Kind.REPLY
+                assert frame.header == {"op": "restore", "found": True, "world_size": 1, "of": 0}
                 assert frame.payload == state
                 replies += 1
     finally:

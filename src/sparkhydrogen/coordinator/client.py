@@ -116,6 +116,8 @@ class CoordinatorClient:
         self._lock = threading.Lock()  # one request/reply exchange at a time
         self._send_lock = threading.Lock()  # whole frames only, heartbeats included
         self._seq = 0
+        #: An elastic gang's larger size, offered in the reply to the last collective (a committed checkpoint).
+        self.grow_offer: int | None = None
         self._closed = False
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -282,10 +284,23 @@ class CoordinatorClient:
 
     def restore(self) -> bytes | None:
         """This rank's state in the gang's last committed checkpoint, or ``None``."""
+        return self.restored()[0]
+
+    def restored(self, of: int | None = None) -> tuple[bytes | None, int, int | None]:
+        """(state, world size the checkpoint was written at, whose state) for this rank, or for rank ``of``.
+
+        The world size is 0 when there is no checkpoint. At another size than it was written
+        at, a rank without a state of its own gets rank 0's unless ``of`` names a rank.
+        """
+        header: dict[str, object] = {"op": "restore"}
+        if of is not None:
+            header["of"] = of
         with self._lock:
-            self._send(encode_frame(Kind.REQUEST, {"op": "restore"}))
+            self._send(encode_frame(Kind.REQUEST, header))
             reply = self._expect_reply(None)
-        return bytes(reply.payload) if reply.header.get("found") else None
+        written, source = reply.header.get("world_size"), reply.header.get("of")
+        return (bytes(reply.payload) if reply.header.get("found") else None,
+                written if isinstance(written, int) else 0, source if isinstance(source, int) else None)
 
     def collective(self, kind: str, payload: bytes = b"", root: int | None = None,
                    timeout: float | None = None) -> list[memoryview]:
@@ -306,6 +321,8 @@ class CoordinatorClient:
             reply = self._expect_reply(None if timeout is None else timeout + REPLY_GRACE, kind, seq)
         if reply.header.get("seq") != seq:
             raise ProtocolError(f"reply for collective call #{reply.header.get('seq')} while waiting for #{seq}")
+        grow = reply.header.get("grow")
+        self.grow_offer = grow if isinstance(grow, int) and not isinstance(grow, bool) else None
         sizes = reply.header.get("sizes") or []
         view = memoryview(reply.payload)
         parts, offset = [], 0

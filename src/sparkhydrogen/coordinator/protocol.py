@@ -366,7 +366,9 @@ class Ping:
 
 @dataclass(frozen=True)
 class Restore:
-    """``restore``: the rank's state in the gang's last committed checkpoint."""
+    """``restore``: the rank's state in the gang's last committed checkpoint (``of``: another rank's, to re-shard)."""
+
+    of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -480,6 +482,13 @@ def _decode_fail(header: Mapping[str, Any]) -> Fail:
                 None if settle is None else float(settle))
 
 
+def _decode_restore(header: Mapping[str, Any]) -> Restore:
+    of = header.get("of")
+    if of is not None and (isinstance(of, bool) or not isinstance(of, int) or of < 0):
+        raise RequestError(f"'of' must be a rank (an int >= 0), got {of!r}")
+    return Restore(of=of)
+
+
 def _decode_finish(header: Mapping[str, Any]) -> Finish:
     closed_early = header.get("closed_early", False)
     if not isinstance(closed_early, bool):
@@ -555,7 +564,7 @@ def decode_request(frame: Frame) -> Request:
     if op == "fail":
         return _decode_fail(header)
     if op == "restore":
-        return Restore()
+        return _decode_restore(header)
     if op == "stacks":
         return _decode_stacks_answer(header, frame.payload)
     if op == "stacks_channel":
@@ -596,8 +605,10 @@ def settle_reply(failure: ErrorInfo | None) -> bytes:
     return encode_frame(Kind.REPLY, {"op": "settle", "failure": None if failure is None else failure.to_json()})
 
 
-def restore_reply(state: bytes | None) -> bytes:
-    return encode_frame(Kind.REPLY, {"op": "restore", "found": state is not None}, state or b"")
+def restore_reply(state: bytes | None, world_size: int = 0, of: int | None = None) -> bytes:
+    """The answer to ``restore``: the state, the world size its checkpoint was written at, and whose state it is."""
+    return encode_frame(Kind.REPLY, {"op": "restore", "found": state is not None, "world_size": world_size,
+                                     "of": of}, state or b"")
 
 
 def collective_reply(op: Op, seq: int, payloads: Sequence[bytes | bytearray | memoryview]) -> bytes:

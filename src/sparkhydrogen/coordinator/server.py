@@ -455,6 +455,29 @@ class CoordinatorServer:
 
         self._on_loop(put, f"note_gang({gang_id[:8]!r})")
 
+    def resize_gang(self, gang_id: str, world_size: int) -> None:
+        """An elastic gang's next attempts have ``world_size`` ranks (its id, secret and checkpoint stay)."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+
+        def put() -> None:
+            gang = self.registry.get(gang_id)
+            if gang is None:
+                raise GangNotFoundError(f"gang {gang_id[:8]} is not declared")
+            gang.resize(world_size)
+
+        self._on_loop(put, f"resize_gang({gang_id[:8]!r})")
+
+    def offer_growth(self, gang_id: str, world_size: int | None) -> None:
+        """Tell an elastic gang's ranks, at their next committed checkpoint, to relaunch at ``world_size`` ranks."""
+
+        def put() -> None:
+            gang = self.registry.get(gang_id)
+            if gang is not None:
+                gang.grow_to = world_size
+
+        self._on_loop(put, f"offer_growth({gang_id[:8]!r})")
+
     def gate_status(self, gang_id: str, gang_attempt: int) -> tuple[int, bool]:
         """(ranks joined, whether the start gate opened) of a gated gang's launch ``gang_attempt``."""
 
@@ -721,7 +744,9 @@ class CoordinatorServer:
             attempt.heard(rank, now)
             self._forward_metrics(attempt, rank, request)
         elif isinstance(request, Restore):
-            peer.send(restore_reply(gang.restore(rank)))
+            of = rank if request.of is None else request.of
+            state, written, source = gang.restored(of, exact=request.of is not None)
+            peer.send(restore_reply(state, written, source))
         elif isinstance(request, Fail):
             self._dispatch(attempt, attempt.fail(rank, replace(request.error, rank=rank), now, request.settle))
         elif isinstance(request, Finish):
@@ -978,7 +1003,10 @@ class CoordinatorServer:
         error = (gang.commit(attempt.key, action.seq, action.payloads, self.config.checkpoint_max_bytes)
                  if gang is not None else ErrorInfo("RegistrationError", "the gang was removed"))
         if error is None:
-            frame = encode_frame(Kind.REPLY, {"op": action.op.value, "seq": action.seq, "sizes": []})
+            header: dict[str, Any] = {"op": action.op.value, "seq": action.seq, "sizes": []}
+            if gang is not None and gang.grow_to is not None and gang.grow_to > attempt.world_size:
+                header["grow"] = gang.grow_to  # elastic (grow="checkpoint"): the ranks end here, to relaunch larger
+            frame = encode_frame(Kind.REPLY, header)
         else:
             frame = error_frame(error)
         _send_to(self.roster.endpoints(attempt), action.ranks, frame)

@@ -879,6 +879,13 @@ class Gang:
     #: A *stage gang*: formed by the first task of a Spark stage that joins with a stage credential, not
     #: declared by the driver; the coordinator forgets it once its stages are done (see ``idle``).
     derived: bool = False
+    #: Elastic gangs (``grow="checkpoint"``): the size the driver offers; the next committed checkpoint tells the ranks.
+    grow_to: int | None = None
+
+    def resize(self, world_size: int) -> None:
+        """Elastic gangs: the next attempts have ``world_size`` ranks (running attempts keep theirs)."""
+        self.world_size = world_size
+        self.grow_to = None
 
     # -- the start gate ----------------------------------------------------
     def open_window(self, gang_attempt: int, now: float) -> None:
@@ -961,6 +968,19 @@ class Gang:
         if self.checkpoint is None or not 0 <= rank < len(self.checkpoint.payloads):
             return None
         return self.checkpoint.payloads[rank]
+
+    def restored(self, rank: int, exact: bool = False) -> tuple[bytes | None, int, int | None]:
+        """(state, world size the checkpoint was written at, the rank whose state it is) for ``rank``.
+
+        An elastic gang may restore at another size than it checkpointed at: a rank the
+        checkpoint has no state for gets rank 0's (the same model, in data-parallel
+        training), unless ``exact`` asks for that rank's state alone.
+        """
+        if self.checkpoint is None:
+            return None, 0, None
+        written = len(self.checkpoint.payloads)
+        source = rank if 0 <= rank < written else (None if exact else 0)
+        return (None if source is None else self.checkpoint.payloads[source]), written, source
 
     # -- attempts ----------------------------------------------------------
     def attempt_for(self, gang_attempt: int, stage_id: int, rank: int, task_attempt_id: int, now: float,

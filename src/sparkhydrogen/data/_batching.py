@@ -7,6 +7,7 @@ one output batch.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy.typing as npt
 
 from ._convert import Chunk, chunk_rows
 
-__all__ = ["rebatch", "shuffle", "equal_steps"]
+__all__ = ["rebatch", "shuffle", "equal_steps", "agreed", "Agree"]
 
 
 def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False) -> Generator[Chunk, None, None]:
@@ -113,27 +114,72 @@ def _put(buffer: Chunk, where: Any, chunk: Chunk, at: int, take: int) -> None:
         target[where] = source
 
 
-def equal_steps(batches: Iterable[Chunk], agree: Callable[[bool], bool],
-                on_end: Callable[[int, int], None]) -> Iterator[Chunk]:
-    """``batches`` for as long as every rank still has one: one ``agree(has_batch)`` call per step.
+#: ``agree(ready, ended) -> (steps, stop)``: one collective over the gang (see :func:`equal_steps`).
+Agree = Callable[[int, bool], tuple[int, bool]]
 
-    The next batch is made before asking, so each step costs exactly one agreement, and
-    a rank that has run out says so at the step it would have missed; every rank then
-    stops at the same step (DDP and the like deadlock otherwise). ``on_end(steps, rows)``
-    is called once with the steps taken and the rows yielded.
+
+def agreed(reports: Iterable[tuple[int, bool]]) -> tuple[int, bool]:
+    """The gang's verdict on the ranks' ``(ready, ended)`` reports: steps every rank can take, and whether to stop.
+
+    Each rank has ``ready`` batches made; ``ended`` says its share has no more. The gang
+    takes the fewest, and stops after them when a rank that has run out set that figure.
+
+    >>> agreed([(4, False), (2, True)]), agreed([(4, False), (6, True)]), agreed([(0, True), (3, False)])
+    ((2, True), (4, False), (0, True))
     """
+    listed = [(int(ready), bool(ended)) for ready, ended in reports]
+    steps = min(ready for ready, _ in listed)
+    return steps, any(ended and ready == steps for ready, ended in listed)
+
+
+def equal_steps(batches: Iterable[Chunk], agree: Agree, on_end: Callable[[int, int], None], *,
+                first_window: int = 8, max_window: int = 4096,
+                max_bytes: int = 4 * 1024 * 1024) -> Iterator[Chunk]:
+    """``batches`` for as long as every rank still has one, agreeing once per window of steps, not per step.
+
+    Each rank makes up to a window of batches ahead (``first_window``, doubling each round to
+    ``max_window``, and at most ``max_bytes`` of them, at least one), then one
+    ``agree(ready, ended)`` call tells every rank how many steps the whole gang can take
+    (see :func:`agreed`) and whether it stops after them. Every rank therefore stops at the
+    same step, that of the rank with the fewest batches (DDP and the like deadlock
+    otherwise), at a cost of a few collectives per epoch. ``on_end(steps, rows)`` is called
+    once with the steps taken and the rows yielded (not when the consumer stops early).
+
+    >>> import numpy as np
+    >>> calls = []
+    >>> def alone(ready, ended):
+    ...     calls.append(ready); return ready, ended
+    >>> out = list(equal_steps(({"x": np.arange(2)} for _ in range(20)), alone, lambda s, r: None))
+    >>> len(out), calls
+    (20, [8, 12])
+    """
+    source = iter(batches)
+    ready: deque[Chunk] = deque()
+    held = 0
+    ended = False
+    window = max(1, first_window)
     steps = rows = 0
-    stopped = False
-    try:
-        for batch in batches:
-            if not agree(True):
-                stopped = True
-                return
+    while True:
+        while not ended and len(ready) < window and (held < max_bytes or not ready):
+            try:
+                batch = next(source)
+            except StopIteration:
+                ended = True
+                break
+            ready.append(batch)
+            held += _nbytes(batch)
+        allowed, stop = agree(len(ready), ended)
+        for _ in range(allowed):
+            batch = ready.popleft()
+            held -= _nbytes(batch)
             steps += 1
             rows += chunk_rows(batch)
             yield batch
-        stopped = True
-        agree(False)
-    finally:
-        if stopped:
-            on_end(steps, rows)
+        if stop:
+            break
+        window = min(window * 2, max(1, max_window))
+    on_end(steps, rows)
+
+
+def _nbytes(chunk: Chunk) -> int:
+    return sum(int(a.nbytes) for a in chunk.values())

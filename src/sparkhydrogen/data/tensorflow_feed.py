@@ -26,14 +26,22 @@ def _dtype(tf: Any, name: str, dtype: np.dtype[Any]) -> Any:
 
 def dataset(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: bool = False,
             drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
-            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False) -> Any:
+            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False, cache_memory: int | None = None) -> Any:
     """A ``tf.data.Dataset`` of this rank's batches: each element a ``dict`` column name -> tensor.
 
     The element spec comes from the rank's first rows (so every rank needs some): the batch
     axis is ``batch_size`` with ``drop_last=True``, else ``None``; fixed-length list columns
-    add an axis. Batching, ``shuffle`` (a bounded buffer), ``equal_steps`` and ``cache`` work
+    add an axis. Batching, ``shuffle`` (a bounded buffer), ``equal_steps``, ``cache`` and ``cache_memory`` work
     as in :func:`sparkhydrogen.data.numpy_batches`; do not ``.batch()`` the dataset again.
     Each iteration is one epoch: more than one needs ``cache=True``.
+
+    The dataset has ``state_dict()`` and ``load_state_dict(sd)`` (those of
+    :class:`sparkhydrogen.data.Batches`): save the state with ``ctx.checkpoint(...)`` and
+    load it into the dataset of a retried attempt before iterating it to continue with the
+    next batch. They belong to this dataset object (not to one made from it by ``map``);
+    the state counts the batches the generator made, so a ``.prefetch(k)`` after it lets
+    the state run up to ``k`` batches ahead of your loop (tf.data's own injected prefetch is
+    turned off here for that reason).
 
     Example:
         >>> def train():                                                        # doctest: +SKIP
@@ -44,7 +52,8 @@ def dataset(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: b
     tf: Any = importlib.import_module("tensorflow")  # untyped: no stubs
 
     options = FeedOptions(batch_size=batch_size, columns=columns, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                          drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache)
+                          drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache,
+                          cache_memory=cache_memory)
     batches = from_context(options)
     first = batches.peek()
     if first is None:
@@ -57,4 +66,10 @@ def dataset(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: b
                             dtype=_dtype(tf, name, array.dtype))
         for name, array in first.items()
     }
-    return tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
+    ds = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False  # made ahead, a batch would count as handed out
+    ds = ds.with_options(options)
+    ds.state_dict = batches.state_dict
+    ds.load_state_dict = batches.load_state_dict
+    return ds

@@ -5,7 +5,7 @@ This module imports torch; ``sparkhydrogen.data`` itself does not import it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy.typing as npt
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import LaunchError
 from ._feed import DEFAULT_SHUFFLE_BUFFER, Batches, FeedOptions, from_context
 
-__all__ = ["RankDataset", "data_loader"]
+__all__ = ["RankDataLoader", "RankDataset", "data_loader"]
 
 #: DataLoader arguments the loader sets itself: batching, order and collation happen in the rank's feed.
 _OWN_ARGUMENTS = ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last", "dataset")
@@ -46,10 +46,34 @@ class RankDataset(IterableDataset[dict[str, torch.Tensor]]):
             yield {name: _tensor(name, array) for name, array in batch.items()}
 
 
+class RankDataLoader(DataLoader[dict[str, torch.Tensor]]):
+    """A ``DataLoader`` over a :class:`RankDataset` that can say where it stands and resume there.
+
+    ``state_dict()`` / ``load_state_dict(sd)`` follow torchdata's ``StatefulDataLoader``:
+    save the state with the model in ``ctx.checkpoint(...)``; in the retried attempt, load
+    it into the new loader before iterating and the loader continues with the very next
+    batch of the same epoch, in the order an uninterrupted run has (see
+    :meth:`sparkhydrogen.data.Batches.state_dict`).
+    """
+
+    def __init__(self, dataset: RankDataset, **kwargs: Any) -> None:
+        self.batches = dataset.batches
+        super().__init__(dataset, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands: epoch, batches handed out in it, seed, share fingerprint (plain values)."""
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (this loader's :meth:`state_dict` in an earlier attempt); call before iterating."""
+        self.batches.load_state_dict(state)
+
+
 def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: bool = False,
                 drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False, num_workers: int = 0,
-                **loader_kwargs: Any) -> DataLoader[dict[str, torch.Tensor]]:
+                cache_memory: int | None = None,
+                **loader_kwargs: Any) -> RankDataLoader:
     """A ``DataLoader`` over this rank's share of ``data=``: each batch a ``dict`` column name -> tensor.
 
     Call it inside the ``train`` function of ``sparkhydrogen.torch.run(train, num_processes=N,
@@ -59,7 +83,10 @@ def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffl
     are logged on ``sparkhydrogen.data``). ``shuffle`` mixes rows through a buffer of
     ``shuffle_buffer`` rows, seeded by ``(seed, rank, epoch)``. The rank's data is streamed
     once: iterate the loader again (epochs) with ``cache=True``, which keeps the rank's rows
-    in memory. ``num_workers`` must be 0 (the stream lives in this process); other keyword
+    (in memory up to ``cache_memory`` bytes, default ``spark.hydrogen.data.cacheMemoryBudget``,
+    the rest spilled to local disk).
+    The loader has ``state_dict()``/``load_state_dict()`` to resume mid-epoch after a gang
+    retry (see :class:`RankDataLoader`). ``num_workers`` must be 0 (the stream lives in this process); other keyword
     arguments (``pin_memory``, ...) go to ``DataLoader``.
 
     Example:
@@ -83,5 +110,6 @@ def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffl
             f"data_loader() sets {', '.join(taken)} itself; use its batch_size, shuffle and drop_last arguments"
         )
     options = FeedOptions(batch_size=batch_size, columns=columns, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                          drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache)
-    return DataLoader(RankDataset(from_context(options)), batch_size=None, num_workers=0, **loader_kwargs)
+                          drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache,
+                          cache_memory=cache_memory)
+    return RankDataLoader(RankDataset(from_context(options)), batch_size=None, num_workers=0, **loader_kwargs)

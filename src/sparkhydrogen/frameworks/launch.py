@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..launch.data import session_of
+from ..launch.elastic import SizeRange, size_range
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
@@ -24,7 +25,8 @@ def check_count(name: str, value: Any) -> int:
     return value
 
 
-def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int, return_all: bool = False,
+def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int | tuple[int, int] | SizeRange,
+        return_all: bool = False,
         max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
         env: Mapping[str, str] | None = None, resources: Any = None, data: Any = None, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_tasks`` gang-scheduled ranks set up for ``framework``.
@@ -35,7 +37,9 @@ def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int
     restored, even when ``fn`` raised. Returns rank 0's result, or every rank's in rank
     order with ``return_all=True``. Failures, retries, output streaming, Spark
     Connect, ``resources`` and ``data`` behave as in :func:`sparkhydrogen.run`
-    (``data`` needs a framework that runs ``fn`` in the task's process).
+    (``data`` needs a framework that runs ``fn`` in the task's process). ``num_tasks=(min, max)``
+    (or a :class:`~sparkhydrogen.SizeRange`) makes the gang elastic (``docs/elastic.md``):
+    the framework is set up anew, at the attempt's size, in every attempt.
 
     Example:
         >>> from sparkhydrogen.frameworks import run, TorchDistributed     # doctest: +SKIP
@@ -46,7 +50,7 @@ def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int
         raise TypeError(f"framework must be a sparkhydrogen.frameworks.Framework, got {type(framework).__name__}")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    check_count("num_tasks", num_tasks)
+    wanted = size_range(num_tasks, "num_tasks")
     for flag, value in (("return_all", return_all), ("stream_logs", stream_logs)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
@@ -60,6 +64,6 @@ def run(framework: Framework, fn: Callable[..., Any], *args: Any, num_tasks: int
     target = resolve(session_of(data, spark))
     label = f"{framework.name}.run({getattr(fn, '__qualname__', type(fn).__name__)})"
     call = RankCall(run_rank, (framework, fn, tuple(args), dict(kwargs), return_all, dict(env or {})))
-    results = run_gang(call, num_tasks, target=target, max_retries=max_retries, retry_backoff=retry_backoff,
+    results = run_gang(call, wanted, target=target, max_retries=max_retries, retry_backoff=retry_backoff,
                        stream_logs=stream_logs, name=label, resources=resources, data=data)
     return results if return_all else results[0]

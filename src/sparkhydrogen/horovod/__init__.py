@@ -26,6 +26,7 @@ from ..frameworks import HorovodGloo, run_rank
 from ..frameworks.horovod_rendezvous import RendezvousServer
 from ..frameworks.horovod_topology import HorovodLayout, layout
 from ..launch.data import session_of
+from ..launch.elastic import SizeRange, size_range
 from ..launch.run import run_gang
 from ..launch.runner import check_retries
 from ..launch.session import resolve
@@ -37,7 +38,8 @@ log = logging.getLogger("sparkhydrogen.horovod")
 
 
 def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-        num_proc: int | None = None, *, env: Mapping[str, str] | None = None, max_retries: int = 0,
+        num_proc: int | tuple[int, int] | SizeRange | None = None, *, env: Mapping[str, str] | None = None,
+        max_retries: int = 0,
         retry_backoff: float = 0.5, gloo_timeout: int = 60, spark: Any = None, resources: Any = None,
         data: Any = None) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``num_proc`` gang-scheduled ranks with Horovod ready; results by rank.
@@ -46,7 +48,8 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
     parallelism, ``env`` adds variables for every rank. A rank that fails aborts
     the gang; with ``max_retries`` the whole gang is relaunched with a fresh
     rendezvous token (stragglers of the failed attempt are refused). ``resources``
-    and ``data`` are :func:`sparkhydrogen.run`'s.
+    and ``data`` are :func:`sparkhydrogen.run`'s. ``num_proc=(min, max)`` is an elastic gang
+    (``docs/elastic.md``): every attempt is a new Horovod ring of the attempt's size.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -62,13 +65,16 @@ def run(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, A
     target = resolve(session_of(data, spark))
     if num_proc is None:
         num_proc = _default_parallelism(target)
-    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+    if isinstance(num_proc, bool) or not isinstance(num_proc, (int, tuple, list, SizeRange)):
+        raise ValueError(f"num_proc must be a positive int or a (min, max) pair, got {num_proc!r}")
+    if isinstance(num_proc, int) and num_proc < 1:
         raise ValueError(f"num_proc must be a positive int, got {num_proc!r}")
+    wanted = size_range(num_proc, "num_proc")
     extra = dict(env or {})
     extra["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(gloo_timeout)
     call = RankCall(_horovod_rank, (fn, tuple(args), dict(kwargs or {}), extra))
     name = f"horovod.run({getattr(fn, '__qualname__', type(fn).__name__)})"
-    return run_gang(call, num_proc, target=target, max_retries=max_retries, retry_backoff=retry_backoff, name=name,
+    return run_gang(call, wanted, target=target, max_retries=max_retries, retry_backoff=retry_backoff, name=name,
                     resources=resources, data=data)
 
 

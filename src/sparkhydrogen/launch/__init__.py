@@ -3,9 +3,10 @@
 Nothing here runs inside a task; the executor side is :mod:`sparkhydrogen.task`.
 """
 
+from .elastic import SizeRange
 from .rdd import RDDBarrier, barrier
 from .retry import retry
 from .run import run
 from .stacks import stacks
 
-__all__ = ["RDDBarrier", "barrier", "retry", "run", "stacks"]
+__all__ = ["RDDBarrier", "SizeRange", "barrier", "retry", "run", "stacks"]

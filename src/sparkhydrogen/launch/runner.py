@@ -27,7 +27,8 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ..coordinator.handles import GangHandle, LogRecord
@@ -43,8 +44,10 @@ from ..errors import (
 from ..task.embedded import parse_failure_marker
 from ..task.spec import TaskSpec
 from ..tracking.sink import MlflowSink, sink_for_launch
+from .elastic import RESIZE_TYPE
 from .jobs import AttemptTag, is_cancellation
 from .preflight import STARTUP_WAIT, ensure_gang_fits, ensure_slots
+from .resize import AttemptSizer
 from .resources import java_profile
 from .service import DriverService, service_for
 from .session import SparkTarget
@@ -71,6 +74,7 @@ class GangScope:
     next_index: int = 0
     launched: bool = False  # some placement started ranks (embedded gangs are not declared on the driver)
     tag: AttemptTag | None = None
+    elastic: bool = False  # the gang's size may change between attempts (its identity and checkpoints stay)
 
     @property
     def job_tag(self) -> str:
@@ -172,6 +176,8 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable
     launching()
     if scope is not None and scope.next_index < len(scope.gangs):
         gang = scope.gangs[scope.next_index]
+        if scope.elastic and gang.gated == gated and gang.handle.world_size != world_size:
+            gang = _resized(scope, gang, world_size)
         if gang.handle.world_size == world_size and gang.gated == gated:
             scope.next_index += 1
             if preflight:
@@ -191,6 +197,16 @@ def declare(target: SparkTarget, world_size: int, name: str, *, on_log: Callable
         scope.gangs.append(gang)
         scope.next_index = len(scope.gangs)
     return gang, scope.attempt if scope is not None else 0
+
+
+def _resized(scope: GangScope, gang: DeclaredGang, world_size: int) -> DeclaredGang:
+    """The scope's gang at a new size for this attempt: same id, secret and checkpoints (elastic gangs)."""
+    gang.service.server.resize_gang(gang.handle.gang_id, world_size)
+    log.warning("gang %s (%s): attempt %d runs at %d ranks (was %d)", gang.handle.gang_id[:8], gang.name,
+                scope.attempt, world_size, gang.handle.world_size)
+    resized = replace(gang, handle=replace(gang.handle, world_size=world_size))
+    scope.gangs[scope.next_index] = resized
+    return resized
 
 
 def _preflight(target: SparkTarget, world_size: int, wait: float, gated: bool, profile: Any = None,
@@ -280,25 +296,44 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
-             target: SparkTarget | None = None) -> R:
-    """Run ``action()`` as attempt 0, 1, ... of one scope until it succeeds or ``max_retries`` are used."""
+             target: SparkTarget | None = None, sizer: AttemptSizer | None = None) -> R:
+    """Run ``action()`` as attempt 0, 1, ... of one scope until it succeeds or ``max_retries`` are used.
+
+    ``sizer`` (:class:`~.resize.AttemptSizer`) sizes every attempt before ``action()`` runs
+    (``action`` reads ``sizer.current``); an elastic one lets the scope's gangs change size
+    between attempts. An attempt that ended because its gang grows at a checkpoint
+    (``grow="checkpoint"``) is relaunched at once and uses no retry. The error of an
+    elastic run carries the sizes its attempts ran at, and why.
+    """
     check_retries(max_retries, retry_backoff)
     if current_scope() is not None:
         return action()  # nested: the outer scope retries
-    scope = GangScope(scope_id=uuid.uuid4().hex[:12], target=target)
+    scope = GangScope(scope_id=uuid.uuid4().hex[:12], target=target, elastic=sizer is not None and sizer.elastic)
     _local.scope = scope
     errors: list[LaunchError] = []
     pause = threading.Event()  # never set: a bounded wait between attempts
+    failed, cause, attempt = 0, "start", 0
     try:
-        for attempt in range(max_retries + 1):
+        while True:
             scope.attempt, scope.next_index = attempt, 0
-            if attempt:
-                delay = backoff_delay(attempt, retry_backoff)
+            if attempt and cause != GREW:
+                delay = backoff_delay(failed, retry_backoff)
                 log.warning("gang attempt %d of %d starts in %.1f s (attempt %d failed: %s)", attempt,
                             max_retries, delay, attempt - 1, str(errors[-1]).splitlines()[0])
                 pause.wait(delay)
+            if sizer is not None:
+                try:
+                    sizer.next(attempt, cause, growing=cause == GREW)
+                except InsufficientSlotsError as exc:  # below min until the start bound
+                    errors.append(exc)
+                    break
+                problem = sizer.history.too_many_shrinks(max_retries)
+                if problem is not None:
+                    errors.append(GangFailedError(problem))
+                    break
             try:
-                return _tagged(scope, action)
+                with sizer.watching(lambda: _offer(scope)) if sizer is not None else nullcontext():
+                    return _tagged(scope, action)
             except Exception as exc:
                 if not scope.launched:
                     raise  # nothing was launched: retrying would not help
@@ -306,17 +341,49 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
                     _translate_scope(scope, exc) if _spark_failure(exc) else None)
                 if error is None:
                     raise  # a bug in the action, not a failed gang
-                if not _retryable(error) or attempt == max_retries:
-                    errors.append(error)
-                    break
+                if sizer is not None and sizer.elastic and _growing(error):
+                    cause, attempt = GREW, attempt + 1
+                    continue
                 errors.append(error)
-        if len(errors) == 1:
-            raise errors[0]
-        raise _exhausted(errors)
+                if not _retryable(error) or failed == max_retries:
+                    break
+                failed, attempt = failed + 1, attempt + 1
+                cause = f"attempt {attempt - 1} failed: {str(error).splitlines()[0][:200]}"
+        final = errors[0] if len(errors) == 1 else _exhausted(errors)
+        if sizer is not None and sizer.elastic:
+            raise _with_sizes(final, sizer)
+        raise final
     finally:
         _local.scope = None
         for gang in scope.gangs:
             gang.release(wait=True)
+
+
+#: The cause of an attempt that starts because its gang grows at a checkpoint.
+GREW = "the gang grows at a checkpoint (grow='checkpoint')"
+
+
+def _growing(error: LaunchError) -> bool:
+    """Whether an attempt ended because its ranks were told to relaunch larger at a checkpoint."""
+    cause = getattr(error, "cause", None)
+    return isinstance(error, GangFailedError) and cause is not None and (
+        cause.type == RESIZE_TYPE or cause.type.endswith("." + RESIZE_TYPE.rsplit(".", 1)[1]))
+
+
+def _offer(scope: GangScope) -> Callable[[int], None] | None:
+    """How to offer the scope's (first) gang a larger size, once it is declared."""
+    if not scope.gangs:
+        return None
+    gang = scope.gangs[0]
+    return lambda size: gang.service.server.offer_growth(gang.handle.gang_id, size)
+
+
+def _with_sizes(error: LaunchError, sizer: AttemptSizer) -> LaunchError:
+    """``error`` with the sizes of the run's attempts (and their causes) in its message and ``size_history``."""
+    text = f"{error}\nelastic gang {sizer.name} ({sizer.wanted.describe()}): {sizer.history.describe()}"
+    error.args = (text,)
+    error.size_history = tuple(sizer.history.steps)  # type: ignore[attr-defined]
+    return error
 
 
 def _tagged(scope: GangScope, action: Callable[[], R]) -> R:

@@ -8,12 +8,15 @@ each), the elements of the partitions for an RDD. It is read once; nothing is ke
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import LaunchError
 
-__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "fed"]
+log = logging.getLogger("sparkhydrogen.data")
+
+__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "at_rank_end", "fed"]
 
 #: Rows per record batch that :meth:`RankData.batches` builds from an RDD's elements.
 RDD_BATCH_ROWS = 10_000
@@ -48,6 +51,16 @@ class RankData:
         self._taken: str | None = None
         self._stream: Iterator[Any] | None = None
         self.rows_read = 0
+        self.closers: list[Callable[[], None]] = []  # run when the rank ends (loaders' caches and spill files)
+
+    def close(self) -> None:
+        """Run what was registered to run at the rank's end (every one, whatever the others raise)."""
+        closers, self.closers = self.closers, []
+        for closer in closers:
+            try:
+                closer()
+            except Exception as exc:  # cleanup must not mask the rank's own outcome
+                log.warning("rank-end cleanup %r failed: %s", closer, exc)
 
     def _take(self, method: str) -> Iterator[Any]:
         if self._taken is not None:
@@ -119,3 +132,16 @@ def fed(fn: Callable[[int, Iterable[Any]], Iterable[Any]], arrow: bool, rank: in
         data.drain()  # the worker is reused only after its whole input was read
     finally:
         ctx._data = None
+        data.close()
+
+
+def at_rank_end(closer: Callable[[], None]) -> None:
+    """Run ``closer`` when the running rank's data share ends (its function returned or failed).
+
+    Outside a rank fed by ``data=`` nothing is registered (the caller cleans up itself).
+    """
+    from ..context import BarrierTaskContext
+
+    data = BarrierTaskContext.get()._data
+    if isinstance(data, RankData):
+        data.closers.append(closer)

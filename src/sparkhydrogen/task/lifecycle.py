@@ -36,7 +36,7 @@ from .gpus import GpuPlacementError, RankGpus, place, task_gpu_addresses
 from .spec import TaskSpec
 
 __all__ = ["RankSession", "report_failure", "gang_body", "is_gang_body", "native_barrier_context", "task_context",
-           "stage_world_size", "launch_window_id", "rank_gpus"]
+           "stage_world_size", "launch_window_id", "rank_gpus", "rank_spec"]
 
 log = logging.getLogger("sparkhydrogen.task")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -272,6 +272,12 @@ def rank_gpus() -> RankGpus | None:
     """
     session = RankSession._active
     return session.gpus if session is not None else None
+
+
+def rank_spec() -> TaskSpec | None:
+    """The task spec of the rank running in this process (``None``: no rank runs): rank-side settings live there."""
+    session = RankSession._active
+    return session.spec if session is not None else None
 
 
 def native_barrier_context() -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import STACK_DUMP_AFTER, LaunchConfig
+from ..config import DEFAULT_CACHE_MEMORY, STACK_DUMP_AFTER, LaunchConfig
 
 __all__ = ["TaskSpec"]
 
@@ -41,6 +41,8 @@ class TaskSpec:
     track_metrics: bool = False
     #: ... and every rank samples its system metrics this often (seconds; None: never).
     system_metrics_interval: float | None = None
+    #: spark.hydrogen.data.cacheMemoryBudget: bytes of its share a cache=True loader keeps in memory.
+    data_cache_memory: int = DEFAULT_CACHE_MEMORY
 
     @classmethod
     def build(cls, launch: LaunchConfig, *, gang_id: str, secret: bytes, host: str, port: int, world_size: int,
@@ -61,7 +63,8 @@ class TaskSpec:
             stream_logs=stream_logs, tls_fingerprint=tls_fingerprint, gated=gated,
             start_timeout=launch.start_timeout if gated else None, stage_gang=stage_gang, name=name[:200],
             stack_dump_after=launch.stack_dump_after or None, track_metrics=track_metrics,
-            system_metrics_interval=(launch.system_metrics_interval or None) if track_metrics else None)
+            system_metrics_interval=(launch.system_metrics_interval or None) if track_metrics else None,
+            data_cache_memory=launch.data_cache_memory)
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"TaskSpec(gang_id={self.gang_id!r}, host={self.host!r}, port={self.port}, "

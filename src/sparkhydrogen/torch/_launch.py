@@ -24,6 +24,7 @@ from ..coordinator.handles import LogRecord
 from ..coordinator.state import AttemptKey
 from ..errors import ErrorInfo, GangFailedError, LaunchError
 from ..launch.data import session_of
+from ..launch.elastic import SizeRange, size_range
 from ..launch.run import run_gang
 from ..launch.runner import DeclaredGang, check_retries, declare, gang_failed
 from ..launch.session import SparkTarget, resolve
@@ -41,7 +42,8 @@ log = logging.getLogger("sparkhydrogen.torch")
 Train = Union[Callable[..., Any], str, "os.PathLike[str]"]
 
 
-def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, local_mode: bool = False,
+def run(train: Train, *args: Any, num_processes: int | tuple[int, int] | SizeRange,
+        use_gpu: bool = False, local_mode: bool = False,
         backend: str | None = None, return_all: bool = False, use_subprocess: bool = False,
         max_retries: int = 0, retry_backoff: float = 0.5, stream_logs: bool = True, spark: Any = None,
         resources: Any = None, data: Any = None, processes_per_task: int = 1, **kwargs: Any) -> Any:
@@ -74,6 +76,10 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
       torchrun's ``--nproc-per-node`` does; with ``use_gpu`` each process gets a distinct
       slice of its task's GPUs (ask for them with ``resources={"gpu": k}``) and trains on its
       ``cuda:0``. Not with ``local_mode`` (already one process per rank) or ``data``.
+    * ``num_processes=(min, max)`` (or a :class:`~sparkhydrogen.SizeRange`, e.g. with
+      ``grow="checkpoint"``) is an elastic gang (``docs/elastic.md``): each attempt forms a
+      new process group at the attempt's size (``WORLD_SIZE``), as many ranks as the
+      cluster has free slots for; one process per task.
     * Returns rank 0's return value (``None`` for a script), or every rank's in
       rank order with ``return_all=True``.
     * With ``stream_logs`` (the default) every rank's stdout, stderr and logging
@@ -96,7 +102,10 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
         >>> h2torch.run("train.py", "--epochs", "3", num_processes=4)   # a script, like TorchDistributor
     """
     job_train = _check_train(train, kwargs)
-    _check_count(num_processes)
+    wanted = size_range(num_processes, "num_processes")
+    if wanted.elastic and (local_mode or processes_per_task != 1):
+        raise ValueError(f"num_processes={num_processes!r} is an elastic gang: its ranks are Spark tasks, one process "
+                         "each (not with local_mode=True or processes_per_task > 1); pass an int for those")
     for name, value in (("use_gpu", use_gpu), ("local_mode", local_mode), ("return_all", return_all),
                         ("use_subprocess", use_subprocess), ("stream_logs", stream_logs)):
         if not isinstance(value, bool):
@@ -104,7 +113,7 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
     if backend is not None and (not isinstance(backend, str) or not backend.strip()):
         raise ValueError(f"backend must be a torch.distributed backend name such as 'gloo' or 'nccl', got {backend!r}")
     check_retries(max_retries, retry_backoff)
-    tasks = _check_processes_per_task(processes_per_task, num_processes, local_mode)
+    tasks = wanted if wanted.elastic else _check_processes_per_task(processes_per_task, wanted.high, local_mode)
     if data is not None and (isinstance(job_train, str) or use_subprocess or local_mode or processes_per_task > 1):
         how = "a script" if isinstance(job_train, str) else ("use_subprocess=True" if use_subprocess else
                                                              "local_mode=True" if local_mode else
@@ -116,7 +125,7 @@ def run(train: Train, *args: Any, num_processes: int, use_gpu: bool = False, loc
         raise ValueError(f"training script {train} does not exist")
     driver_gpus: tuple[str, ...] = ()
     if use_gpu:
-        driver_gpus = _gpu_preflight(target, num_processes, local_mode)
+        driver_gpus = _gpu_preflight(target, wanted.high, local_mode)
     job = RankJob(train=job_train, args=tuple(args), kwargs=dict(kwargs), backend=backend or default_backend(use_gpu),
                   use_gpu=use_gpu, use_subprocess=use_subprocess, return_all=return_all, driver_gpus=driver_gpus,
                   processes_per_task=processes_per_task)
@@ -147,13 +156,6 @@ def _check_train(train: Any, kwargs: dict[str, Any]) -> Callable[..., Any] | str
     if callable(train):
         return train  # type: ignore[no-any-return]
     raise TypeError(f"train must be a function or the path of a Python script, got {type(train).__name__}")
-
-
-def _check_count(num_processes: Any) -> None:
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int):
-        raise TypeError(f"num_processes must be an int, got {type(num_processes).__name__}")
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
 
 
 def _check_processes_per_task(processes_per_task: Any, num_processes: int, local_mode: bool) -> int:
