@@ -209,14 +209,16 @@ def test_rank_killed_mid_epoch_resumes_from_last_epoch_checkpoint(df: Any, fitte
             return self.inner(x)
 
     scaled = PipelineModel(pipeline.stages[:2]).transform(df)
-    model = classifier(DiesOnce(copy.deepcopy(start)), max_retries=1).fit(scaled)
+    model = classifier(DiesOnce(copy.deepcopy(start)), max_retries=1, shuffle=True).fit(scaled)
     assert model.summary.attempts == 2
     assert model.summary.resumed_from_epoch == 1  # epoch 0 came from the checkpoint, not trained again
     assert model.summary.epochs == EPOCHS
-    x, y = scaled_rows(pipeline, df)
-    reference = one_process(start, x, y)  # resumed weights and optimizer: the same as an uninterrupted run
-    for name, tensor in reference.state_dict().items():
+    # weights, optimizer and the loader's shuffled order resumed: the same as an uninterrupted run
+    uninterrupted = classifier(copy.deepcopy(start), shuffle=True).fit(scaled)
+    assert uninterrupted.summary.attempts == 1
+    for name, tensor in uninterrupted.module.state_dict().items():
         assert torch.allclose(model.module.inner.state_dict()[name], tensor, atol=1e-5), name
+    assert model.summary.metric("train_loss") == pytest.approx(uninterrupted.summary.metric("train_loss"))
 
 
 # frameworks: one test each (their imports are slow) -------------------------------------------

@@ -4,8 +4,9 @@ Called through ``sparkhydrogen.torch.run(train_rank, spec, num_processes=N, data
 the process group is already initialised, the rank reads its share with
 ``sparkhydrogen.torch.data_loader(..., cache=True)`` (one pass from Spark, later epochs
 replayed from memory). Every epoch ends with one ``allGather`` of the ranks' metrics and a
-gang checkpoint (``ctx.checkpoint``) of the model, the optimizer and the metrics so far; a
-relaunched gang (``max_retries``) restores it and goes on with the next epoch.
+gang checkpoint (``ctx.checkpoint``) of the model, the optimizer, the loader's position and the
+metrics so far; a relaunched gang (``max_retries``) restores it and goes on with the next epoch,
+in the order an uninterrupted run has (shuffled or not).
 
 Torch is imported inside the functions: importing this module on the driver does not.
 """
@@ -148,6 +149,8 @@ def train_rank(spec: TorchTrainSpec) -> RankResult | None:
         optimizer.load_state_dict(restored["optimizer"])
     columns = [FEATURES, LABEL] + ([VALID] if spec.validation else [])
     loader = h2torch.data_loader(spec.batch_size, columns=columns, shuffle=spec.shuffle, seed=spec.seed, cache=True)
+    if restored is not None and restored.get("loader") is not None:
+        loader.load_state_dict(restored["loader"])  # the next epoch, in the order an uninterrupted run has
     held_out: list[tuple[Any, Any]] = []
     widths = (0, 0)
     for epoch in range(start, spec.epochs):
@@ -177,8 +180,8 @@ def train_rank(spec: TorchTrainSpec) -> RankResult | None:
         if spec.validation:
             metrics.update(_validate(spec, module, loss_fn, held_out))
         history.append(ctx.allGather(metrics))
-        ctx.checkpoint({"epoch": epoch + 1, "model": _cpu(module.state_dict()),
-                        "optimizer": optimizer.state_dict(), "history": history})
+        ctx.checkpoint({"epoch": epoch + 1, "model": _cpu(module.state_dict()), "optimizer": optimizer.state_dict(),
+                        "history": history, "loader": loader.state_dict()})
         if rank == 0:
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if widths == (0, 0):
