@@ -105,7 +105,7 @@ def run_coordinator(plan: Plan, results: Results, say: Progress) -> None:
 
 #: Stand-alone benchmarks of other features, appended to the report as their own sections.
 EXTRAS = ("bench_recovery.py", "bench_dataframe.py", "bench_torch.py", "bench_horovod.py", "bench_data.py",
-          "bench_elastic.py")
+          "bench_elastic.py", "bench_ml.py")
 
 
 def run_extras(say: Progress) -> str:
