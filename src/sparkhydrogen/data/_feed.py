@@ -115,8 +115,11 @@ class Batches:
     decides the order); a new loader given it by :meth:`load_state_dict` (after a gang
     retry) continues with the very next batch, in the order an uninterrupted run has.
 
+    With ``global_shuffle``, each epoch after the first replays the rows ``exchange(epoch,
+    store)`` brought to this rank (see :mod:`sparkhydrogen.data._exchange`) instead of its own.
+
     Made by :func:`numpy_batches` in a rank; ``source`` (a callable giving the
-    ``pyarrow.RecordBatch`` es) and ``agree`` let tests feed it directly.
+    ``pyarrow.RecordBatch`` es), ``agree`` and ``exchange`` let tests feed it directly.
     """
 
     def __init__(self, source: Callable[[], Iterable[Any]], options: FeedOptions, *,
