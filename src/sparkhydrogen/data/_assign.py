@@ -43,8 +43,8 @@ def split(chunk: Chunk, dest: npt.NDArray[np.int32], to: int) -> Chunk:
     """
     if len(dest) != chunk_rows(chunk):
         raise ValueError(f"{len(dest)} destinations for a chunk of {chunk_rows(chunk)} rows")
-    mask = dest == to
-    return {name: array[mask] for name, array in chunk.items()}
+    index = np.flatnonzero(dest == to)  # once per chunk: a boolean mask would be resolved again per column
+    return {name: array.take(index, axis=0) for name, array in chunk.items()}
 
 
 def pieces(chunks: Iterator[Chunk], dest: npt.NDArray[np.int32], to: int) -> Iterator[Chunk]:

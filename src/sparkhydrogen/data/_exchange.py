@@ -181,8 +181,9 @@ def _move(listener: socket.socket, store: ShareStore, dest: Any, offers: list[_O
     deadline = time.monotonic() + timeout
     failures = _Failures()
     expected = {s for s in range(len(offers)) if s != rank and counts[s][rank] > 0}
-    threads = [threading.Thread(target=_guard, args=(failures, _accept, listener, expected, stores, counts, rank,
-                                                     epoch, token, deadline), name="h2-exchange-accept", daemon=True)]
+    threads = [threading.Thread(target=_guard, args=(failures, _accept, failures, listener, expected, stores, counts,
+                                                     rank, epoch, token, deadline),
+                                name="h2-exchange-accept", daemon=True)]
     for peer, offer in enumerate(offers):
         if peer != rank and counts[rank][peer] > 0:
             threads.append(threading.Thread(
@@ -254,10 +255,25 @@ def _send(store: ShareStore, dest: Any, offer: _Offer, rank: int, peer: int, epo
         sock.close()
 
 
-def _accept(listener: socket.socket, expected: set[int], stores: list[ShareStore], counts: list[list[int]],
-            rank: int, epoch: int, token: bytes, deadline: float) -> None:
+def _accept(failures: _Failures, listener: socket.socket, expected: set[int], stores: list[ShareStore],
+            counts: list[list[int]], rank: int, epoch: int, token: bytes, deadline: float) -> None:
+    """Take the expected peers' connections; each one's rows are read by a thread of its own (joined here)."""
     waiting = set(expected)
-    while waiting:
+    readers: list[threading.Thread] = []
+    try:
+        _take(failures, listener, waiting, readers, stores, counts, rank, epoch, token, deadline)
+    finally:
+        for reader in readers:
+            reader.join(max(0.0, deadline - time.monotonic()) + 1.0)
+    stuck = [r.name for r in readers if r.is_alive()]
+    if stuck:
+        raise LaunchError(f"global shuffle of epoch {epoch}: rank {rank} timed out reading rows ({', '.join(stuck)})")
+
+
+def _take(failures: _Failures, listener: socket.socket, waiting: set[int], readers: list[threading.Thread],
+          stores: list[ShareStore], counts: list[list[int]], rank: int, epoch: int, token: bytes,
+          deadline: float) -> None:
+    while waiting and not failures.errors:
         listener.settimeout(min(1.0, _left(deadline, f"rank {rank} waiting for rows from rank(s) "
                                                        f"{', '.join(map(str, sorted(waiting)))}")))
         try:
@@ -281,7 +297,11 @@ def _accept(listener: socket.socket, expected: set[int], stores: list[ShareStore
             sock.close()
             raise LaunchError(f"global shuffle: rank {rank} could not read a greeting from {address}: {exc}") from exc
         waiting.discard(source)
-        _receive(sock, stores[source], counts[source][rank], source, rank, epoch, deadline)
+        reader = threading.Thread(target=_guard, args=(failures, _receive, sock, stores[source],
+                                                       counts[source][rank], source, rank, epoch, deadline),
+                                  name=f"h2-exchange-receive-{source}", daemon=True)
+        reader.start()
+        readers.append(reader)
 
 
 def _read_exact(sock: socket.socket, size: int) -> bytes:
