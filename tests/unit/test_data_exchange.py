@@ -216,3 +216,12 @@ def test_ranks_in_different_epochs_are_told_so() -> None:
                              host="127.0.0.1", memory_budget=1 << 20, timeout=1)
     with pytest.raises(LaunchError, match="rank 1 exchanges rows for epoch 2, rank 0 for epoch 1"):
         exchange(1, store)
+
+
+def test_the_loaders_take_global_shuffle() -> None:
+    from sparkhydrogen.data import numpy_batches
+    from sparkhydrogen.data.jax_feed import batches
+
+    for loader in (batches, numpy_batches):  # torch's and tf's pass it on the same way (not imported here)
+        with pytest.raises(ValueError, match="pass cache=True too"):
+            loader(8, global_shuffle=True)  # checked before the rank's stream is touched
