@@ -70,8 +70,12 @@ def exchange_host(coordinator_host: str | None) -> str:
 class Received:
     """One epoch's rows of a rank after the exchange (complete): a store per source rank, read in source order.
 
-    ``held[d]`` is the rows rank ``d`` holds this epoch; ``steps(batch_size, drop_last)`` the
-    batches every rank can take.
+    ``counts[s][d]`` is the rows rank ``s`` sent rank ``d`` this epoch (every rank's, as announced);
+    ``steps(batch_size, drop_last)`` the batches every rank can take.
+
+    >>> received = Received([ShareStore(0), ShareStore(0)], [[3, 2], [4, 1]])
+    >>> len(received), received.rows, received.steps(2, drop_last=False)
+    (0, 0, 2)
     """
 
     def __init__(self, stores: list[ShareStore], counts: list[list[int]]) -> None:
