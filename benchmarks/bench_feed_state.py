@@ -6,6 +6,8 @@ the figure is rows / the slower rank's time. Cases, interleaved, medians of ``--
 
 * ``equal_steps=True`` (the ranks agree once per window of steps) and ``equal_steps=False``;
 * the cache spilled whole to local disk (``cache_memory=0``): later epochs read the Arrow file back;
+* ``global_shuffle=True``: epochs 2-3 first exchange the cached rows between the ranks (peer to
+  peer, Arrow streams over TCP), then shuffle them in the rank; the exchange is in the epoch's time;
 * resume: a second gang loads the state the first saved at the start of epoch 2 and times its
   first batch (re-reading the share from Spark into the cache, checking its fingerprint).
 
@@ -30,7 +32,8 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 import sparkhydrogen as h2  # noqa: E402
 
 
-def epochs(equal: bool, cache_memory: int | None, load: dict[str, Any] | None = None) -> Callable[[], Any]:
+def epochs(equal: bool, cache_memory: int | None, load: dict[str, Any] | None = None,
+           global_shuffle: bool = False) -> Callable[[], Any]:
     def body() -> dict[str, Any]:
         import time
 
@@ -38,7 +41,9 @@ def epochs(equal: bool, cache_memory: int | None, load: dict[str, Any] | None = 
 
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        extra = {} if cache_memory is None else {"cache_memory": cache_memory}
+        extra: dict[str, Any] = {} if cache_memory is None else {"cache_memory": cache_memory}
+        if global_shuffle:
+            extra["global_shuffle"] = True
         batches = numpy_batches(1024, shuffle=True, cache=True, equal_steps=equal, **extra)
         times: list[float] = []
         rows = 0
@@ -77,14 +82,17 @@ def main() -> None:
     import sparkhydrogen.data as h2data
 
     spill = "cache_memory" in inspect.signature(h2data.numpy_batches).parameters
-    cases = {"equal_steps=True": (True, None), "equal_steps=False": (False, None)}
+    cases: dict[str, tuple[bool, int | None, bool]] = {"equal_steps=True": (True, None, False),
+                                                       "equal_steps=False": (False, None, False)}
     if spill:
-        cases["spilled (cache_memory=0)"] = (True, 0)
+        cases["spilled (cache_memory=0)"] = (True, 0, False)
+    if "global_shuffle" in inspect.signature(h2data.numpy_batches).parameters:
+        cases["global_shuffle=True"] = (True, None, True)
     figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
     resumes: list[float] = []
     for _ in range(args.repeats):
-        for name, (equal, memory) in cases.items():
-            out = h2.run(epochs(equal, memory), 2, data=df)
+        for name, (equal, memory, global_) in cases.items():
+            out = h2.run(epochs(equal, memory, global_shuffle=global_), 2, data=df)
             slowest = [max(rank["times"][e] for rank in out) for e in range(3)]
             total = sum(rank["rows"] for rank in out)
             peak = max(rank["peak"] for rank in out) / 2**20

@@ -274,3 +274,28 @@ def test_torch_ddp_killed_mid_epoch_resumes_to_the_parameters_of_an_uninterrupte
             assert np.array_equal(a, b), (a, b)
     ids = np.concatenate([rank["seen"][1] for rank in resumed])
     assert np.array_equal(np.sort(ids), np.arange(2_000))
+
+
+def globally_shuffled_epochs() -> Callable[[], dict[str, Any]]:
+    """Rank body: two epochs of ids with ``global_shuffle=True`` (the second one exchanged between the ranks)."""
+
+    def body() -> dict[str, Any]:
+        from sparkhydrogen.data import numpy_batches
+
+        loader = numpy_batches(100, columns=["id"], cache=True, global_shuffle=True, seed=3)
+        seen = [[int(i) for batch in loader for i in batch["id"]] for _ in range(2)]
+        return {"seen": seen, "state": loader.state_dict()}
+
+    return body
+
+
+def test_global_shuffle_moves_rows_between_ranks_and_keeps_every_row_once_per_epoch(ids_df: Any) -> None:
+    out = h2.run(globally_shuffled_epochs(), 2, data=ids_df)
+    for epoch in range(2):
+        ids = np.concatenate([rank["seen"][epoch] for rank in out])
+        assert np.array_equal(np.sort(ids), np.arange(ROWS)), epoch  # exactly once across the ranks
+    for rank in out:
+        first, second = set(rank["seen"][0]), set(rank["seen"][1])
+        assert len(first) == ROWS // 2 and second - first and second & first  # rows came from the other rank
+        assert len(rank["seen"][1]) == len(out[0]["seen"][1])  # equal_steps: the same number of batches
+        assert rank["state"]["epoch"] == 2 and rank["state"]["global_shuffle"]

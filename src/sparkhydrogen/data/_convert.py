@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Chunk", "chunk_rows", "to_chunk", "to_numpy"]
+__all__ = ["Chunk", "chunk_rows", "to_batch", "to_chunk", "to_numpy"]
 
 #: A block of rows as columns: name -> array whose first axis is the row.
 Chunk = dict[str, npt.NDArray[Any]]
@@ -75,3 +75,24 @@ def to_numpy(array: Any, name: str) -> npt.NDArray[Any]:
         inner = to_numpy(array.flatten(), name)
         return inner.reshape((rows, width, *inner.shape[1:]))
     return np.asarray(array.to_numpy(zero_copy_only=False))
+
+
+def to_batch(chunk: Chunk) -> Any:
+    """A chunk back to a ``pyarrow.RecordBatch`` that :func:`to_chunk` turns into the same arrays.
+
+    Arrays of more than one axis become (nested) fixed-size lists.
+
+    >>> rb = to_batch({"x": np.arange(2), "v": np.arange(4.0).reshape(2, 2)})
+    >>> {k: v.tolist() for k, v in to_chunk(rb, None).items()}
+    {'x': [0, 1], 'v': [[0.0, 1.0], [2.0, 3.0]]}
+    """
+    import pyarrow as pa
+
+    def column(array: npt.NDArray[Any]) -> Any:
+        if array.ndim <= 1:
+            return pa.array(array)
+        rows, width = array.shape[0], array.shape[1]
+        inner = column(np.ascontiguousarray(array).reshape(rows * width, *array.shape[2:]))
+        return pa.FixedSizeListArray.from_arrays(inner, width)
+
+    return pa.RecordBatch.from_arrays([column(a) for a in chunk.values()], names=list(chunk))

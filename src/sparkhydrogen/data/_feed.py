@@ -15,6 +15,7 @@ from ..config import DEFAULT_CACHE_MEMORY
 from ..errors import LaunchError
 from ._batching import Agree, agreed, equal_steps, rebatch, shuffle
 from ._convert import Chunk, chunk_rows, to_chunk
+from ._exchange import Exchange, Received, exchange_host, gang_exchange
 from ._state import Fingerprint, LoaderState, check_same_feed, share_changed
 from ._store import ShareStore
 
@@ -52,6 +53,9 @@ class FeedOptions:
         cache: keep this rank's rows so the batches can be iterated again (epochs): in memory up to
             ``spark.hydrogen.data.cacheMemoryBudget``, the rest in a spill file on local disk.
         cache_memory: this loader's memory budget in bytes instead of that key's (0: spill it all).
+        global_shuffle: from the second epoch on, redistribute the cached rows across the ranks each epoch
+            (peer to peer, seeded by ``(seed, epoch)``), then shuffle them in the rank; needs ``cache`` and
+            implies ``shuffle``.
     """
 
     batch_size: int
@@ -63,6 +67,7 @@ class FeedOptions:
     seed: int = 0
     cache: bool = False
     cache_memory: int | None = None
+    global_shuffle: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("batch_size", self.batch_size)
@@ -79,7 +84,7 @@ class FeedOptions:
             if len(set(columns)) != len(columns):
                 raise ValueError(f"columns names a column twice: {list(columns)!r}")
             object.__setattr__(self, "columns", columns)
-        for flag in ("shuffle", "drop_last", "equal_steps", "cache"):
+        for flag in ("shuffle", "drop_last", "equal_steps", "cache", "global_shuffle"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
@@ -88,6 +93,11 @@ class FeedOptions:
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, numbers.Integral)
                                    or memory < 0):
             raise ValueError(f"cache_memory must be a number of bytes >= 0 (or None: the Spark conf's), got {memory!r}")
+        if self.global_shuffle:
+            if not self.cache:
+                raise ValueError("global_shuffle=True redistributes the cached rows across the ranks each epoch: "
+                                 "pass cache=True too")
+            object.__setattr__(self, "shuffle", True)  # the rows received are shuffled in the rank
 
 
 class Batches:
@@ -105,18 +115,24 @@ class Batches:
     decides the order); a new loader given it by :meth:`load_state_dict` (after a gang
     retry) continues with the very next batch, in the order an uninterrupted run has.
 
+    With ``global_shuffle``, each epoch after the first replays the rows ``exchange(epoch,
+    store)`` brought to this rank (see :mod:`sparkhydrogen.data._exchange`) instead of its own.
+
     Made by :func:`numpy_batches` in a rank; ``source`` (a callable giving the
-    ``pyarrow.RecordBatch`` es) and ``agree`` let tests feed it directly.
+    ``pyarrow.RecordBatch`` es), ``agree`` and ``exchange`` let tests feed it directly.
     """
 
     def __init__(self, source: Callable[[], Iterable[Any]], options: FeedOptions, *,
                  agree: Agree | None = None, rank: int = 0, world_size: int = 1,
-                 memory_budget: int = DEFAULT_CACHE_MEMORY, spill_dir: str | None = None) -> None:
+                 memory_budget: int = DEFAULT_CACHE_MEMORY, spill_dir: str | None = None,
+                 exchange: Exchange | None = None) -> None:
         self.options = options
         self.rank = rank
         self.world_size = world_size
         self._source = source
         self._agree = agree if options.equal_steps else None
+        self._exchange = exchange if options.global_shuffle else None
+        self._received: Received | None = None
         self._raw: Iterator[Any] | None = None
         self._converted: Iterator[Chunk] | None = None
         self._peeked: list[Chunk] = []
@@ -202,8 +218,14 @@ class Batches:
 
     def close(self) -> None:
         """Drop the cache and its spill file (the rank's end does this too)."""
+        self._drop_received()
         if self.store is not None:
             self.store.close()
+
+    def _drop_received(self) -> None:
+        if self._received is not None:
+            self._received.close()
+            self._received = None
 
     # state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -234,7 +256,8 @@ class Batches:
         opts = self.options
         return LoaderState(epoch=epoch, position=position, seed=opts.seed, rank=self.rank,
                            world_size=self.world_size, batch_size=opts.batch_size, shuffle=opts.shuffle,
-                           drop_last=opts.drop_last, equal_steps=opts.equal_steps, steps=self.steps,
+                           drop_last=opts.drop_last, equal_steps=opts.equal_steps,
+                           global_shuffle=opts.global_shuffle, steps=self.steps,
                            chunks=chunks, rows=rows, digest=digest,
                            complete=self.store is not None and self._complete)
 
@@ -373,11 +396,17 @@ class Batches:
         store = self.store
         if store is None:  # __iter__ checked it
             raise LaunchError("a replay needs cache=True")
-        order: Iterable[int] = range(len(store))
-        if self.options.shuffle:
-            order = self._rng(epoch).permutation(len(store)).tolist()
-        stream = self._pipeline(map(store.chunk, order), epoch)
+        self._drop_received()
+        source: ShareStore | Received = store
         limit = self.steps if self._agree is not None else None
+        if self._exchange is not None and epoch > 0:
+            self._received = source = self._exchange(epoch, store)
+            opts = self.options
+            limit = source.steps(opts.batch_size, opts.drop_last) if opts.equal_steps else None
+        order: Iterable[int] = range(len(source))
+        if self.options.shuffle:
+            order = self._rng(epoch).permutation(len(source)).tolist()
+        stream = self._pipeline(map(source.chunk, order), epoch)
         try:
             self._skip(stream, skip)
             taken = skip
@@ -418,8 +447,15 @@ def from_context(options: FeedOptions) -> Batches:
     world = ctx.worldSize()
     spec = rank_spec()
     budget = spec.data_cache_memory if spec is not None else DEFAULT_CACHE_MEMORY
+    if options.cache_memory is not None:
+        budget = int(options.cache_memory)
     agree = gang_agree(ctx) if options.equal_steps and world > 1 else None
-    batches = Batches(ctx.batches, options, agree=agree, rank=ctx.rank(), world_size=world, memory_budget=budget)
+    exchange = None
+    if options.global_shuffle and world > 1:
+        exchange = gang_exchange(ctx.allGather, rank=ctx.rank(), world_size=world, seed=options.seed,
+                                 host=exchange_host(spec.host if spec is not None else None), memory_budget=budget)
+    batches = Batches(ctx.batches, options, agree=agree, rank=ctx.rank(), world_size=world, memory_budget=budget,
+                      exchange=exchange)
     if batches.store is not None:
         at_rank_end(batches.close)
     return batches
@@ -428,7 +464,7 @@ def from_context(options: FeedOptions) -> Batches:
 def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuffle: bool = False,
                   drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
                   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False,
-                  cache_memory: int | None = None) -> Batches:
+                  cache_memory: int | None = None, global_shuffle: bool = False) -> Batches:
     """This rank's share of ``data=`` as batches of ``batch_size`` rows: ``dict`` column -> ``numpy.ndarray``.
 
     Call it inside a rank of ``sparkhydrogen.run(fn, n, data=df)`` (or a launcher with
@@ -442,6 +478,10 @@ def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuf
     rest in an Arrow file under Spark's local dirs, read back a batch at a time. The
     batches have :meth:`Batches.state_dict` / :meth:`Batches.load_state_dict` to resume
     mid-epoch after a gang retry.
+    ``global_shuffle=True`` (with ``cache=True``) also moves rows between ranks: from the
+    second epoch on, each epoch every rank's cached rows are redistributed across the ranks
+    peer to peer (never through the driver), by a seeded function of ``(seed, epoch)``, and
+    shuffled in the rank; see docs/data.md, "Global shuffle", for its cost.
 
     Example:
         >>> def train():                                                       # doctest: +SKIP
@@ -453,5 +493,6 @@ def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuf
     """
     options = FeedOptions(batch_size=batch_size, columns=columns,
                           shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
-                          equal_steps=equal_steps, seed=seed, cache=cache, cache_memory=cache_memory)
+                          equal_steps=equal_steps, seed=seed, cache=cache, cache_memory=cache_memory,
+                          global_shuffle=global_shuffle)
     return from_context(options)

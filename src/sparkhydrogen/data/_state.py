@@ -87,6 +87,7 @@ class LoaderState:
     digest: str
     complete: bool
     version: int = STATE_VERSION
+    global_shuffle: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +101,7 @@ class LoaderState:
         if version != STATE_VERSION:
             raise ValueError(f"loader state of version {version!r}, this spark-hydrogen reads version "
                              f"{STATE_VERSION}: resume with the version that saved it")
-        names = [f for f in cls.__dataclass_fields__]
+        names = [f for f in cls.__dataclass_fields__ if f in state or f != "global_shuffle"]
         missing = [n for n in names if n not in state]
         if missing:
             raise ValueError(f"loader state lacks {', '.join(missing)}: pass what loader.state_dict() returned")
@@ -123,7 +124,7 @@ def check_same_feed(saved: LoaderState, now: LoaderState) -> None:
     ...
     ValueError: the loader state was saved by a loader with batch_size=8, this one has batch_size=16: ...
     """
-    for name in ("seed", "rank", "world_size", "batch_size", "shuffle", "drop_last", "equal_steps"):
+    for name in ("seed", "rank", "world_size", "batch_size", "shuffle", "drop_last", "equal_steps", "global_shuffle"):
         was, is_ = getattr(saved, name), getattr(now, name)
         if was != is_:
             raise ValueError(

@@ -15,9 +15,10 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
-from ._convert import Chunk, to_chunk
+from ._convert import Chunk, chunk_rows, to_batch, to_chunk
 
 __all__ = ["PREFIX", "ShareStore", "spill_root", "sweep"]
 
@@ -107,6 +108,8 @@ class ShareStore:
         self.memory_bytes = 0
         self.spilled_chunks = 0
         self.spilled_bytes = 0
+        #: rows appended
+        self.rows = 0
         self._dir: str | None = None
         self._path: str | None = None
         self._sink: Any = None
@@ -124,12 +127,18 @@ class ShareStore:
         return self._path
 
     def append(self, batch: Any, chunk: Chunk) -> None:
-        """Keep ``chunk`` (the converted form of the ``pyarrow.RecordBatch`` ``batch``, same rows and columns)."""
+        """Keep ``chunk`` (the converted form of the ``pyarrow.RecordBatch`` ``batch``, same rows and columns).
+
+        ``batch`` may be ``None``: it is then made from ``chunk`` if the chunk must be spilled.
+        """
         size = _nbytes(chunk)
+        self.rows += chunk_rows(chunk)
         if self._writer is None and self.memory_bytes + size <= self.budget:
             self._memory.append(chunk)
             self.memory_bytes += size
             return
+        if batch is None:
+            batch = to_batch(chunk)
         if self._writer is None:
             self._open_writer(batch.schema)
         self._writer.write_batch(batch)
@@ -170,6 +179,20 @@ class ShareStore:
             self._file = pa.OSFile(self._path, "rb")  # plain reads: RSS holds a batch, not the mapped file
             self._reader = pa.ipc.open_file(self._file)
         return to_chunk(self._reader.get_batch(index - len(self._memory)), None)
+
+    def iter_chunks(self) -> Iterator[Chunk]:
+        """Every chunk in append order, through a file handle of its own (so threads may each iterate once the
+        store is finished)."""
+        yield from list(self._memory)
+        if self._path is None or not self.spilled_chunks:
+            return
+        import pyarrow as pa
+
+        self.finish()
+        with pa.OSFile(self._path, "rb") as file:
+            reader = pa.ipc.open_file(file)
+            for index in range(reader.num_record_batches):
+                yield to_chunk(reader.get_batch(index), None)
 
     def close(self) -> None:
         """Drop the cached chunks and remove the spill file and its directory."""

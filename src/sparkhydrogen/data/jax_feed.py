@@ -12,7 +12,7 @@ __all__ = ["batches"]
 def batches(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: bool = False,
             drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
             shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False,
-            cache_memory: int | None = None) -> Batches:
+            cache_memory: int | None = None, global_shuffle: bool = False) -> Batches:
     """This rank's batches as ``dict`` column name -> ``numpy.ndarray`` (``jax.numpy`` takes them as they are).
 
     The same feed as :func:`sparkhydrogen.data.numpy_batches`. ``jax.jit`` compiles once per
@@ -27,4 +27,4 @@ def batches(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: b
     """
     return numpy_batches(batch_size, columns=columns, shuffle=shuffle, drop_last=drop_last,
                          equal_steps=equal_steps, seed=seed, shuffle_buffer=shuffle_buffer, cache=cache,
-                         cache_memory=cache_memory)
+                         cache_memory=cache_memory, global_shuffle=global_shuffle)

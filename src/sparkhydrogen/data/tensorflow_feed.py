@@ -26,13 +26,15 @@ def _dtype(tf: Any, name: str, dtype: np.dtype[Any]) -> Any:
 
 def dataset(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: bool = False,
             drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
-            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False, cache_memory: int | None = None) -> Any:
+            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False, cache_memory: int | None = None,
+            global_shuffle: bool = False) -> Any:
     """A ``tf.data.Dataset`` of this rank's batches: each element a ``dict`` column name -> tensor.
 
     The element spec comes from the rank's first rows (so every rank needs some): the batch
     axis is ``batch_size`` with ``drop_last=True``, else ``None``; fixed-length list columns
-    add an axis. Batching, ``shuffle`` (a bounded buffer), ``equal_steps``, ``cache`` and ``cache_memory`` work
-    as in :func:`sparkhydrogen.data.numpy_batches`; do not ``.batch()`` the dataset again.
+    add an axis. Batching, ``shuffle`` (a bounded buffer), ``equal_steps``, ``cache``,
+    ``cache_memory`` and ``global_shuffle`` work as in :func:`sparkhydrogen.data.numpy_batches`;
+    do not ``.batch()`` the dataset again.
     Each iteration is one epoch: more than one needs ``cache=True``.
 
     The dataset has ``state_dict()`` and ``load_state_dict(sd)`` (those of
@@ -53,7 +55,7 @@ def dataset(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: b
 
     options = FeedOptions(batch_size=batch_size, columns=columns, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache,
-                          cache_memory=cache_memory)
+                          cache_memory=cache_memory, global_shuffle=global_shuffle)
     batches = from_context(options)
     first = batches.peek()
     if first is None:

@@ -72,7 +72,7 @@ class RankDataLoader(DataLoader[dict[str, torch.Tensor]]):
 def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffle: bool = False,
                 drop_last: bool = False, equal_steps: bool = True, seed: int = 0,
                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: bool = False, num_workers: int = 0,
-                cache_memory: int | None = None,
+                cache_memory: int | None = None, global_shuffle: bool = False,
                 **loader_kwargs: Any) -> RankDataLoader:
     """A ``DataLoader`` over this rank's share of ``data=``: each batch a ``dict`` column name -> tensor.
 
@@ -84,7 +84,9 @@ def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffl
     ``shuffle_buffer`` rows, seeded by ``(seed, rank, epoch)``. The rank's data is streamed
     once: iterate the loader again (epochs) with ``cache=True``, which keeps the rank's rows
     (in memory up to ``cache_memory`` bytes, default ``spark.hydrogen.data.cacheMemoryBudget``,
-    the rest spilled to local disk).
+    the rest spilled to local disk). ``global_shuffle=True`` (with ``cache=True``) also
+    redistributes the cached rows across the ranks each epoch from the second on (peer to
+    peer, seeded by ``(seed, epoch)``; see :func:`sparkhydrogen.data.numpy_batches`).
     The loader has ``state_dict()``/``load_state_dict()`` to resume mid-epoch after a gang
     retry (see :class:`RankDataLoader`). ``num_workers`` must be 0 (the stream lives in this process); other keyword
     arguments (``pin_memory``, ...) go to ``DataLoader``.
@@ -111,5 +113,5 @@ def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffl
         )
     options = FeedOptions(batch_size=batch_size, columns=columns, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache,
-                          cache_memory=cache_memory)
+                          cache_memory=cache_memory, global_shuffle=global_shuffle)
     return RankDataLoader(RankDataset(from_context(options)), batch_size=None, num_workers=0, **loader_kwargs)
