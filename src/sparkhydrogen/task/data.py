@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import LaunchError
 
-__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "fed"]
+__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "fed", "fed_messages", "record_batches"]
 
 #: Rows per record batch that :meth:`RankData.batches` builds from an RDD's elements.
 RDD_BATCH_ROWS = 10_000
@@ -119,3 +119,27 @@ def fed(fn: Callable[[int, Iterable[Any]], Iterable[Any]], arrow: bool, rank: in
         data.drain()  # the worker is reused only after its whole input was read
     finally:
         ctx._data = None
+
+
+def record_batches(schema: bytes, messages: Iterable[bytes]) -> Iterator[Any]:
+    """Arrow record-batch messages (IPC, as ``Dataset.toArrowBatchRdd`` makes them) as ``pyarrow.RecordBatch`` es.
+
+    Each batch's buffers are views of its message (no copy). ``schema`` is the serialized
+    Arrow schema the messages were written with.
+
+    >>> import pyarrow as pa
+    >>> rb = pa.RecordBatch.from_pydict({"x": [1.0, 2.0]})
+    >>> [b.to_pydict() for b in record_batches(rb.schema.serialize().to_pybytes(), [rb.serialize().to_pybytes()])]
+    [{'x': [1.0, 2.0]}]
+    """
+    import pyarrow as pa
+
+    arrow_schema = pa.ipc.read_schema(pa.py_buffer(schema))
+    for message in messages:
+        yield pa.ipc.read_record_batch(pa.py_buffer(message), arrow_schema)
+
+
+def fed_messages(fn: Callable[[int, Iterable[Any]], Iterable[Any]], schema: bytes, rank: int,
+                 messages: Iterable[bytes]) -> Iterator[Any]:
+    """:func:`fed` over a share that comes as Arrow record-batch messages of ``schema`` (``GangData.arrow_schema``)."""
+    return fed(fn, True, rank, record_batches(schema, messages))
