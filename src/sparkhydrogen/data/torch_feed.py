@@ -32,7 +32,7 @@ def _tensor(name: str, array: npt.NDArray[Any]) -> torch.Tensor:
         ) from None
 
 
-def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _as_is(batch: Any) -> Any:
     """The loader's collate step: the batch is already a dict of tensors (torch's default walks it per batch)."""
     return batch
 

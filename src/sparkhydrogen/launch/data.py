@@ -158,12 +158,12 @@ def as_messages(shares: GangData) -> GangData:
             return shares
         if str(df.sparkSession.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower() == "true":
             return shares
-        from pyspark.rdd import RDD
+        from pyspark import RDD
         from pyspark.serializers import NoOpSerializer
         from pyspark.sql.pandas.types import to_arrow_schema
 
         schema = to_arrow_schema(df.schema)
-        messages = RDD(df._jdf.toArrowBatchRdd().toJavaRDD(), df.sparkSession.sparkContext, NoOpSerializer())
+        messages: Any = RDD(df._jdf.toArrowBatchRdd().toJavaRDD(), df.sparkSession.sparkContext, NoOpSerializer())
     except Exception as exc:  # an older or newer Spark without the JVM method: the mapInArrow stage
         log.debug("data=: Arrow messages unavailable (%s); the gang reads the DataFrame through mapInArrow", exc)
         return shares
