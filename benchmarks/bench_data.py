@@ -1,20 +1,22 @@
-"""The data feed: rows/s into the ranks through ``run(fn, n, data=df)`` vs ``barrier(df).mapInArrow`` vs toPandas.
+"""The data feed, two tables: the torch loader vs Petastorm vs the floor (``--suite loader``), and the transport.
 
-One SparkSession (local[2] by default), DataFrames of N rows x 4 double columns (``spark.range``),
-gangs of 2. Each rank only counts the rows of the Arrow batches it receives, so the figures
-are the transport: Spark's Arrow stream into the rank's Python worker. Cases:
+**Loader** (issue 21): 2,000,000 rows of 32 random floats + a float label, cached, 2 partitions;
+gangs of 2 on local[2], batches of 1024. Each source tree (``--tree``, repeatable: an A/B in one
+run) runs in a fresh process and session: a warm-up gang without data, the first ``data=`` call,
+then ``run(feed_rank, 2, data=df)`` with ``sparkhydrogen.torch.data_loader(1024, cache=True)`` for
+two epochs (``equal_steps`` on, then off) and a pass over the tensors held in memory, then the floor
+(``df.mapInArrow`` counting rows). Petastorm (``make_spark_converter(df).make_torch_dataloader``,
+default and ``BatchedDataLoader``) runs in its own environment (``make bench-petastorm-env``) as a
+subprocess, ``bench_data_petastorm.py``. The sides alternate, ``--repeats`` times; medians.
 
-* ``run(fn, 2, data=df)`` with df in 2 partitions (one per rank) and in 5 (grouped into 2 shares);
-* ``run(fn, 2, data=df)`` through ``sparkhydrogen.data.numpy_batches(4096)`` (the loaders' core);
-* ``h2.barrier(df).mapInArrow(fn)`` on the 2-partition DataFrame (the same transport, Spark's API);
-* ``run(fn, 2, data=df)`` with df cached after ``repartition(2)``;
-* ``df.toPandas()`` on the driver (Arrow enabled): pulling everything into one process.
+**Transport**: N rows x 4 doubles; each rank only counts the rows of its Arrow batches:
+``run(fn, 2, data=df)`` (2 and 5 partitions, through ``numpy_batches``, cached) vs
+``h2.barrier(df).mapInArrow`` vs ``df.toPandas()``. Peak RSS is ``VmHWM`` of the process that
+received the rows (reset with ``/proc/self/clear_refs`` at the start of the task).
 
-Peak RSS is ``VmHWM`` of the process that received the rows (the rank's Python worker, reset
-with ``/proc/self/clear_refs`` at the start of the task; the driver for ``toPandas``).
-
-usage: .venv/bin/python benchmarks/bench_data.py [--rows 4000000] [--repeats 3] [--master local[2]]
-                                                 [--output-section FILE] [--profile]
+usage: .venv/bin/python benchmarks/bench_data.py [--suite all|loader|transport] [--feed-rows 2000000]
+           [--rows 4000000] [--repeats 3] [--master local[2]] [--tree CHECKOUT ...] [--no-petastorm]
+           [--output-section FILE] [--profile]
 """
 
 from __future__ import annotations
