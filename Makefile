@@ -138,10 +138,11 @@ lint: $(LSTAMP) $(TSTAMP)
 
 # Petastorm, the data feed's baseline (benchmarks/bench_data.py), in an environment of its own: 0.13.1 pins
 # setuptools<70 (torch 2.13 needs newer; petastorm's code never imports setuptools, so it goes in --no-deps)
-# and imports pyarrow.filesystem, which pyarrow 16 removed (so pyarrow 15, numpy 1.x, pyspark 3.5)
+# and calls the legacy ParquetDataset(validate_schema=...), which pyarrow 15 removed (so pyarrow 14, numpy 1.x,
+# pyspark 3.5)
 PETASTORM_VENV := .venv-bench-petastorm
 PSTAMP := $(PETASTORM_VENV)/.installed-1
-PETASTORM_PINS := "pyarrow==15.0.2" "numpy==1.26.4" "pandas==2.2.3" "pyspark==$(COMPAT_PYSPARK)" \
+PETASTORM_PINS := "pyarrow==14.0.2" "numpy==1.26.4" "pandas==2.2.3" "pyspark==$(COMPAT_PYSPARK)" \
                   "torch==$(TORCH_VERSION)" "dill==0.4.1" "diskcache==5.6.3" "future==1.0.0" "packaging==26.4" \
                   "psutil==7.2.2" "pyzmq==27.3.0" "six==1.17.0" "fsspec==2026.9.0"
 
