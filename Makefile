@@ -40,7 +40,7 @@ FSTAMP := $(VENV)/.installed-frameworks-2
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
 
-.PHONY: chromium frameworks demo test test-unit test-load test-gpu test-compat test-py310 test-py313 lint bench zip java venv torch horovod clean
+.PHONY: chromium frameworks demo test test-unit test-load test-gpu test-compat test-py310 test-py313 lint bench bench-petastorm-env zip java venv torch horovod clean
 
 venv: $(STAMP)
 
@@ -141,7 +141,25 @@ lint: $(LSTAMP) $(TSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts
 	$(VENV)/bin/mypy --strict src
 
-bench: venv java torch horovod
+# Petastorm, the data feed's baseline (benchmarks/bench_data.py), in an environment of its own: 0.13.1 pins
+# setuptools<70 (torch 2.13 needs newer; petastorm's code never imports setuptools, so it goes in --no-deps)
+# and calls the legacy ParquetDataset(validate_schema=...), which pyarrow 15 removed (so pyarrow 14, numpy 1.x,
+# pyspark 3.5)
+PETASTORM_VENV := .venv-bench-petastorm
+PSTAMP := $(PETASTORM_VENV)/.installed-1
+PETASTORM_PINS := "pyarrow==14.0.2" "numpy==1.26.4" "pandas==2.2.3" "pyspark==$(COMPAT_PYSPARK)" \
+                  "torch==$(TORCH_VERSION)" "dill==0.4.1" "diskcache==5.6.3" "future==1.0.0" "packaging==26.4" \
+                  "psutil==7.2.2" "pyzmq==27.3.0" "six==1.17.0" "fsspec==2026.9.0"
+
+bench-petastorm-env: $(PSTAMP)
+
+$(PSTAMP):
+	$(PYTHON) -m venv $(PETASTORM_VENV)
+	$(PETASTORM_VENV)/bin/python -m pip install --quiet $(PETASTORM_PINS)
+	$(PETASTORM_VENV)/bin/python -m pip install --quiet --no-deps "petastorm==0.13.1"
+	@touch $@
+
+bench: venv java torch horovod bench-petastorm-env
 	$(VPY) benchmarks/run_all.py --output docs/benchmarks.md
 
 zip: venv

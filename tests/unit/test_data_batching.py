@@ -314,3 +314,109 @@ def test_importing_the_package_imports_no_framework() -> None:
 def test_all_lists_the_public_names() -> None:
     assert set(h2data.__all__) == {"DEFAULT_SHUFFLE_BUFFER", "Batches", "FeedOptions", "numpy_batches"}
     assert all(getattr(h2data, name) is not None for name in h2data.__all__)
+
+
+# the hot path: batches cut from Arrow buffers ---------------------------------
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rebatch_yields_every_row_once_in_order_with_the_chunks_dtypes(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sizes = [int(s) for s in rng.integers(0, 40, size=30)]
+    starts = np.cumsum([0, *sizes])
+    chunks = [{"i": np.arange(a, b, dtype=np.int32), "v": np.arange(a, b, dtype=np.float32).repeat(2).reshape(-1, 2)}
+              for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    for batch_size in (1, 7, 16, 64):
+        out = list(rebatch(chunks, batch_size))
+        assert [len(b["i"]) for b in out[:-1]] == [batch_size] * (len(out) - 1) and 0 < len(out[-1]["i"]) <= batch_size
+        assert np.concatenate([b["i"] for b in out]).tolist() == list(range(int(starts[-1])))
+        assert all(b["i"].dtype == np.int32 and b["v"].dtype == np.float32 and b["v"].shape[1:] == (2,) for b in out)
+        assert np.array_equal(np.concatenate([b["v"] for b in out])[:, 1], np.arange(starts[-1], dtype=np.float32))
+        assert all(b["i"].flags.writeable and b["v"].flags.c_contiguous for b in out)
+
+
+def test_a_batch_inside_one_chunk_is_its_own_copy_of_the_arrow_rows() -> None:
+    rb = record_batches(0, [10])[0]
+    chunk = to_chunk(rb, None)
+    out = list(rebatch([chunk], 4))
+    assert [b["id"].tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    out[0]["id"][0] = 99  # the batch owns its rows: the chunk (the Arrow buffer) is untouched
+    assert chunk["id"][0] == 0 and rb.column(0)[0].as_py() == 0
+    assert not any(np.shares_memory(b["id"], chunk["id"]) for b in out)
+
+
+def test_numbers_and_fixed_size_lists_are_views_of_the_arrow_buffers() -> None:
+    rb = record_batches(5, [8])[0].slice(2, 5)  # an offset into the buffers
+    chunk = to_chunk(rb, None)
+    assert chunk["id"].tolist() == [7, 8, 9, 10, 11] and chunk["x"].tolist() == [3.5, 4.0, 4.5, 5.0, 5.5]
+    assert chunk["v"].shape == (5, 3) and chunk["v"][:, 0].tolist() == [7.0, 8.0, 9.0, 10.0, 11.0]
+    ids = rb.column(0)
+    assert _address(chunk["id"]) == ids.buffers()[1].address + ids.offset * 8  # no copy
+    values = rb.column(2).flatten()
+    assert _address(chunk["v"]) == values.buffers()[1].address + values.offset * 4  # one reshaped buffer
+    assert not chunk["id"].flags.writeable  # a view of Arrow's buffer: rebatch copies before anyone may write
+
+
+def test_chunked_arrays_convert_joined_or_as_their_one_chunk() -> None:
+    from sparkhydrogen.data._convert import to_numpy
+
+    two = pa.chunked_array([pa.array([1.0, 2.0]), pa.array([3.0])])
+    assert to_numpy(two, "x").tolist() == [1.0, 2.0, 3.0]
+    one = pa.chunked_array([pa.array([[1, 2], [3, 4]], type=pa.list_(pa.int64(), 2))])
+    assert to_numpy(one, "l").tolist() == [[1, 2], [3, 4]]
+    empty = pa.chunked_array([], type=pa.float32())
+    assert to_numpy(empty, "e").shape == (0,)
+
+
+def test_other_column_types_keep_their_numpy_form() -> None:
+    rb = pa.RecordBatch.from_pydict({"b": pa.array([True, False]), "s": pa.array(["a", "bc"]),
+                                     "d": pa.array([[1, 2], [3, 4]], type=pa.list_(pa.int16())),
+                                     "k": pa.array(["x", "y"]).dictionary_encode(),
+                                     "h": pa.array(np.array([1.5, 2.5], dtype=np.float16))})
+    chunk = to_chunk(rb, None)
+    assert chunk["b"].dtype == np.bool_ and chunk["b"].tolist() == [True, False]
+    assert chunk["s"].tolist() == ["a", "bc"] and chunk["k"].tolist() == ["x", "y"]
+    assert chunk["d"].dtype == np.int16 and chunk["d"].tolist() == [[1, 2], [3, 4]]
+    assert chunk["h"].dtype == np.float16
+
+
+def test_a_column_missing_from_a_later_batch_is_named() -> None:
+    first = pa.RecordBatch.from_pydict({"a": [1, 2], "b": [1, 2]})
+    second = pa.RecordBatch.from_pydict({"a": [3]})
+    with pytest.raises(ValueError, match=r"column\(s\) 'b' are missing from part of this rank's data"):
+        list(feed([first, second], batch_size=2))
+
+
+def test_arrow_messages_decode_to_the_batches_they_were_made_from() -> None:
+    from sparkhydrogen.task.data import record_batches as decode
+
+    batches = record_batches(0, [3, 0, 4])
+    messages = [b.serialize().to_pybytes() for b in batches]
+    out = list(decode(batches[0].schema.serialize().to_pybytes(), messages))
+    assert [b.num_rows for b in out] == [3, 0, 4] and all(a.equals(b) for a, b in zip(out, batches, strict=True))
+
+
+def test_only_spark_types_whose_arrow_form_is_fixed_travel_as_messages() -> None:
+    types = pytest.importorskip("pyspark.sql.types")
+    from sparkhydrogen.launch.data import fixed_arrow_type
+
+    fixed = [types.LongType(), types.FloatType(), types.StringType(), types.DateType(), types.BinaryType(),
+             types.ArrayType(types.DoubleType()), types.StructType([types.StructField("a", types.IntegerType())])]
+    assert all(fixed_arrow_type(t) for t in fixed)
+    session_dependent = [types.TimestampType(), types.DecimalType(10, 2), types.ArrayType(types.TimestampType()),
+                         types.MapType(types.StringType(), types.LongType()), types.DayTimeIntervalType()]
+    assert not any(fixed_arrow_type(t) for t in session_dependent)
+
+
+def test_torch_tensors_share_the_batch_memory_and_odd_columns_are_refused() -> None:
+    pytest.importorskip("torch.utils.data")
+    from sparkhydrogen.data.torch_feed import _tensor
+
+    array = np.arange(6, dtype=np.float32).reshape(3, 2)
+    tensor = _tensor("x", array)
+    assert tensor.data_ptr() == _address(array) and tuple(tensor.shape) == (3, 2)
+    with pytest.raises(TypeError, match=r"column 's' holds <U1 values, which a torch tensor cannot"):
+        _tensor("s", np.array(["a"]))

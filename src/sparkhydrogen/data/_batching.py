@@ -12,7 +12,6 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from ._convert import Chunk, chunk_rows
 
@@ -23,52 +22,68 @@ def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False
     """Chunks of any sizes to batches of exactly ``batch_size`` rows; the last one shorter, or dropped.
 
     Every batch owns its arrays (contiguous, writable copies), so a consumer may keep or
-    change them.
+    change them. A batch that lies inside one chunk is one copy per column of the chunk's
+    rows (the chunk's arrays are views of the Arrow buffers: nothing else is copied); only
+    a batch that spans chunks joins pieces. The columns' shapes are checked once per chunk.
 
     >>> import numpy as np
     >>> [len(b["x"]) for b in rebatch([{"x": np.arange(5)}, {"x": np.arange(4)}], 4)]
     [4, 4, 1]
     """
-    pending: list[Chunk] = []
+    pending: list[Chunk] = []  # pieces of earlier chunks, fewer than batch_size rows in all
     have = 0
+    shapes: dict[str, tuple[int, ...]] | None = None
     for chunk in chunks:
         rows = chunk_rows(chunk)
         if rows == 0:
             continue
-        pending.append(chunk)
-        have += rows
-        while have >= batch_size:
-            yield _take(pending, batch_size)
-            have -= batch_size
+        shapes = _check_shapes(chunk, shapes)
+        at = 0
+        if have:  # finish the batch the earlier pieces started
+            need = batch_size - have
+            if rows < need:
+                pending.append(chunk)
+                have += rows
+                continue
+            pending.append({k: v[:need] for k, v in chunk.items()})
+            yield _join(pending)
+            pending, have, at = [], 0, need
+        while rows - at >= batch_size:  # batches wholly inside this chunk: one copy per column
+            end = at + batch_size
+            yield {k: v[at:end].copy() for k, v in chunk.items()}
+            at = end
+        if at < rows:
+            pending.append({k: v[at:] for k, v in chunk.items()} if at else chunk)
+            have = rows - at
     if have and not drop_last:
-        yield _take(pending, have)
+        yield _join(pending)
 
 
-def _take(pending: list[Chunk], rows: int) -> Chunk:
-    """The first ``rows`` rows of ``pending`` as one new chunk; ``pending`` keeps the rest."""
-    pieces: list[Chunk] = []
-    need = rows
-    while need:
-        head = pending[0]
-        size = chunk_rows(head)
-        if size <= need:
-            pieces.append(pending.pop(0))
-            need -= size
-        else:
-            pieces.append({k: v[:need] for k, v in head.items()})
-            pending[0] = {k: v[need:] for k, v in head.items()}
-            need = 0
-    return {name: _join(name, [piece[name] for piece in pieces]) for name in pieces[0]}
+def _check_shapes(chunk: Chunk, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+    """``chunk``'s row shape per column, checked against the earlier chunks' (``None``: this is the first)."""
+    mine = {k: v.shape[1:] for k, v in chunk.items()}
+    if shapes is None or mine == shapes:
+        return mine
+    for name, shape in mine.items():
+        if name not in shapes:
+            raise ValueError(f"column {name!r} appears in the middle of this rank's data (its columns were "
+                             f"{', '.join(map(repr, shapes))}); every batch must have the same columns")
+        if shape != shapes[name]:
+            raise ValueError(
+                f"column {name!r} changes shape within this rank's data (rows of shape "
+                f"{' and '.join(str(s) for s in sorted([shapes[name], shape]))}); every row of a column must have "
+                "the same shape"
+            )
+    missing = [name for name in shapes if name not in mine]
+    raise ValueError(f"column(s) {', '.join(map(repr, missing))} are missing from part of this rank's data; every "
+                     "batch must have the same columns")
 
 
-def _join(name: str, arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
-    shapes = {a.shape[1:] for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"column {name!r} changes shape within this rank's data (rows of shape "
-            f"{' and '.join(str(s) for s in sorted(shapes))}); every row of a column must have the same shape"
-        )
-    return np.concatenate(arrays)
+def _join(pieces: list[Chunk]) -> Chunk:
+    """The pieces' rows as one new chunk (one copy; numpy's type promotion where the pieces' dtypes differ)."""
+    if len(pieces) == 1:
+        return {k: v.copy() for k, v in pieces[0].items()}
+    return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
 
 
 def shuffle(chunks: Iterable[Chunk], buffer_rows: int, rng: np.random.Generator) -> Iterator[Chunk]:

@@ -29,12 +29,14 @@ def to_chunk(batch: Any, columns: Sequence[str] | None) -> Chunk:
     >>> {k: v.shape for k, v in to_chunk(rb, ["v", "x"]).items()}
     {'v': (2, 2), 'x': (2,)}
     """
-    names: list[str] = list(batch.schema.names)
-    wanted = names if columns is None else columns
+    names: list[str] = batch.schema.names
+    if columns is None:
+        return {name: to_numpy(array, name) for name, array in zip(names, batch.columns, strict=True)}
+    where = {name: i for i, name in enumerate(names)}
     chunk: Chunk = {}
-    for name in wanted:
-        index = batch.schema.get_field_index(name)
-        if index < 0:
+    for name in columns:
+        index = where.get(name)
+        if index is None:
             raise ValueError(
                 f"column {name!r} is not in the data; its columns are: {', '.join(map(repr, names)) or '(none)'}"
             )
@@ -43,16 +45,36 @@ def to_chunk(batch: Any, columns: Sequence[str] | None) -> Chunk:
 
 
 def to_numpy(array: Any, name: str) -> npt.NDArray[Any]:
-    """One Arrow array as numpy: lists of one length (fixed-size or not, nested too) gain an axis each."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """One Arrow array as numpy: lists of one length (fixed-size or not, nested too) gain an axis each.
 
-    kind = array.type
+    Numbers without nulls are views of the Arrow buffer (zero-copy, read-only), an offset
+    (a sliced array) included; so is a fixed-size list of them, one reshaped buffer. A
+    chunked array (several buffers) is joined first.
+
+    >>> import pyarrow as pa
+    >>> values = pa.array([1.0, 2.0, 3.0, 4.0])
+    >>> to_numpy(values.slice(1, 2), "x").tolist(), to_numpy(values, "x").base is not None
+    ([2.0, 3.0], True)
+    """
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
     if array.null_count:
         raise ValueError(
             f"column {name!r} has {array.null_count} null value(s) in this rank's data; fill or drop them before "
             "feeding the DataFrame (df.na.fill(...) or df.dropna(...))"
         )
+    kind = array.type
+    if pa.types.is_floating(kind) or pa.types.is_integer(kind):  # the common case first: one buffer, no copy
+        return np.asarray(array.to_numpy(zero_copy_only=True))
+    return _nested(array, kind, name)
+
+
+def _nested(array: Any, kind: Any, name: str) -> npt.NDArray[Any]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if pa.types.is_dictionary(kind):
         return to_numpy(array.dictionary_decode(), name)
     if pa.types.is_struct(kind):

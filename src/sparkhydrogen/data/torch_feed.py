@@ -22,12 +22,19 @@ _OWN_ARGUMENTS = ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_
 
 
 def _tensor(name: str, array: npt.NDArray[Any]) -> torch.Tensor:
-    if array.dtype.kind in "OUSMm":
+    """The batch's column as a tensor sharing its memory (the batch owns it: no copy)."""
+    try:
+        return torch.from_numpy(array)
+    except TypeError:  # object, string, datetime ...: checked only when torch refuses, off the per-batch path
         raise TypeError(
             f"column {name!r} holds {array.dtype} values, which a torch tensor cannot: leave it out with "
             "columns=[...] or convert it in Spark first"
-        )
-    return torch.from_numpy(array)
+        ) from None
+
+
+def _as_is(batch: Any) -> Any:
+    """The loader's collate step: the batch is already a dict of tensors (torch's default walks it per batch)."""
+    return batch
 
 
 class RankDataset(IterableDataset[dict[str, torch.Tensor]]):
@@ -114,4 +121,5 @@ def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffl
     options = FeedOptions(batch_size=batch_size, columns=columns, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                           drop_last=drop_last, equal_steps=equal_steps, seed=seed, cache=cache,
                           cache_memory=cache_memory, global_shuffle=global_shuffle)
-    return RankDataLoader(RankDataset(from_context(options)), batch_size=None, num_workers=0, **loader_kwargs)
+    return RankDataLoader(RankDataset(from_context(options)), batch_size=None, num_workers=0, collate_fn=_as_is,
+                          **loader_kwargs)

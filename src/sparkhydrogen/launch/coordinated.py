@@ -27,7 +27,7 @@ from typing import Any
 
 from ..coordinator.state import START_TIMEOUT_TYPE
 from ..errors import ErrorInfo, InsufficientSlotsError
-from ..task.data import fed
+from ..task.data import fed, fed_messages
 from ..task.partition import Join
 from .data import GangData
 from .jobs import stage_canceller
@@ -183,11 +183,13 @@ class CoordinatedStage:
     def _stage(self, call: RankCall, join: Join, world_size: int, profile: Any) -> Any:
         """The gang's stage: ``world_size`` gated ranks over nothing, an RDD's shares or a DataFrame's."""
         data = self.data
-        if data is not None and data.arrow:
+        if data is not None and data.arrow and data.arrow_schema is None:
             rank_fn: Any = functools.partial(fed, functools.partial(result_batches, call), True)
             return build_stage(join, rank_fn, FrameSource(data.source, "mapInArrow", RESULT_SCHEMA), profile)
         rank_fn = functools.partial(result_rows, call)
-        if data is not None:
+        if data is not None and data.arrow_schema is not None:  # a DataFrame's share as Arrow messages in an RDD
+            rank_fn = functools.partial(fed_messages, rank_fn, data.arrow_schema)
+        elif data is not None:
             rank_fn = functools.partial(fed, rank_fn, False)
         source = data.source if data is not None else self.target.parallelize(world_size)
         return build_stage(join, rank_fn, RddSource(source), profile)

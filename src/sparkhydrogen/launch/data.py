@@ -11,6 +11,16 @@ input (bounded memory, as any Spark task reads its partitions):
 * Fewer partitions than ranks, a DataFrame whose plan has a shuffle (adaptive query
   execution may merge its partitions at run time), or Spark Connect (whose gangs are
   barrier stages): a round-robin ``repartition(n)``, rows balanced to one.
+
+How the shares reach the ranks (classic Spark): as Arrow record-batch messages made in
+the JVM (``Dataset.toArrowBatchRdd``, what ``toPandas`` builds on) in an RDD, decoded in
+the rank against the schema sent with the stage. The gang stage is then an RDD stage like
+every gang without ``data=``, so it runs in the same Python workers: a ``mapInArrow``
+stage runs in a second set that Spark keys apart (its SQL runner adds
+``SPARK_SIMPLIFIED_TRACEBACK`` to the workers' environment), whose start made a
+session's first ``data=`` call seconds slower than the next. Column types whose Arrow
+form depends on session settings (timestamps, decimals, maps, large string types) and
+Spark Connect keep ``mapInArrow``.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from typing import Any
 
 from .session import SparkTarget, is_connect
 
-__all__ = ["GangData", "gang_data", "share_plan", "session_of", "planned_partitions"]
+__all__ = ["GangData", "as_messages", "fixed_arrow_type", "gang_data", "share_plan", "session_of", "planned_partitions"]
 
 log = logging.getLogger("sparkhydrogen.launch")
 
@@ -33,6 +43,8 @@ class GangData:
     source: Any
     arrow: bool
     how: str  # how the shares were made, for the driver log: "as is", "coalesce(5 -> 2)", "repartition(2)"
+    #: set: ``source`` is an RDD of Arrow record-batch messages (IPC) of this serialized Arrow schema
+    arrow_schema: bytes | None = None
 
 
 def share_plan(partitions: int | None, ranks: int, shuffled: bool, barrier: bool) -> str:
@@ -112,7 +124,8 @@ def gang_data(value: Any, target: SparkTarget, ranks: int) -> GangData | None:
             shuffled = _has_shuffle(value)  # read before planning partitions: that would run the shuffle
             partitions = None if shuffled else int(value.rdd.getNumPartitions())
             plan = share_plan(partitions, ranks, shuffled, barrier=False)
-        return _cut(value, plan, partitions, ranks, arrow=True)
+        shares = _cut(value, plan, partitions, ranks, arrow=True)
+        return shares if target.connect else as_messages(shares)
     if _is_rdd(value):
         if target.connect:
             raise TypeError("data= is an RDD, but Spark Connect has no RDDs: pass a DataFrame")
@@ -131,6 +144,50 @@ def _cut(source: Any, plan: str, partitions: int | None, ranks: int, *, arrow: b
     if plan == "coalesce":
         return GangData(source.coalesce(ranks), arrow, f"coalesce({known} partitions -> {ranks} shares)")
     return GangData(source.repartition(ranks), arrow, f"repartition({known} partitions -> {ranks} shares)")
+
+
+def as_messages(shares: GangData) -> GangData:
+    """``shares`` (a classic DataFrame's) as an RDD of Arrow record-batch messages, or as they are when unsafe.
+
+    Safe: every column's Arrow type is fixed by its Spark type alone (see :func:`fixed_arrow_type`)
+    and the JVM can make the messages; then the rank decodes them against the schema made here.
+    """
+    df = shares.source
+    try:
+        if not all(fixed_arrow_type(field.dataType) for field in df.schema.fields):
+            return shares
+        if str(df.sparkSession.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower() == "true":
+            return shares
+        from pyspark import RDD
+        from pyspark.serializers import NoOpSerializer
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = to_arrow_schema(df.schema)
+        messages: Any = RDD(df._jdf.toArrowBatchRdd().toJavaRDD(), df.sparkSession.sparkContext, NoOpSerializer())
+    except Exception as exc:  # an older or newer Spark without the JVM method: the mapInArrow stage
+        log.debug("data=: Arrow messages unavailable (%s); the gang reads the DataFrame through mapInArrow", exc)
+        return shares
+    return GangData(messages, True, shares.how, bytes(schema.serialize().to_pybytes()))
+
+
+#: Spark types whose Arrow form (``to_arrow_schema``) is the one the JVM writes whatever the session's settings.
+_FIXED = {"ByteType", "ShortType", "IntegerType", "LongType", "FloatType", "DoubleType", "BooleanType",
+          "StringType", "BinaryType", "DateType", "NullType"}
+
+
+def fixed_arrow_type(kind: Any) -> bool:
+    """Whether a Spark type's Arrow type is fixed: numbers, booleans, strings, binary, dates; arrays, structs of them.
+
+    >>> from pyspark.sql.types import ArrayType, FloatType, TimestampType
+    >>> fixed_arrow_type(ArrayType(FloatType())), fixed_arrow_type(TimestampType())
+    (True, False)
+    """
+    name = type(kind).__name__
+    if name == "ArrayType":
+        return fixed_arrow_type(kind.elementType)
+    if name == "StructType":
+        return all(fixed_arrow_type(field.dataType) for field in kind.fields)
+    return name in _FIXED
 
 
 #: Connect plan nodes that keep their child's partitioning (walked through to find the partition count).

@@ -16,7 +16,7 @@ from ..errors import LaunchError
 
 log = logging.getLogger("sparkhydrogen.data")
 
-__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "at_rank_end", "fed"]
+__all__ = ["RankData", "RDD_BATCH_ROWS", "as_record", "at_rank_end", "fed", "fed_messages", "record_batches"]
 
 #: Rows per record batch that :meth:`RankData.batches` builds from an RDD's elements.
 RDD_BATCH_ROWS = 10_000
@@ -145,3 +145,27 @@ def at_rank_end(closer: Callable[[], None]) -> None:
     data = BarrierTaskContext.get()._data
     if isinstance(data, RankData):
         data.closers.append(closer)
+
+
+def record_batches(schema: bytes, messages: Iterable[bytes]) -> Iterator[Any]:
+    """Arrow record-batch messages (IPC, as ``Dataset.toArrowBatchRdd`` makes them) as ``pyarrow.RecordBatch`` es.
+
+    Each batch's buffers are views of its message (no copy). ``schema`` is the serialized
+    Arrow schema the messages were written with.
+
+    >>> import pyarrow as pa
+    >>> rb = pa.RecordBatch.from_pydict({"x": [1.0, 2.0]})
+    >>> [b.to_pydict() for b in record_batches(rb.schema.serialize().to_pybytes(), [rb.serialize().to_pybytes()])]
+    [{'x': [1.0, 2.0]}]
+    """
+    import pyarrow as pa
+
+    arrow_schema = pa.ipc.read_schema(pa.py_buffer(schema))
+    for message in messages:
+        yield pa.ipc.read_record_batch(pa.py_buffer(message), arrow_schema)
+
+
+def fed_messages(fn: Callable[[int, Iterable[Any]], Iterable[Any]], schema: bytes, rank: int,
+                 messages: Iterable[bytes]) -> Iterator[Any]:
+    """:func:`fed` over a share that comes as Arrow record-batch messages of ``schema`` (``GangData.arrow_schema``)."""
+    return fed(fn, True, rank, record_batches(schema, messages))
