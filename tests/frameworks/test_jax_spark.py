@@ -119,3 +119,22 @@ def test_arguments_are_checked_before_launch(sc: Any) -> None:
         h2jax.run(print, num_processes=1, initialization_timeout=0)
     with pytest.raises(TypeError, match=r"fn must be callable"):
         h2jax.run("step.py", num_processes=1)  # type: ignore[arg-type]
+
+
+def test_an_elastic_range_starts_at_the_slots_there_are_and_jax_sees_that_size(sc: Any) -> None:
+    """``num_processes=(2, 6)`` on local[3]: the attempt's size is the 3 free slots, and JAX is formed at 3."""
+
+    def step() -> dict[str, Any]:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        ctx = h2.BarrierTaskContext.get()
+        gathered = multihost_utils.process_allgather(jnp.array([float(jax.process_index())]))
+        return {"count": jax.process_count(), "world": ctx.worldSize(),
+                "gathered": np.asarray(gathered).ravel().tolist()}
+
+    out = h2jax.run(step, num_processes=(2, 6), return_all=True)
+    assert [o["count"] for o in out] == [3, 3, 3] and [o["world"] for o in out] == [3, 3, 3]
+    assert out[0]["gathered"] == [0.0, 1.0, 2.0]

@@ -114,3 +114,17 @@ def test_bad_arguments(sc: Any) -> None:
         h2hvd.run("train", spark=sc)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_proc must be a positive int"):
         h2hvd.run(lambda: 0, num_proc=0, spark=sc)
+
+
+def test_an_elastic_range_starts_at_the_slots_there_are(sc: Any) -> None:
+    """``num_proc=(2, 8)`` on local[4]: Horovod is initialised at the 4 ranks the slots hold."""
+
+    def fn() -> tuple[int, int, float]:
+        import horovod.torch as hvd
+        import torch
+
+        hvd.init()
+        return hvd.rank(), hvd.size(), hvd.allreduce(torch.tensor([1.0]), op=hvd.Sum).item()
+
+    out = h2hvd.run(fn, num_proc=(2, 8), spark=sc)
+    assert out == [(rank, 4, 4.0) for rank in range(4)]
