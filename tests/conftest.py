@@ -77,7 +77,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """The shared ``spark`` runs on every kind of :data:`KINDS`, or on the module's ``SESSION_KINDS``."""
     defs = metafunc._arg2fixturedefs.get("spark")  # the fixture the test gets (a module may define its own)
-    if defs and getattr(defs[-1].func, "__module__", None) == __name__:
+    # this file's fixture, not a directory's own ``spark`` (every conftest module is named ``conftest``)
+    if defs and getattr(defs[-1].func, "__code__", None) is not None and defs[-1].func.__code__.co_filename == __file__:
         kinds = getattr(metafunc.module, "SESSION_KINDS", KINDS)
         metafunc.parametrize("spark", kinds, indirect=True, scope="module", ids=list(kinds))
 

@@ -19,8 +19,7 @@ import sparkhydrogen as h2
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(240)]
 
-#: One session: tests/data/conftest.py's ``local[2]`` (without this, the root conftest would parametrize it).
-SESSION_KINDS = ("local[2]",)
+# One session: tests/data/conftest.py's ``local[2]``.
 
 ROWS = 20_000  # 10,000 per rank, 100 batches of 100 per epoch
 

@@ -15,8 +15,8 @@ import sparkhydrogen as h2
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(180)]
 
-#: classic Spark only: Spark Connect keeps mapInArrow (its gangs are barrier DataFrame stages)
-SESSION_KINDS = ("local[4]",)
+# classic Spark only (tests/data/conftest.py's local[2]): Spark Connect keeps mapInArrow (its gangs are barrier
+# DataFrame stages)
 
 
 def test_a_data_gang_runs_in_the_python_workers_of_the_gangs_before_it(spark: Any) -> None:
