@@ -24,8 +24,8 @@ from pyspark.ml.param import Param, Params, TypeConverters
 
 from ..launch.resources import stage_resources
 
-__all__ = ["OBJECT_PARAMS", "to_columns", "to_optional_string", "to_mapping", "to_inference_resources", "HasColumnParams",
-           "HasTrainingParams", "HasInferenceParams", "HasTorchParams", "HasGangParams"]
+__all__ = ["OBJECT_PARAMS", "to_columns", "to_optional_string", "to_mapping", "to_inference_resources",
+           "HasColumnParams", "HasTrainingParams", "HasInferenceParams", "HasTorchParams", "HasGangParams"]
 
 #: Params holding Python objects: not JSON, saved with cloudpickle next to the metadata.
 OBJECT_PARAMS = frozenset({"model", "loss", "optimizer", "optimizer_params", "metrics", "train_fn", "predict_fn",
@@ -182,7 +182,9 @@ class HasInferenceParams(Params):
         from ..launch.resources import profile_for
         from ..launch.session import resolve
 
-        return profile_for(resolve(dataset.sparkSession), stage_resources(wanted))
+        resources = stage_resources(wanted)
+        assert resources is not None
+        return profile_for(resolve(dataset.sparkSession), resources)
 
     def setInferenceBatchSize(self, value: int) -> Any:
         """Set ``inference_batch_size``."""
