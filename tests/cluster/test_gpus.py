@@ -251,3 +251,72 @@ def test_addresses_index_into_the_executors_visible_devices(clusters: Clusters) 
     assert [o["child"] for o in out] == [o["visible"] for o in out]
     assert len({(o["executor"], o["visible"]) for o in out}) == 4
     assert {v for _, v in _plain_view(sc, 4)} == {"4,5"}  # the executor's own value, put back
+
+
+# transform() with inference_resources: a scoring stage with its own task resources -------------
+
+
+def _recording_linear(marker_dir: str) -> Any:
+    """A tiny ``nn.Linear`` whose forward notes its task's GPUs, CPUs and weight device in ``marker_dir``.
+
+    Built in a function so cloudpickle ships the class by value to the executors.
+    """
+    import torch
+
+    class Recording(torch.nn.Linear):
+        def forward(self, x: Any) -> Any:
+            import json
+            import os
+
+            from pyspark import TaskContext
+
+            ctx = TaskContext.get()
+            gpu = ctx.resources().get("gpu")
+            note = {"partition": ctx.partitionId(), "gpus": list(gpu.addresses) if gpu else [], "cpus": ctx.cpus(),
+                    "device": str(self.weight.device), "pid": os.getpid()}
+            Path(marker_dir, f"{ctx.partitionId()}-{ctx.taskAttemptId()}.json").write_text(json.dumps(note))
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    return Recording(3, 2)
+
+
+def test_model_transform_with_inference_resources_scores_on_each_tasks_gpu(clusters: Clusters,
+                                                                            tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import json
+
+    import torch
+    from pyspark.ml.linalg import Vectors
+    from pyspark.sql import SparkSession
+
+    from sparkhydrogen.ml import TorchModel
+
+    sc = clusters.get("one")
+    spark = SparkSession(sc)
+    rows = [(i, float(i), float(i % 3), float(-i), Vectors.dense([i, 1.0])) for i in range(40)]
+    df = spark.createDataFrame(rows, ["id", "a", "b", "c", "v"]).repartition(2)  # one task per executor
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    recording = _recording_linear(str(markers))
+    plain = torch.nn.Linear(3, 2)
+    plain.load_state_dict(recording.state_dict())
+    with torch.no_grad():  # the same module on the driver's CPU
+        out = plain(torch.tensor([r[1:4] for r in rows], dtype=torch.float32)).double().numpy()
+    expected = {r[0]: list(out[i]) for i, r in enumerate(rows)}
+
+    model = TorchModel(recording, input_width=3, output_width=2).setFeaturesCol(["a", "b", "c"]) \
+        .setInferenceBatchSize(4).setInferenceResources({"gpu": 1, "cpus": 2})
+    scored = model.transform(df)
+    assert scored.columns == ["id", "a", "b", "c", "v", "prediction"]
+    got = scored.collect()
+
+    assert sorted(r["id"] for r in got) == list(range(40))
+    for r in got:
+        assert r["prediction"] == pytest.approx(expected[r["id"]], rel=1e-6)
+        assert r["v"] == Vectors.dense([r["id"], 1.0])  # other columns (a vector UDT too) pass through
+    notes = [json.loads(p.read_text()) for p in markers.iterdir()]
+    assert {n["partition"] for n in notes} == {0, 1}
+    assert all(len(n["gpus"]) == 1 and n["gpus"][0] in {"0", "1"} for n in notes)
+    assert {n["cpus"] for n in notes} == {2}  # the stage ran with its own profile (the application's is 1 CPU)
+    assert {n["device"] for n in notes} == {"cpu"}  # CPU-only torch: a warning, then the CPU

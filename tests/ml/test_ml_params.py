@@ -81,3 +81,23 @@ def test_training_summary_rank0_and_mean() -> None:
     assert TrainingSummary.from_json(summary.to_json()) == summary
     with pytest.raises(KeyError, match=r"no metric 'accuracy'.*\['train_loss', 'val_loss'\]"):
         summary.metric("accuracy")
+
+
+def test_inference_resources_param_and_device_choice() -> None:
+    from sparkhydrogen.errors import GpuPlacementError
+    from sparkhydrogen.ml.inference import inference_device
+
+    model = ml.TorchModel()
+    assert model.getInferenceResources() is None  # default: predict_batch_udf with the application's resources
+    assert model.setInferenceResources({"gpu": 1, "cpus": 2}).getInferenceResources() == {"gpu": 1, "cpus": 2}
+    assert TorchEstimator().setInferenceResources({"gpu": 0.5}).getInferenceResources() == {"gpu": 0.5}
+    with pytest.raises(ValueError, match=r"resources\['gpu'\]=0.75"):
+        model.setInferenceResources({"gpu": 0.75})
+    with pytest.raises(TypeError, match="inference_resources must be a dict"):
+        model.setInferenceResources("gpu")
+    # the device: the task's first GPU as a CUDA ordinal, the CPU without GPUs or without CUDA
+    assert inference_device(["1"], None, True) == "cuda:1"
+    assert inference_device(["1", "0"], "6,7", True) == "cuda:1"  # address 1 = device 7 = ordinal 1 of '6,7'
+    assert inference_device([], None, True) == inference_device(["0"], None, False) == "cpu"
+    with pytest.raises(GpuPlacementError, match="CUDA_VISIBLE_DEVICES='4' lists only 1 device"):
+        inference_device(["1"], "4", True)

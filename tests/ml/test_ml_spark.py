@@ -189,6 +189,14 @@ def test_gang_larger_than_the_cluster_fails_with_slot_arithmetic(df: Any) -> Non
         regressor(num_workers=3).fit(df)
 
 
+def test_inference_resources_on_local_master_fail_naming_the_alternatives(df: Any) -> None:
+    import sparkhydrogen as h2
+
+    model = TorchModel(torch.nn.Linear(4, 1), input_width=4).setFeaturesCol(COLS).setInferenceResources({"gpu": 1})
+    with pytest.raises(h2.LaunchError, match=r"master local\[2\] runs every task in the driver's JVM"):
+        model.transform(df)
+
+
 def test_rank_killed_mid_epoch_resumes_from_last_epoch_checkpoint(df: Any, fitted: tuple[Any, PipelineModel]) -> None:
     start, pipeline = fitted
     steps = HALF // BATCH
@@ -224,11 +232,14 @@ def test_rank_killed_mid_epoch_resumes_from_last_epoch_checkpoint(df: Any, fitte
 # frameworks: one test each (their imports are slow) -------------------------------------------
 
 
-def test_lightning_estimator_fits_and_transforms(df: Any, tmp_path: Any) -> None:
-    pytest.importorskip("lightning")
-    import torch
+def lightning_regressor(dies_once: bool = False) -> Any:
+    """A factory of a small Lightning regressor (nested, so it travels to the ranks by value).
 
+    ``dies_once``: rank 1's process exits in the middle of epoch 1 of the first gang attempt.
+    """
     def make_module() -> Any:
+        import os
+
         import lightning.pytorch as pl
         import torch
 
@@ -242,6 +253,9 @@ def test_lightning_estimator_fits_and_transforms(df: Any, tmp_path: Any) -> None
                 return self.layer(x)
 
             def training_step(self, batch: Any, index: int) -> Any:
+                if (dies_once and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+                        and self.current_epoch == 1 and index == 4):
+                    os._exit(3)
                 x, y = batch
                 loss = torch.nn.functional.mse_loss(self(x).squeeze(-1), y.float())
                 self.log("train_loss", loss, on_epoch=True, on_step=False)
@@ -256,6 +270,14 @@ def test_lightning_estimator_fits_and_transforms(df: Any, tmp_path: Any) -> None
 
         return Regressor()
 
+    return make_module
+
+
+def test_lightning_estimator_fits_and_transforms(df: Any, tmp_path: Any) -> None:
+    pytest.importorskip("lightning")
+    import torch
+
+    make_module = lightning_regressor()
     est = LightningEstimator(model=make_module, features_col=COLS, label_col="target", batch_size=16, epochs=3,
                              num_workers=2, shuffle=False, validation_fraction=0.2)
     model = est.fit(df)
@@ -273,6 +295,19 @@ def test_lightning_estimator_fits_and_transforms(df: Any, tmp_path: Any) -> None
     loaded = LightningModel.load(str(tmp_path / "lightning"))
     assert [r["prediction"] for r in loaded.transform(df).select("prediction").collect()] == \
         [r["prediction"] for r in out]
+
+
+def test_lightning_rank_killed_mid_epoch_resumes_from_last_epoch_checkpoint(df: Any) -> None:
+    pytest.importorskip("lightning")
+
+    est = LightningEstimator(model=lightning_regressor(dies_once=True), features_col=COLS, label_col="target",
+                             batch_size=16, epochs=3, num_workers=2, shuffle=False, max_retries=1)
+    model = est.fit(df)  # 128 rows per rank: 8 steps per epoch, rank 1 dies at step 4 of epoch 1
+    assert model.summary.attempts == 2
+    assert model.summary.resumed_from_epoch >= 1  # epoch 0 came from the checkpoint, not trained again
+    assert model.summary.epochs == 3
+    losses = model.summary.metric("train_loss", mean=True)
+    assert len(losses) == 3 and losses[-1] < losses[0]
 
 
 def test_jax_gang_estimator_fits_and_transforms(df: Any, tmp_path: Any) -> None:

@@ -19,7 +19,7 @@ from pyspark.ml.util import MLReadable, MLWritable
 
 from ..launch import run as gang_run
 from .columns import FEATURES, LABEL, VALID
-from .inference import function_predictor, prediction_column
+from .inference import function_device_predictor, function_predictor, prediction_column, staged_predictions
 from .params import HasColumnParams, HasGangParams, HasInferenceParams
 from .persistence import StageReader, StageWriter
 from .summary import TrainingSummary
@@ -75,6 +75,11 @@ class GangModel(Model, HasColumnParams, HasInferenceParams, MLReadable["GangMode
     def _transform(self, dataset: Any) -> Any:
         if self._predict_fn is None:
             raise ValueError("this GangModel has no predict_fn: create it with GangEstimator.fit() or load()")
+        profile = self._scoring_profile(dataset)
+        if profile is not None:
+            model_id, make_on = function_device_predictor(self._predict_fn, self._state, self._output_width)
+            return staged_predictions(dataset, self.getFeaturesCol(), model_id, make_on, self._output_width,
+                                      self.getInferenceBatchSize(), self.getPredictionCol(), profile, uses_torch=False)
         make = function_predictor(self._predict_fn, self._state, self._output_width)
         column = prediction_column(dataset, self.getFeaturesCol(), make, self._input_width, self._output_width,
                                    self.getInferenceBatchSize())

@@ -22,8 +22,10 @@ from typing import Any
 
 from pyspark.ml.param import Param, Params, TypeConverters
 
-__all__ = ["OBJECT_PARAMS", "to_columns", "to_optional_string", "to_mapping", "HasColumnParams",
-           "HasTrainingParams", "HasInferenceParams", "HasTorchParams", "HasGangParams"]
+from ..launch.resources import stage_resources
+
+__all__ = ["OBJECT_PARAMS", "to_columns", "to_optional_string", "to_mapping", "to_inference_resources",
+           "HasColumnParams", "HasTrainingParams", "HasInferenceParams", "HasTorchParams", "HasGangParams"]
 
 #: Params holding Python objects: not JSON, saved with cloudpickle next to the metadata.
 OBJECT_PARAMS = frozenset({"model", "loss", "optimizer", "optimizer_params", "metrics", "train_fn", "predict_fn",
@@ -85,6 +87,20 @@ def _to_optional_float(value: Any) -> float | None:
     return None if value is None else TypeConverters.toFloat(value)
 
 
+def to_inference_resources(value: Any) -> dict[str, Any] | None:
+    """``None``, or a dict of task resources for the scoring stage (``inference_resources``).
+
+    >>> to_inference_resources({"gpu": 1}), to_inference_resources(None)
+    ({'gpu': 1}, None)
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"inference_resources must be a dict such as {{'gpu': 1}} or None, got {value!r}")
+    stage_resources(value)  # validates names and amounts
+    return dict(value)
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -135,16 +151,40 @@ class HasColumnParams(Params):
 
 
 class HasInferenceParams(Params):
-    """``inference_batch_size`` and ``use_gpu`` (shared by estimators and models)."""
+    """``inference_batch_size``, ``use_gpu`` and ``inference_resources`` (shared by estimators and models)."""
 
     inference_batch_size: Param[int] = _param(
         "inference_batch_size", "rows per batch in transform() (predict_batch_udf's batch_size)", _to_positive_int)
     use_gpu: Param[bool] = _param("use_gpu", "train on each rank's Spark-assigned GPU, and predict on a GPU "
                                   "when the Python worker has one", TypeConverters.toBoolean)
+    inference_resources: Param[dict[str, Any] | None] = _param(
+        "inference_resources", "task resources of transform()'s scoring stage, e.g. {'gpu': 1} (stage-level "
+        "scheduling; each task predicts on its assigned GPU); None: predict_batch_udf with the application's "
+        "task resources", to_inference_resources)
 
     def __init__(self) -> None:
         super().__init__()
-        self._setDefault(inference_batch_size=1024, use_gpu=False)
+        self._setDefault(inference_batch_size=1024, use_gpu=False, inference_resources=None)
+
+    def setInferenceResources(self, value: dict[str, Any] | None) -> Any:
+        """Set ``inference_resources``."""
+        return self._set(inference_resources=value)
+
+    def getInferenceResources(self) -> dict[str, Any] | None:
+        """The ``inference_resources``."""
+        return self.getOrDefault(self.inference_resources)
+
+    def _scoring_profile(self, dataset: Any) -> Any:
+        """The pyspark ``ResourceProfile`` of the scoring stage, or ``None`` without ``inference_resources``."""
+        wanted = self.getInferenceResources()
+        if wanted is None:
+            return None
+        from ..launch.resources import profile_for
+        from ..launch.session import resolve
+
+        resources = stage_resources(wanted)
+        assert resources is not None
+        return profile_for(resolve(dataset.sparkSession), resources)
 
     def setInferenceBatchSize(self, value: int) -> Any:
         """Set ``inference_batch_size``."""

@@ -18,7 +18,7 @@ from pyspark.ml.util import MLReadable, MLWritable
 
 from ..torch import run as torch_run
 from .columns import training_frame
-from .inference import prediction_column, torch_predictor
+from .inference import prediction_column, staged_predictions, torch_device_predictor, torch_predictor
 from .params import HasColumnParams, HasInferenceParams, HasTorchParams, HasTrainingParams
 from .persistence import StageReader, StageWriter
 from .summary import TrainingSummary
@@ -159,6 +159,11 @@ class TorchModel(Model, HasColumnParams, HasInferenceParams, MLReadable["TorchMo
     def _transform(self, dataset: Any) -> Any:
         if self._module is None:
             raise ValueError(f"this {type(self).__name__} has no trained module: create it with fit() or load()")
+        profile = self._scoring_profile(dataset)
+        if profile is not None:
+            model_id, make = torch_device_predictor(self._module, self._output_width)
+            return staged_predictions(dataset, self.getFeaturesCol(), model_id, make, self._output_width,
+                                      self.getInferenceBatchSize(), self.getPredictionCol(), profile, uses_torch=True)
         column = prediction_column(dataset, self.getFeaturesCol(), self._make_predict_fn(), self._input_width,
                                    self._output_width, self.getInferenceBatchSize())
         return dataset.withColumn(self.getPredictionCol(), column)
