@@ -11,6 +11,7 @@ predicts on the GPU Spark assigned it, with the model loaded once per Python wor
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import pickle
@@ -93,8 +94,12 @@ def prediction_column(dataset: Any, features_col: str | list[str], make_predict_
 #: The temporary column holding the features of a row while the scoring stage runs.
 STAGED_FEATURES = "__sparkhydrogen_features"
 
+#: Models a Python worker keeps loaded for scoring stages (the most recently used; a long session
+#: that scores with many models holds at most this many per worker).
+CACHED_MODELS = 4
+
 _cache_lock = threading.Lock()
-_cached: dict[tuple[str, str], Callable[[Any], Any]] = {}
+_cached: collections.OrderedDict[tuple[str, str], Callable[[Any], Any]] = collections.OrderedDict()
 _warned: set[str] = set()
 
 
@@ -149,11 +154,25 @@ def function_device_predictor(predict_fn: Callable[[Any, Any], Any], state: Any,
 
 
 def cached_predictor(model_id: str, device: str, make: Callable[[str], Callable[[Any], Any]]) -> Callable[[Any], Any]:
-    """The predictor of ``model_id`` on ``device``, loaded once per Python worker process."""
+    """The predictor of ``model_id`` on ``device``, loaded once per Python worker process.
+
+    The worker keeps the :data:`CACHED_MODELS` most recently used predictors; older ones are dropped.
+
+    >>> loads = []
+    >>> for i in [1, 2, 1, 3, 4, 5, 1]:
+    ...     _ = cached_predictor(f"doc-{i}", "cpu", lambda device, i=i: loads.append(i) or str)
+    >>> loads
+    [1, 2, 3, 4, 5]
+    """
+    key = (model_id, device)
     with _cache_lock:
-        found = _cached.get((model_id, device))
+        found = _cached.get(key)
         if found is None:
-            found = _cached[(model_id, device)] = make(device)
+            found = _cached[key] = make(device)
+            while len(_cached) > CACHED_MODELS:
+                _cached.popitem(last=False)
+        else:
+            _cached.move_to_end(key)
         return found
 
 
