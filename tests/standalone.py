@@ -66,7 +66,7 @@ class Cluster:
         """Start one more worker; return its pid once it registered with the master."""
         return self.add_workers(1, timeout)[0]
 
-    def add_workers(self, count: int, timeout: float = 90) -> list[int]:
+    def add_workers(self, count: int, timeout: float = 180) -> list[int]:
         """Start ``count`` more workers at once; return their pids once all registered with the master."""
         numbers = []
         for _ in range(count):
@@ -118,7 +118,8 @@ def _wait_for_file(path: Path, pattern: str, timeout: float) -> None:
         if regex.search(path.read_text(errors="replace")):
             return
         time.sleep(0.2)  # polling the daemon's log: the only readiness signal it gives
-    raise TimeoutError(f"standalone worker: {pattern!r} not in {path} after {timeout} s")
+    tail = "\n".join(path.read_text(errors="replace").splitlines()[-20:])
+    raise TimeoutError(f"standalone worker: {pattern!r} not in {path} after {timeout} s; its log ends:\n{tail}")
 
 
 @contextmanager
