@@ -15,13 +15,10 @@ from pyspark.ml import Estimator
 from pyspark.ml.param import Param, Params
 from pyspark.ml.util import MLReadable, MLWritable
 
-from ..torch import run as torch_run
 from .lightning_rank import LightningTrainSpec, train_lightning_rank
 from .params import to_mapping
 from .persistence import StageReader, StageWriter
-from .summary import TrainingSummary
 from .torch_estimator import GangTrainingMixin, TorchModel
-from .torch_rank import RankResult, build_module
 
 __all__ = ["LightningEstimator", "LightningModel"]
 
@@ -98,16 +95,7 @@ class LightningEstimator(Estimator[LightningModel], GangTrainingMixin, MLReadabl
                                   shuffle=self.getShuffle(), seed=self.getSeed(), validation=self._has_validation(),
                                   trainer_params=dict(self.getTrainerParams()))
         frame = self._training_frame(dataset)
-        with self._tracking() as tracker:
-            result: RankResult = torch_run(train_lightning_rank, spec, num_processes=self.getNumWorkers(), data=frame,
-                                           max_retries=self.getMaxRetries())
-            module = build_module(spec.model)
-            module.load_state_dict(result.state_dict)
-            summary = TrainingSummary.from_ranks(result.history, resumed_from_epoch=result.resumed_from_epoch,
-                                                 attempts=result.attempts)
-            model = self._copyValues(LightningModel(module, result.input_width, result.output_width, summary))
-            tracker.log_fit(summary, model, dataset)
-        return model
+        return self._train_torch(dataset, frame, train_lightning_rank, spec, LightningModel)
 
     def fitMultiple(self, dataset: Any, paramMaps: Any) -> Any:
         """As ``Estimator.fitMultiple``, each fit logged as a nested MLflow run."""

@@ -10,7 +10,7 @@ through ``predict_batch_udf``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
@@ -28,6 +28,9 @@ from .tracking import active_run_id, fit_tracking
 __all__ = ["TorchEstimator", "TorchModel", "GangTrainingMixin"]
 
 log = logging.getLogger("sparkhydrogen.ml")
+
+
+M = TypeVar("M", bound="TorchModel")
 
 
 class GangTrainingMixin(HasColumnParams, HasTrainingParams, HasInferenceParams):
@@ -48,6 +51,21 @@ class GangTrainingMixin(HasColumnParams, HasTrainingParams, HasInferenceParams):
     def _tracking(self) -> Any:
         """This fit's MLflow context: nested under the caller's run when started by :meth:`_fit_multiple`."""
         return fit_tracking(self._json_params(), nested=self._nested_tracking, parent_run_id=self._parent_run_id)
+
+    def _train_torch(self, dataset: Any, frame: Any, rank_fn: Any, spec: Any, model_cls: type[M],
+                     **launch: Any) -> M:
+        """Train ``spec.model`` with ``rank_fn`` on the gang (``sparkhydrogen.torch.run`` over ``frame``) and
+        return the fitted ``model_cls`` with its training summary, logged into this fit's MLflow run."""
+        with self._tracking() as tracker:
+            result: RankResult = torch_run(rank_fn, spec, num_processes=self.getNumWorkers(), data=frame,
+                                           max_retries=self.getMaxRetries(), **launch)
+            module = build_module(spec.model)
+            module.load_state_dict(result.state_dict)
+            summary = TrainingSummary.from_ranks(result.history, resumed_from_epoch=result.resumed_from_epoch,
+                                                 attempts=result.attempts)
+            model = self._copyValues(model_cls(module, result.input_width, result.output_width, summary))
+            tracker.log_fit(summary, model, dataset)
+        return model
 
     def _fit_multiple(self, dataset: Any, paramMaps: Any) -> Any:
         """``Estimator.fitMultiple`` with every fit logged as a nested run of the caller's active MLflow run
@@ -247,16 +265,7 @@ class TorchEstimator(Estimator[TorchModel], GangTrainingMixin, HasTorchParams, M
     def _fit(self, dataset: Any) -> TorchModel:
         spec = self._spec()
         frame = self._training_frame(dataset)
-        with self._tracking() as tracker:
-            result: RankResult = torch_run(train_rank, spec, num_processes=self.getNumWorkers(), data=frame,
-                                           max_retries=self.getMaxRetries(), use_gpu=self.getUseGpu())
-            module = build_module(spec.model)
-            module.load_state_dict(result.state_dict)
-            summary = TrainingSummary.from_ranks(result.history, resumed_from_epoch=result.resumed_from_epoch,
-                                                 attempts=result.attempts)
-            model = self._copyValues(TorchModel(module, result.input_width, result.output_width, summary))
-            tracker.log_fit(summary, model, dataset)
-        return model
+        return self._train_torch(dataset, frame, train_rank, spec, TorchModel, use_gpu=self.getUseGpu())
 
     def fitMultiple(self, dataset: Any, paramMaps: Any) -> Any:
         """As ``Estimator.fitMultiple``, each fit logged as a nested MLflow run (``CrossValidator``'s folds)."""
