@@ -40,7 +40,7 @@ FSTAMP := $(VENV)/.installed-frameworks-3
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
 
-.PHONY: chromium frameworks demo test test-unreliable test-unit test-load test-gpu test-compat test-py310 test-py313 lint bench bench-petastorm-env zip java venv torch horovod clean
+.PHONY: chromium frameworks demo test test-unit test-load test-gpu test-compat test-py310 test-py313 lint bench bench-petastorm-env zip java venv torch horovod clean
 
 venv: $(STAMP)
 
@@ -93,11 +93,7 @@ chromium:
 # TEST_WORKERS=0 runs in this process alone.
 TEST_WORKERS ?= 2
 test: venv java torch horovod frameworks chromium
-	$(VPY) -m pytest -m "not load and not unreliable" -n $(TEST_WORKERS) --dist loadfile
-
-# tests marked `unreliable` (pyproject.toml): kept out of `make test` until the cause of their failure is found
-test-unreliable: venv java torch
-	$(VPY) -m pytest -m unreliable
+	$(VPY) -m pytest -m "not load" -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: venv
 	$(VPY) -m pytest tests/unit

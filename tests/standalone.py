@@ -78,8 +78,20 @@ class Cluster:
                            env=self.env, check=True, capture_output=True, timeout=60)
         for number in numbers:
             out = next((self.root / "logs").glob(f"*Worker-{number}-*.out"))
-            _wait_for_file(out, r"Successfully registered with master", timeout)
+            try:
+                _wait_for_file(out, r"Successfully registered with master", timeout)
+            except TimeoutError as exc:  # say whether the master was still there, and what it logged last
+                raise TimeoutError(f"{exc}\n{self.master_state()}") from None
         return [self.worker_pid(number) for number in numbers]
+
+    def master_state(self) -> str:
+        """The master's pid, whether it is alive, and the end of its log (for a worker that did not register)."""
+        pid_file = next((self.root / "pids").glob("*Master-1.pid"), None)
+        pid = int(pid_file.read_text().strip()) if pid_file else None
+        alive = pid is not None and os.path.exists(f"/proc/{pid}")
+        log = next((self.root / "logs").glob("*Master-1-*.out"), None)
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log else "(no master log)"
+        return f"master pid {pid} ({'alive' if alive else 'gone'}); its log ends:\n{tail}"
 
     def worker_pid(self, number: int) -> int:
         path = next((self.root / "pids").glob(f"*Worker-{number}.pid"))

@@ -143,6 +143,34 @@ def test_below_min_at_the_start_is_insufficient_slots() -> None:
         attempts(_sized_action(sizer, []), max_retries=3, retry_backoff=0, target=FakeTarget(), sizer=sizer)
 
 
+def _short_at_launch(sizer: AttemptSizer, refusals: int) -> Callable[[], int]:
+    """An action whose preflight finds fewer slots than the sizer saw ``refusals`` times, then launches."""
+    left = [refusals]
+
+    def action() -> int:
+        if left[0] > 0:
+            left[0] -= 1
+            raise InsufficientSlotsError(f"barrier job needs {sizer.current} slots but the cluster has 2")
+        launching()
+        return sizer.current
+
+    return action
+
+
+def test_an_attempt_whose_slots_shrink_before_its_launch_is_sized_again() -> None:
+    sizer = AttemptSizer(None, SizeRange(2, 4), "train", wait=5, snapshot=_snapshots(3, 2), poll=0.01)
+    assert attempts(_short_at_launch(sizer, 1), max_retries=0, retry_backoff=0, target=FakeTarget(),
+                    sizer=sizer) == 2
+    assert sizer.history.sizes == [2]  # one attempt, one size: sized again, not a shrink
+    assert sizer.history.steps[0].cause.startswith("the slots changed before the launch: barrier job needs 3")
+
+
+def test_a_launch_that_keeps_finding_fewer_slots_fails_at_the_start_bound() -> None:
+    sizer = AttemptSizer(None, SizeRange(2, 4), "train", wait=0.2, snapshot=_snapshots(3), poll=0.01)
+    with pytest.raises(InsufficientSlotsError, match=r"(?s)needs 3 slots but the cluster has 2.*sizes 3"):
+        attempts(_short_at_launch(sizer, 10**6), max_retries=3, retry_backoff=0, target=FakeTarget(), sizer=sizer)
+
+
 def test_growing_at_a_checkpoint_relaunches_at_once_without_using_a_retry() -> None:
     grew = gang_failed("train", ErrorInfo(RESIZE_TYPE, "grows from 2 to 4 ranks at this checkpoint", rank=0))
     sizer = AttemptSizer(None, SizeRange(2, 4, "checkpoint"), "train", wait=5, snapshot=_snapshots(2, 4), poll=0.01)

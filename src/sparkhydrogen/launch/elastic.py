@@ -165,7 +165,11 @@ class SizeHistory:
     steps: list[SizeStep] = field(default_factory=list)
 
     def record(self, step: SizeStep) -> None:
-        self.steps.append(step)
+        """Add the size of an attempt; an attempt sized again before it launched replaces its own step."""
+        if self.steps and self.steps[-1].attempt == step.attempt:
+            self.steps[-1] = step
+        else:
+            self.steps.append(step)
 
     @property
     def sizes(self) -> list[int]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -313,10 +314,13 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
     errors: list[LaunchError] = []
     pause = threading.Event()  # never set: a bounded wait between attempts
     failed, cause, attempt = 0, "start", 0
+    sized_at, resized = time.monotonic(), False  # when this attempt was first sized; sized again before launch
     try:
         while True:
             scope.attempt, scope.next_index = attempt, 0
-            if attempt and cause != GREW:
+            if resized:
+                resized = False
+            elif attempt and cause != GREW:
                 delay = backoff_delay(failed, retry_backoff)
                 log.warning("gang attempt %d of %d starts in %.1f s (attempt %d failed: %s)", attempt,
                             max_retries, delay, attempt - 1, str(errors[-1]).splitlines()[0])
@@ -335,12 +339,21 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
                 with sizer.watching(lambda: _offer(scope)) if sizer is not None else nullcontext():
                     return _tagged(scope, action)
             except Exception as exc:
-                if not scope.launched:
-                    raise  # nothing was launched: retrying would not help
+                if not scope.launched and _slots_changed(exc, sizer, sized_at):
+                    assert sizer is not None
+                    cause, resized = f"the slots changed before the launch: {str(exc).splitlines()[0][:200]}", True
+                    log.warning("elastic gang %s: attempt %d is sized again (%s)", sizer.name, attempt, cause)
+                    pause.wait(sizer.poll)  # the scheduler's view settles (an executor being removed)
+                    continue
+                if not scope.launched:  # nothing was launched: retrying would not help
+                    if sizer is not None and sizer.elastic and isinstance(exc, LaunchError):
+                        raise _with_sizes(exc, sizer) from exc.__cause__
+                    raise
                 error = exc if isinstance(exc, LaunchError) else (
                     _translate_scope(scope, exc) if _spark_failure(exc) else None)
                 if error is None:
                     raise  # a bug in the action, not a failed gang
+                sized_at = time.monotonic()
                 if sizer is not None and sizer.elastic and _growing(error):
                     cause, attempt = GREW, attempt + 1
                     continue
@@ -357,6 +370,17 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
         _local.scope = None
         for gang in scope.gangs:
             gang.release(wait=True)
+
+
+def _slots_changed(exc: BaseException, sizer: AttemptSizer | None, sized_at: float) -> bool:
+    """Whether an elastic attempt that found fewer slots at launch than when it was sized should be sized again.
+
+    The size comes from one snapshot of the scheduler and the launch's preflight reads it again: an
+    executor that is being removed (or a slot taken meanwhile) can sit between the two. Sized
+    again until the start bound (``spark.hydrogen.launch.startTimeout``) since the attempt was first sized.
+    """
+    return (isinstance(exc, InsufficientSlotsError) and sizer is not None and sizer.elastic
+            and time.monotonic() - sized_at < sizer.bound())
 
 
 #: The cause of an attempt that starts because its gang grows at a checkpoint.
