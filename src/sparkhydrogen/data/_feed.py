@@ -16,6 +16,7 @@ from ..errors import LaunchError
 from ._batching import Agree, agreed, equal_steps, rebatch, shuffle
 from ._convert import Chunk, chunk_rows, to_chunk
 from ._exchange import Exchange, Received, exchange_host, gang_exchange
+from ._replay import NUMPY, Form, Gathered, InOrder, joinable, shuffled_order
 from ._state import Fingerprint, LoaderState, check_same_feed, share_changed
 from ._store import ShareStore
 
@@ -150,6 +151,9 @@ class Batches:
         self._open_pass = False
         #: batches per epoch, known once a first pass reached its end
         self.steps: int | None = None
+        self._form: Form = NUMPY  # the form the current pass hands out
+        self._fast: InOrder | Gathered | None = None  # later epochs without Arrow (see _replay)
+        self._fast_off = False  # the share cannot be held twice, or a consumer changes shared batches
 
     # the stream ------------------------------------------------------------
     def _open(self) -> Iterator[Chunk]:
@@ -219,6 +223,7 @@ class Batches:
     def close(self) -> None:
         """Drop the cache and its spill file (the rank's end does this too)."""
         self._drop_received()
+        self._fast = None
         if self.store is not None:
             self.store.close()
 
@@ -288,6 +293,14 @@ class Batches:
 
     # passes ----------------------------------------------------------------
     def __iter__(self) -> Iterator[Chunk]:
+        return self.iterate(NUMPY)
+
+    def iterate(self, form: Form) -> Iterator[Any]:
+        """One pass (an epoch), each batch in ``form`` (:data:`~sparkhydrogen.data._replay.NUMPY` when iterated).
+
+        The framework loaders pass their own form (torch tensors) so that a later epoch of a
+        share held in memory hands out batches converted once (see :mod:`sparkhydrogen.data._replay`).
+        """
         resume, self._resume = self._resume, None
         epoch, skip = (resume.epoch, resume.position) if resume is not None else (self._next_epoch, 0)
         if self._passes == 0:
@@ -310,12 +323,13 @@ class Batches:
                     "incomplete: finish the first epoch (iterate until the batches run out) before starting another"
                 )
             stream = self._replay(epoch, skip)
+        self._form = form
         self._passes += 1
         self._next_epoch = epoch + 1
         self._epoch, self._position, self._open_pass = epoch, skip, True
         return self._track(stream, self._passes)
 
-    def _track(self, stream: Iterator[Chunk], token: int) -> Iterator[Chunk]:
+    def _track(self, stream: Iterator[Any], token: int) -> Iterator[Any]:
         """``stream``, counting the batches handed out while it is the current pass (``token``)."""
         try:
             for batch in stream:
@@ -347,7 +361,12 @@ class Batches:
             rows += chunk_rows(batch)
         return rows
 
-    def _first_pass(self, skip: int) -> Iterator[Chunk]:
+    def _first_pass(self, skip: int) -> Iterator[Any]:
+        batch = self._form.batch
+        for chunk in self._first_chunks(skip):
+            yield batch(chunk)
+
+    def _first_chunks(self, skip: int) -> Iterator[Chunk]:
         converted = self._open()
         peeked, self._peeked = self._peeked, []
         stream = self._pipeline(_chain(peeked, converted), 0)
@@ -367,12 +386,13 @@ class Batches:
         self._drain()
         self._complete = True
         self.steps = steps
+        self._fast_replay(self._form)  # the share is complete: convert it once for the later epochs now
         unused = self._rows_in - rows
         level = logging.INFO if unused and equal else logging.DEBUG
         log.log(level, "rank %d: %d batches (%d rows) of its %d rows; %d rows left unused%s", self.rank, steps,
                 rows, self._rows_in, unused, " to keep the ranks' step counts equal" if equal else "")
 
-    def _resumed_replay(self, resume: LoaderState) -> Iterator[Chunk]:
+    def _resumed_replay(self, resume: LoaderState) -> Iterator[Any]:
         """A loaded state past the first epoch: read the whole share into the cache, then replay from there."""
         started = time.monotonic()
         for _ in _chain(self._peeked, self._open()):
@@ -392,13 +412,66 @@ class Batches:
                  resume.epoch, resume.position, self._rows_in, time.monotonic() - started)
         yield from self._replay(resume.epoch, resume.position)
 
-    def _replay(self, epoch: int, skip: int) -> Iterator[Chunk]:
+    def _fast_replay(self, form: Form) -> InOrder | Gathered | None:
+        """The share converted once for later epochs in ``form`` (made now if need be), or ``None``: use Arrow.
+
+        Only for a complete share held wholly in memory, when a second copy of it fits the
+        cache's memory budget too, and not with a global shuffle (each epoch brings other rows).
+        """
+        fast, store = self._fast, self.store
+        if fast is not None and fast.form is form:
+            return fast
+        self._fast = None
+        if (self._fast_off or store is None or not self._complete or store.spilled_chunks
+                or self._exchange is not None):
+            return None
+        if 2 * store.memory_bytes > store.budget:
+            self._fast_off = True
+            log.info("rank %d: later epochs cut batches from the cached Arrow rows: a converted copy of the share "
+                     "(%d bytes) does not fit the cache's memory budget (%d bytes) beside it", self.rank,
+                     store.memory_bytes, store.budget)
+            return None
+        started = time.monotonic()
+        chunks = joinable([store.chunk(i) for i in range(len(store))])
+        if chunks is None:
+            self._fast_off = True
+            return None
+        opts = self.options
+        kind = Gathered if opts.shuffle else InOrder
+        self._fast = kind(chunks, form, opts.batch_size, drop_last=opts.drop_last)
+        log.debug("rank %d: the share converted once for later epochs (%s, %d rows, %.3f s)", self.rank,
+                  kind.__name__, store.rows, time.monotonic() - started)
+        return self._fast
+
+    def _replay(self, epoch: int, skip: int) -> Iterator[Any]:
         store = self.store
         if store is None:  # __iter__ checked it
             raise LaunchError("a replay needs cache=True")
         self._drop_received()
-        source: ShareStore | Received = store
         limit = self.steps if self._agree is not None else None
+        fast = self._fast_replay(self._form)
+        if isinstance(fast, InOrder) and fast.changed():
+            log.warning("rank %d: a batch the loader hands out again in every epoch was changed in place; from epoch "
+                        "%d on the loader makes each epoch's batches afresh from its cache (to keep the faster "
+                        "replay, change a copy: x = batch['x'].clone())", self.rank, epoch)
+            self._fast, self._fast_off, fast = None, True, None
+        if isinstance(fast, InOrder):
+            yield from fast.batches(skip, limit)
+            return
+        if isinstance(fast, Gathered):
+            rows = [chunk_rows(store.chunk(i)) for i in range(len(store))]
+            chunk_order = self._rng(epoch).permutation(len(store)).tolist()
+            order = shuffled_order(rows, chunk_order, self.options.shuffle_buffer, self._rng(epoch))
+            yield from fast.batches(order, skip, limit)
+            return
+        yield from map(self._form.batch, self._arrow_replay(epoch, skip, limit))
+
+    def _arrow_replay(self, epoch: int, skip: int, limit: int | None) -> Iterator[Chunk]:
+        """A later epoch cut from the cached Arrow chunks (or from the rows a global shuffle brought)."""
+        store = self.store
+        if store is None:  # __iter__ checked it
+            raise LaunchError("a replay needs cache=True")
+        source: ShareStore | Received = store
         if self._exchange is not None and epoch > 0:
             self._received = source = self._exchange(epoch, store)
             opts = self.options
