@@ -259,3 +259,23 @@ def test_torch_loader_with_pin_memory_goes_through_the_dataloader_iterator() -> 
     assert [b["id"].tolist() for b in batches] == [list(range(10)), list(range(10, 15))]
     assert isinstance(batches[0]["x"], torch.Tensor)
     assert type(iter(torch_loader(record_batches([15])))).__name__ == "generator"
+
+
+def test_unshuffled_numpy_epochs_view_the_cache_itself_and_torch_needs_room_for_a_copy(caplog: Any) -> None:
+    pytest.importorskip("torch.utils.data")
+    source = record_batches([20, 30, 10])  # every batch of 10 inside one Arrow batch: nothing to join
+    budget = share_bytes(source)  # room for the cache once
+    with caplog.at_level(logging.DEBUG, logger="sparkhydrogen.data"):
+        numpy = epochs(source, 2, batch_size=10, cache_memory=budget)
+    assert "converted once for later epochs (InOrder, 60 rows, 0 bytes beside the cache" in caplog.text
+    assert numpy[0] == numpy[1]
+    caplog.clear()
+    from sparkhydrogen.data.torch_feed import RankDataLoader, RankDataset, _as_is
+
+    options = FeedOptions(batch_size=10, cache=True, equal_steps=False, cache_memory=budget)
+    loader = RankDataLoader(RankDataset(Batches(lambda: iter(source), options)), batch_size=None, num_workers=0,
+                            collate_fn=_as_is)
+    with caplog.at_level(logging.DEBUG, logger="sparkhydrogen.data"):
+        tensors = [[b["id"].tolist() for b in loader] for _ in range(2)]
+    assert "does not fit the cache's memory budget" in caplog.text and "converted once" not in caplog.text
+    assert tensors == [[b["id"] for b in epoch] for epoch in numpy]

@@ -52,7 +52,9 @@ class FeedOptions:
         equal_steps: every rank yields the same number of batches (as many as the rank with the fewest).
         seed: seeds the shuffle, with the rank and the epoch.
         cache: keep this rank's rows so the batches can be iterated again (epochs): in memory up to
-            ``spark.hydrogen.data.cacheMemoryBudget``, the rest in a spill file on local disk.
+            ``spark.hydrogen.data.cacheMemoryBudget``, the rest in a spill file on local disk. A share
+            held in memory whose second copy fits the budget too is converted once more for the later
+            epochs (see :mod:`sparkhydrogen.data._replay`; unshuffled, their numpy batches are read-only).
         cache_memory: this loader's memory budget in bytes instead of that key's (0: spill it all).
         global_shuffle: from the second epoch on, redistribute the cached rows across the ranks each epoch
             (peer to peer, seeded by ``(seed, epoch)``), then shuffle them in the rank; needs ``cache`` and
@@ -118,6 +120,11 @@ class Batches:
 
     With ``global_shuffle``, each epoch after the first replays the rows ``exchange(epoch,
     store)`` brought to this rank (see :mod:`sparkhydrogen.data._exchange`) instead of its own.
+
+    A later epoch of a share held wholly in memory, when a second copy fits the budget,
+    comes from the share converted once at the end of the first pass (:mod:`sparkhydrogen.data._replay`):
+    unshuffled, the same read-only views every epoch; shuffled, one gather per batch, in
+    exactly the order the Arrow path gives.
 
     Made by :func:`numpy_batches` in a rank; ``source`` (a callable giving the
     ``pyarrow.RecordBatch`` es), ``agree`` and ``exchange`` let tests feed it directly.
@@ -415,33 +422,49 @@ class Batches:
     def _fast_replay(self, form: Form) -> InOrder | Gathered | None:
         """The share converted once for later epochs in ``form`` (made now if need be), or ``None``: use Arrow.
 
-        Only for a complete share held wholly in memory, when a second copy of it fits the
-        cache's memory budget too, and not with a global shuffle (each epoch brings other rows).
+        Only for a complete share held wholly in memory whose conversion fits the cache's
+        memory budget beside it (a second copy, or for unshuffled numpy batches only the
+        batches that span two cached chunks), and not with a global shuffle (each epoch
+        brings other rows).
         """
-        fast, store = self._fast, self.store
-        if fast is not None and fast.form is form:
-            return fast
+        store = self.store
+        if self._fast is not None and self._fast.form is form:
+            return self._fast
         self._fast = None
         if (self._fast_off or store is None or not self._complete or store.spilled_chunks
                 or self._exchange is not None):
             return None
-        if 2 * store.memory_bytes > store.budget:
-            self._fast_off = True
-            log.info("rank %d: later epochs cut batches from the cached Arrow rows: a converted copy of the share "
-                     "(%d bytes) does not fit the cache's memory budget (%d bytes) beside it", self.rank,
-                     store.memory_bytes, store.budget)
+        opts = self.options
+        copies = opts.shuffle or not form.share_views
+        if copies and 2 * store.memory_bytes > store.budget:
+            self._no_fast(store.memory_bytes)
             return None
         started = time.monotonic()
         chunks = joinable([store.chunk(i) for i in range(len(store))])
         if chunks is None:
             self._fast_off = True
             return None
-        opts = self.options
-        kind = Gathered if opts.shuffle else InOrder
-        self._fast = kind(chunks, form, opts.batch_size, drop_last=opts.drop_last)
-        log.debug("rank %d: the share converted once for later epochs (%s, %d rows, %.3f s)", self.rank,
-                  kind.__name__, store.rows, time.monotonic() - started)
-        return self._fast
+        fast: InOrder | Gathered
+        if opts.shuffle:
+            fast = Gathered(chunks, form, opts.batch_size, drop_last=opts.drop_last)
+        elif copies:
+            fast = InOrder.copied(chunks, form, opts.batch_size, drop_last=opts.drop_last)
+        else:
+            fast = InOrder.views(chunks, opts.batch_size, drop_last=opts.drop_last)
+            if store.memory_bytes + fast.nbytes > store.budget:
+                self._no_fast(fast.nbytes)
+                return None
+        self._fast = fast
+        log.debug("rank %d: the share converted once for later epochs (%s, %d rows, %d bytes beside the cache, "
+                  "%.3f s)", self.rank, type(fast).__name__, store.rows, fast.nbytes, time.monotonic() - started)
+        return fast
+
+    def _no_fast(self, extra: int) -> None:
+        self._fast_off = True
+        budget = self.store.budget if self.store is not None else 0
+        log.info("rank %d: later epochs cut batches from the cached Arrow rows: the share converted for them "
+                 "(%d bytes) does not fit the cache's memory budget (%d bytes) beside the cache", self.rank, extra,
+                 budget)
 
     def _replay(self, epoch: int, skip: int) -> Iterator[Any]:
         store = self.store
@@ -548,7 +571,9 @@ def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuf
     buffer of ``shuffle_buffer`` rows seeded by ``(seed, rank, epoch)``. ``cache=True``
     keeps the rank's rows so the batches can be iterated for more epochs: in memory up to
     ``cache_memory`` bytes (default: ``spark.hydrogen.data.cacheMemoryBudget``, 1 GiB), the
-    rest in an Arrow file under Spark's local dirs, read back a batch at a time. The
+    rest in an Arrow file under Spark's local dirs, read back a batch at a time. With
+    ``shuffle=False``, later epochs of a share held in memory hand out the same read-only
+    arrays every epoch (copy one before changing it in place; see docs/data.md). The
     batches have :meth:`Batches.state_dict` / :meth:`Batches.load_state_dict` to resume
     mid-epoch after a gang retry.
     ``global_shuffle=True`` (with ``cache=True``) also moves rows between ranks: from the

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._batching import shuffle
+from ._batching import rebatch, shuffle
 from ._convert import Chunk, chunk_rows
 
 __all__ = ["NUMPY", "Form", "Gathered", "InOrder", "batch_bounds", "joinable", "shuffled_order"]
@@ -33,6 +33,9 @@ __all__ = ["NUMPY", "Form", "Gathered", "InOrder", "batch_bounds", "joinable", "
 
 class Form(Protocol):
     """How a loader hands out a batch (numpy arrays, torch tensors, ...) made from numpy columns."""
+
+    #: later unshuffled epochs may hand out read-only views of the cached chunks themselves (no copy)
+    share_views: bool
 
     def batch(self, chunk: Chunk) -> Any:
         """A batch the consumer owns (fresh arrays) in this form; may share the arrays' memory."""
@@ -46,6 +49,8 @@ class Form(Protocol):
 
 class _Numpy:
     """numpy batches (also what JAX and tf.data take): shared columns are read-only."""
+
+    share_views = True
 
     def batch(self, chunk: Chunk) -> Chunk:
         return chunk
@@ -96,26 +101,55 @@ def batch_bounds(rows: int, batch_size: int, drop_last: bool) -> list[tuple[int,
 
 
 class InOrder:
-    """Unshuffled later epochs: every batch a set of views of the share's columns, the same every epoch.
+    """Unshuffled later epochs: the same batches every epoch, made once (see :meth:`copied` and :meth:`views`).
 
     Example:
-        >>> replay = InOrder([{"x": np.arange(3)}, {"x": np.arange(3, 5)}], NUMPY, 2, drop_last=False)
-        >>> [b["x"].tolist() for b in replay.batches(0, None)], replay.changed()
-        ([[0, 1], [2, 3], [4]], False)
+        >>> replay = InOrder.views([{"x": np.arange(3)}, {"x": np.arange(3, 5)}], 2, drop_last=False)
+        >>> [b["x"].tolist() for b in replay.batches(0, None)], replay.changed(), replay.nbytes
+        ([[0, 1], [2, 3], [4]], False, 16)
     """
 
-    def __init__(self, chunks: Sequence[Chunk], form: Form, batch_size: int, *, drop_last: bool) -> None:
-        """``chunks``: the share's chunks with rows, of one layout (:func:`joinable`)."""
+    def __init__(self, batches: list[dict[str, Any]], bases: list[Any], form: Form, nbytes: int) -> None:
+        """``batches`` in order; ``bases``: the arrays they view, whose versions :meth:`changed` compares."""
         self.form = form
-        share = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
-        self._columns = form.columns(share)
-        rows = chunk_rows(share)
-        self._batches = [{name: column[start:stop] for name, column in self._columns.items()}
-                         for start, stop in batch_bounds(rows, batch_size, drop_last)]
+        self._batches = batches
+        self._bases = bases
         self._versions = self._read_versions()
+        #: memory held beside the cached chunks
+        self.nbytes = nbytes
+
+    @classmethod
+    def copied(cls, chunks: Sequence[Chunk], form: Form, batch_size: int, *, drop_last: bool) -> InOrder:
+        """One contiguous copy of each column (``chunks``: with rows, one layout, see :func:`joinable`),
+        in ``form``; every batch a set of views of those, made once (torch: they share the columns'
+        version counters, so an in-place change to any batch shows in :meth:`changed`)."""
+        share = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+        columns = form.columns(share)
+        rows = chunk_rows(share)
+        cuts = {name: _cut(column, rows, batch_size, drop_last) for name, column in columns.items()}
+        batches = [dict(zip(cuts, views, strict=True)) for views in zip(*cuts.values(), strict=True)]
+        return cls(batches, list(columns.values()), form, sum(int(a.nbytes) for a in share.values()))
+
+    @classmethod
+    def views(cls, chunks: Sequence[Chunk], batch_size: int, *, drop_last: bool) -> InOrder:
+        """numpy batches that are read-only views of the cached chunks (a batch spanning two: one joined copy).
+
+        The chunks' own arrays are made read-only too, so no view of them can be made writable again.
+        """
+        for chunk in chunks:
+            for array in chunk.values():
+                array.flags.writeable = False
+        batches = list(rebatch(chunks, batch_size, drop_last=drop_last, copy=False))
+        joined = 0
+        for batch in batches:
+            for array in batch.values():
+                if array.base is None:  # a join of two chunks' rows: memory of its own
+                    joined += int(array.nbytes)
+                    array.flags.writeable = False
+        return cls(batches, [], NUMPY, joined)
 
     def _read_versions(self) -> list[int]:
-        return [self.form.version(column) for column in self._columns.values()]
+        return [self.form.version(base) for base in self._bases]
 
     def changed(self) -> bool:
         """Whether a column was changed in place since the batches were made (by a consumer, through a batch)."""
@@ -125,6 +159,16 @@ class InOrder:
         """Batches ``skip`` to ``limit`` (``None``: the last), each a new ``dict`` of the shared views."""
         for batch in self._batches[skip:limit]:
             yield dict(batch)
+
+
+def _cut(column: Any, rows: int, batch_size: int, drop_last: bool) -> list[Any]:
+    """``column`` (numpy array or tensor) cut into batches: views, made by one reshape for the full batches."""
+    full = rows // batch_size
+    shape = tuple(column.shape[1:])
+    views = list(column[:full * batch_size].reshape(full, batch_size, *shape))  # a tensor iterates by unbind(0)
+    if rows > full * batch_size and not drop_last:
+        views.append(column[full * batch_size:])
+    return views
 
 
 def shuffled_order(rows: Sequence[int], chunk_order: Sequence[int], buffer_rows: int,

@@ -43,6 +43,8 @@ class _Tensors:
     epoch, which then makes its batches afresh from the cache.
     """
 
+    share_views = False  # a tensor cannot be read-only: later epochs need a copy of their own
+
     def batch(self, chunk: Chunk) -> dict[str, torch.Tensor]:
         return {name: _tensor(name, array) for name, array in chunk.items()}
 
@@ -126,7 +128,9 @@ def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffl
     ``shuffle_buffer`` rows, seeded by ``(seed, rank, epoch)``. The rank's data is streamed
     once: iterate the loader again (epochs) with ``cache=True``, which keeps the rank's rows
     (in memory up to ``cache_memory`` bytes, default ``spark.hydrogen.data.cacheMemoryBudget``,
-    the rest spilled to local disk). ``global_shuffle=True`` (with ``cache=True``) also
+    the rest spilled to local disk); unshuffled later epochs of a share held in memory hand out
+    the same tensors every epoch, and an in-place change to one sends the loader back to making
+    them afresh (one WARNING; change a copy instead). ``global_shuffle=True`` (with ``cache=True``) also
     redistributes the cached rows across the ranks each epoch from the second on (peer to
     peer, seeded by ``(seed, epoch)``; see :func:`sparkhydrogen.data.numpy_batches`).
     The loader has ``state_dict()``/``load_state_dict()`` to resume mid-epoch after a gang
