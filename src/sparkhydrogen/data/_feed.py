@@ -53,8 +53,8 @@ class FeedOptions:
         seed: seeds the shuffle, with the rank and the epoch.
         cache: keep this rank's rows so the batches can be iterated again (epochs): in memory up to
             ``spark.hydrogen.data.cacheMemoryBudget``, the rest in a spill file on local disk. A share
-            held in memory whose second copy fits the budget too is converted once more for the later
-            epochs (see :mod:`sparkhydrogen.data._replay`; unshuffled, their numpy batches are read-only).
+            held in memory is prepared once for the later epochs, if that fits the budget too (see
+            :mod:`sparkhydrogen.data._replay`; unshuffled, their numpy batches are read-only).
         cache_memory: this loader's memory budget in bytes instead of that key's (0: spill it all).
         global_shuffle: from the second epoch on, redistribute the cached rows across the ranks each epoch
             (peer to peer, seeded by ``(seed, epoch)``), then shuffle them in the rank; needs ``cache`` and
@@ -121,10 +121,10 @@ class Batches:
     With ``global_shuffle``, each epoch after the first replays the rows ``exchange(epoch,
     store)`` brought to this rank (see :mod:`sparkhydrogen.data._exchange`) instead of its own.
 
-    A later epoch of a share held wholly in memory, when a second copy fits the budget,
-    comes from the share converted once at the end of the first pass (:mod:`sparkhydrogen.data._replay`):
-    unshuffled, the same read-only views every epoch; shuffled, one gather per batch, in
-    exactly the order the Arrow path gives.
+    A later epoch of a share held wholly in memory comes from the share prepared once at the
+    end of the first pass, if that fits the budget too (:mod:`sparkhydrogen.data._replay`):
+    unshuffled, the same batches every epoch (numpy: read-only views of the cache); shuffled,
+    one gather per batch, in exactly the order the Arrow path gives.
 
     Made by :func:`numpy_batches` in a rank; ``source`` (a callable giving the
     ``pyarrow.RecordBatch`` es), ``agree`` and ``exchange`` let tests feed it directly.
@@ -158,7 +158,7 @@ class Batches:
         self._open_pass = False
         #: batches per epoch, known once a first pass reached its end
         self.steps: int | None = None
-        self._form: Form = NUMPY  # the form the current pass hands out
+        self._form: Form = NUMPY  # the form the latest pass hands out (the first pass converts the share for it)
         self._fast: InOrder | Gathered | None = None  # later epochs without Arrow (see _replay)
         self._fast_off = False  # the share cannot be held twice, or a consumer changes shared batches
 
@@ -312,9 +312,9 @@ class Batches:
         epoch, skip = (resume.epoch, resume.position) if resume is not None else (self._next_epoch, 0)
         if self._passes == 0:
             if epoch == 0:
-                stream = self._first_pass(skip)
+                stream = self._first_pass(skip, form)
             elif resume is not None:  # a loaded state past the first epoch
-                stream = self._resumed_replay(resume)
+                stream = self._resumed_replay(resume, form)
             else:
                 raise LaunchError(f"epoch {epoch} before a first pass: the loader's state is inconsistent")
         else:
@@ -329,7 +329,7 @@ class Batches:
                     "the first pass over this rank's batches stopped before the end of its data, so the cache is "
                     "incomplete: finish the first epoch (iterate until the batches run out) before starting another"
                 )
-            stream = self._replay(epoch, skip)
+            stream = self._replay(epoch, skip, form)
         self._form = form
         self._passes += 1
         self._next_epoch = epoch + 1
@@ -368,8 +368,8 @@ class Batches:
             rows += chunk_rows(batch)
         return rows
 
-    def _first_pass(self, skip: int) -> Iterator[Any]:
-        batch = self._form.batch
+    def _first_pass(self, skip: int, form: Form) -> Iterator[Any]:
+        batch = form.batch
         for chunk in self._first_chunks(skip):
             yield batch(chunk)
 
@@ -399,7 +399,7 @@ class Batches:
         log.log(level, "rank %d: %d batches (%d rows) of its %d rows; %d rows left unused%s", self.rank, steps,
                 rows, self._rows_in, unused, " to keep the ranks' step counts equal" if equal else "")
 
-    def _resumed_replay(self, resume: LoaderState) -> Iterator[Any]:
+    def _resumed_replay(self, resume: LoaderState, form: Form) -> Iterator[Any]:
         """A loaded state past the first epoch: read the whole share into the cache, then replay from there."""
         started = time.monotonic()
         for _ in _chain(self._peeked, self._open()):
@@ -417,7 +417,7 @@ class Batches:
             self.steps = own
         log.info("rank %d: resuming epoch %d at batch %d after reading its %d rows again (%.2f s)", self.rank,
                  resume.epoch, resume.position, self._rows_in, time.monotonic() - started)
-        yield from self._replay(resume.epoch, resume.position)
+        yield from self._replay(resume.epoch, resume.position, form)
 
     def _fast_replay(self, form: Form) -> InOrder | Gathered | None:
         """The share converted once for later epochs in ``form`` (made now if need be), or ``None``: use Arrow.
@@ -466,13 +466,13 @@ class Batches:
                  "(%d bytes) does not fit the cache's memory budget (%d bytes) beside the cache", self.rank, extra,
                  budget)
 
-    def _replay(self, epoch: int, skip: int) -> Iterator[Any]:
+    def _replay(self, epoch: int, skip: int, form: Form) -> Iterator[Any]:
         store = self.store
         if store is None:  # __iter__ checked it
             raise LaunchError("a replay needs cache=True")
         self._drop_received()
         limit = self.steps if self._agree is not None else None
-        fast = self._fast_replay(self._form)
+        fast = self._fast_replay(form)
         if isinstance(fast, InOrder) and fast.changed():
             log.warning("rank %d: a batch the loader hands out again in every epoch was changed in place; from epoch "
                         "%d on the loader makes each epoch's batches afresh from its cache (to keep the faster "
@@ -487,7 +487,7 @@ class Batches:
             order = shuffled_order(rows, chunk_order, self.options.shuffle_buffer, self._rng(epoch))
             yield from fast.batches(order, skip, limit)
             return
-        yield from map(self._form.batch, self._arrow_replay(epoch, skip, limit))
+        yield from map(form.batch, self._arrow_replay(epoch, skip, limit))
 
     def _arrow_replay(self, epoch: int, skip: int, limit: int | None) -> Iterator[Chunk]:
         """A later epoch cut from the cached Arrow chunks (or from the rows a global shuffle brought)."""

@@ -1,14 +1,15 @@
-"""Later epochs of a share cached in memory, without Arrow: its rows converted once, each batch cut or gathered.
+"""Later epochs of a share cached in memory, without Arrow: the share prepared once, each batch cut or gathered.
 
 A cached epoch used to re-cut, copy and convert every batch from the cached Arrow chunks. When
-the whole share sits in memory and a copy of it fits the same budget, the loader converts it
-once, at the end of the first pass, into one of two layouts:
+the whole share sits in memory, the loader prepares it once, at the end of the first pass, as
+one of these (if that fits the cache's memory budget beside the cache):
 
-* :class:`InOrder` (``shuffle=False``): one contiguous array per column; every batch of every
-  later epoch is the same set of views of those columns, made once. Nothing is copied per
-  batch, so the batches are shared between epochs: a :class:`Form` decides how they are
-  protected (numpy: read-only; torch: the columns' version counters are checked before each
-  epoch, see :meth:`InOrder.changed`).
+* :class:`InOrder` (``shuffle=False``): every later epoch hands out the same batches, made
+  once. Nothing is copied per batch, so a :class:`Form` decides how they are protected: numpy
+  batches are read-only views of the cached chunks themselves (:meth:`InOrder.views`); torch
+  has no read-only tensors, so the share is copied once into one contiguous tensor per column
+  and the batches are views of those, whose version counters are checked before each epoch
+  (:meth:`InOrder.copied`, :meth:`InOrder.changed`).
 * :class:`Gathered` (``shuffle=True``): the scalar columns of each dtype side by side in one
   row-major block (a row's values in one cache line or two), other columns as they are;
   each batch is one gather per block (``numpy.take`` with the epoch's order) and one
