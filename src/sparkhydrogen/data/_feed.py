@@ -121,8 +121,8 @@ class Batches:
     With ``global_shuffle``, each epoch after the first replays the rows ``exchange(epoch,
     store)`` brought to this rank (see :mod:`sparkhydrogen.data._exchange`) instead of its own.
 
-    A later epoch of a share held wholly in memory comes from the share prepared once at the
-    end of the first pass, if that fits the budget too (:mod:`sparkhydrogen.data._replay`):
+    A later epoch of a share held wholly in memory comes from the share prepared once when the
+    second pass starts, if that fits the budget too (:mod:`sparkhydrogen.data._replay`):
     unshuffled, the same batches every epoch (numpy: read-only views of the cache); shuffled,
     one gather per batch, in exactly the order the Arrow path gives.
 
@@ -158,7 +158,7 @@ class Batches:
         self._open_pass = False
         #: batches per epoch, known once a first pass reached its end
         self.steps: int | None = None
-        self._form: Form = NUMPY  # the form the latest pass hands out (the first pass converts the share for it)
+        self._form: Form = NUMPY  # the form the latest pass hands out (the second pass converts the share for it)
         self._fast: InOrder | Gathered | None = None  # later epochs without Arrow (see _replay)
         self._fast_off = False  # the share cannot be held twice, or a consumer changes shared batches
 
@@ -392,8 +392,7 @@ class Batches:
     def _end_of_pass(self, steps: int, rows: int, *, equal: bool) -> None:
         self._drain()
         self._complete = True
-        self.steps = steps
-        self._fast_replay(self._form)  # the share is complete: convert it once for the later epochs now
+        self.steps = steps  # later epochs convert the complete share once when the first of them starts (_replay)
         unused = self._rows_in - rows
         level = logging.INFO if unused and equal else logging.DEBUG
         log.log(level, "rank %d: %d batches (%d rows) of its %d rows; %d rows left unused%s", self.rank, steps,

@@ -1,7 +1,7 @@
 """Later epochs of a share cached in memory, without Arrow: the share prepared once, each batch cut or gathered.
 
 A cached epoch used to re-cut, copy and convert every batch from the cached Arrow chunks. When
-the whole share sits in memory, the loader prepares it once, at the end of the first pass, as
+the whole share sits in memory, the loader prepares it once, when the second pass starts, as
 one of these (if that fits the cache's memory budget beside the cache):
 
 * :class:`InOrder` (``shuffle=False``): every later epoch hands out the same batches, made
