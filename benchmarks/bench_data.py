@@ -197,7 +197,9 @@ def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool) -> dic
 
     Each pass does the per-batch op (``feed_common.Tally``); ``in_memory`` then takes one more
     pass into a list and times the same op over the tensors already in memory (the reference
-    later epochs are held to). The peak RSS is read before that list is made.
+    later epochs are held to). The peak RSS is read before that list is made. Every timed pass
+    after the first starts after a gang barrier, so that the gang's window measures the pass and
+    not how far apart the ranks finished the one before.
     """
     from feed_common import BATCH, Tally, now, peak_rss, reset_peak
 
@@ -205,10 +207,13 @@ def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool) -> dic
     entered = now()
     import sparkhydrogen.torch as h2torch
 
+    ctx = h2.BarrierTaskContext.get()
     loader = h2torch.data_loader(BATCH, cache=True, equal_steps=equal_steps)
     tally = Tally(rows)
     out: dict[str, Any] = {"entered": entered, "epochs": []}
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch:
+            ctx.barrier()
         start = now()
         for batch in loader:
             tally.add(batch["label"])
@@ -216,6 +221,7 @@ def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool) -> dic
     out["peak"] = peak_rss()
     if in_memory:
         held = list(loader)
+        ctx.barrier()
         start = now()
         for batch in held:
             tally.add(batch["label"])
@@ -374,7 +380,8 @@ def loader_section(rows: int, repeats: int, master: str, trees: list[tuple[str, 
         "rank's end of the pass; \"DataFrame to end of epoch 1\": from the driver's call (for Petastorm, from "
         "`make_spark_converter`) to the last rank's end of epoch 1. Peak RSS: VmHWM of the rank's Python worker "
         "before the in-memory pass, and of the driver's Python process (the JVMs are not counted). \"In memory\": "
-        "the same op over the epoch's tensors already held in a list. The first call comes after a warm-up gang "
+        "the same op over the epoch's tensors already held in a list. Passes after the first start after a gang "
+        "barrier. The first call comes after a warm-up gang "
         "without data that imports torch. Load average (1/5/15 min) before and after each repeat: "
         f"{' | '.join(loads)}.",
         "",

@@ -129,3 +129,64 @@ def test_jax_batches_are_consumed_in_a_rank(spark: Any) -> None:
         return float(sum(float(jnp.sum(jnp.asarray(b["x"]))) for b in batches(1000, drop_last=True)))
 
     assert sum(h2.run(consume, 2, data=df)) == float(sum(range(10_000)))
+
+
+def test_cached_torch_epochs_replay_converted_batches_exactly_once_and_survive_in_place_changes(spark: Any) -> None:
+    pytest.importorskip("torch")
+    df = spark.range(30_000, numPartitions=3).selectExpr("id", "cast(id AS double) / 2 AS x")
+
+    def train() -> dict[str, Any]:
+        import logging
+
+        from sparkhydrogen.data.torch_feed import data_loader
+
+        warnings: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                warnings.append(record.getMessage())
+
+        logging.getLogger("sparkhydrogen.data").addHandler(Keep(logging.WARNING))
+        loader = data_loader(1000, cache=True)
+        epochs, intact, reused = [], [], []
+        for epoch in range(4):
+            ids, ptrs, ok = [], [], True
+            for batch in loader:
+                ids.extend(batch["id"].tolist())
+                ok = ok and batch["x"].tolist() == [i / 2 for i in batch["id"].tolist()]
+                ptrs.append(batch["x"].data_ptr())
+                if epoch == 2:
+                    batch["x"].add_(7.0)  # changes a tensor handed out again next epoch
+            epochs.append(ids)
+            intact.append(ok)
+            reused.append(ptrs)
+        return {"epochs": epochs, "intact": intact, "same_tensors": reused[1] == reused[2],
+                "fresh_after_change": reused[3] != reused[2], "warnings": warnings}
+
+    out = h2.run(train, 2, data=df)
+    for epoch in range(4):
+        ids = sorted(out[0]["epochs"][epoch] + out[1]["epochs"][epoch])
+        assert len(ids) == len(set(ids))  # exactly once
+        assert len(out[0]["epochs"][epoch]) == len(out[1]["epochs"][epoch])  # equal steps
+        assert all(rank["epochs"][epoch] == rank["epochs"][0] for rank in out)  # unshuffled: the same order
+    for rank in out:
+        assert rank["intact"] == [True] * 4 and rank["same_tensors"] and rank["fresh_after_change"]
+        assert len(rank["warnings"]) == 1 and "changed in place" in rank["warnings"][0]
+
+
+def test_cached_tensorflow_and_numpy_epochs_replay_the_same_rows(spark: Any) -> None:
+    pytest.importorskip("tensorflow")
+    df = spark.range(6_000, numPartitions=2).selectExpr("id", "array(cast(id AS float), 1.0f) AS v")
+
+    def consume() -> dict[str, Any]:
+        from sparkhydrogen.data.tensorflow_feed import dataset
+
+        ds = dataset(500, columns=["id", "v"], cache=True)
+        epochs = [[b["id"].tolist() for b in ds.as_numpy_iterator()] for _ in range(3)]
+        values = all(b["v"][:, 0].tolist() == b["id"].tolist() for b in ds.as_numpy_iterator())
+        return {"epochs": epochs, "values": values}
+
+    out = h2.run(consume, 2, data=df)
+    for rank in out:
+        assert rank["epochs"][0] == rank["epochs"][1] == rank["epochs"][2] and rank["values"]
+    assert sorted(i for rank in out for b in rank["epochs"][2] for i in b) == list(range(6_000))

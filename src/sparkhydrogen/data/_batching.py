@@ -18,13 +18,15 @@ from ._convert import Chunk, chunk_rows
 __all__ = ["rebatch", "shuffle", "equal_steps", "agreed", "Agree"]
 
 
-def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False) -> Generator[Chunk, None, None]:
+def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False,
+            copy: bool = True) -> Generator[Chunk, None, None]:
     """Chunks of any sizes to batches of exactly ``batch_size`` rows; the last one shorter, or dropped.
 
     Every batch owns its arrays (contiguous, writable copies), so a consumer may keep or
     change them. A batch that lies inside one chunk is one copy per column of the chunk's
     rows (the chunk's arrays are views of the Arrow buffers: nothing else is copied); only
     a batch that spans chunks joins pieces. The columns' shapes are checked once per chunk.
+    With ``copy=False`` a batch inside one chunk is views of the chunk's arrays instead.
 
     >>> import numpy as np
     >>> [len(b["x"]) for b in rebatch([{"x": np.arange(5)}, {"x": np.arange(4)}], 4)]
@@ -46,17 +48,17 @@ def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False
                 have += rows
                 continue
             pending.append({k: v[:need] for k, v in chunk.items()})
-            yield _join(pending)
+            yield _join(pending, copy)
             pending, have, at = [], 0, need
         while rows - at >= batch_size:  # batches wholly inside this chunk: one copy per column
             end = at + batch_size
-            yield {k: v[at:end].copy() for k, v in chunk.items()}
+            yield {k: v[at:end].copy() if copy else v[at:end] for k, v in chunk.items()}
             at = end
         if at < rows:
             pending.append({k: v[at:] for k, v in chunk.items()} if at else chunk)
             have = rows - at
     if have and not drop_last:
-        yield _join(pending)
+        yield _join(pending, copy)
 
 
 def _check_shapes(chunk: Chunk, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
@@ -79,10 +81,10 @@ def _check_shapes(chunk: Chunk, shapes: dict[str, tuple[int, ...]] | None) -> di
                      "batch must have the same columns")
 
 
-def _join(pieces: list[Chunk]) -> Chunk:
+def _join(pieces: list[Chunk], copy: bool = True) -> Chunk:
     """The pieces' rows as one new chunk (one copy; numpy's type promotion where the pieces' dtypes differ)."""
     if len(pieces) == 1:
-        return {k: v.copy() for k, v in pieces[0].items()}
+        return {k: v.copy() if copy else v for k, v in pieces[0].items()}
     return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
 
 

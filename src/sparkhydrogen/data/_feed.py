@@ -16,6 +16,7 @@ from ..errors import LaunchError
 from ._batching import Agree, agreed, equal_steps, rebatch, shuffle
 from ._convert import Chunk, chunk_rows, to_chunk
 from ._exchange import Exchange, Received, exchange_host, gang_exchange
+from ._replay import NUMPY, Form, Gathered, InOrder, joinable, shuffled_order
 from ._state import Fingerprint, LoaderState, check_same_feed, share_changed
 from ._store import ShareStore
 
@@ -51,7 +52,9 @@ class FeedOptions:
         equal_steps: every rank yields the same number of batches (as many as the rank with the fewest).
         seed: seeds the shuffle, with the rank and the epoch.
         cache: keep this rank's rows so the batches can be iterated again (epochs): in memory up to
-            ``spark.hydrogen.data.cacheMemoryBudget``, the rest in a spill file on local disk.
+            ``spark.hydrogen.data.cacheMemoryBudget``, the rest in a spill file on local disk. A share
+            held in memory is prepared once for the later epochs, if that fits the budget too (see
+            :mod:`sparkhydrogen.data._replay`; unshuffled, their numpy batches are read-only).
         cache_memory: this loader's memory budget in bytes instead of that key's (0: spill it all).
         global_shuffle: from the second epoch on, redistribute the cached rows across the ranks each epoch
             (peer to peer, seeded by ``(seed, epoch)``), then shuffle them in the rank; needs ``cache`` and
@@ -118,6 +121,11 @@ class Batches:
     With ``global_shuffle``, each epoch after the first replays the rows ``exchange(epoch,
     store)`` brought to this rank (see :mod:`sparkhydrogen.data._exchange`) instead of its own.
 
+    A later epoch of a share held wholly in memory comes from the share prepared once when the
+    second pass starts, if that fits the budget too (:mod:`sparkhydrogen.data._replay`):
+    unshuffled, the same batches every epoch (numpy: read-only views of the cache); shuffled,
+    one gather per batch, in exactly the order the Arrow path gives.
+
     Made by :func:`numpy_batches` in a rank; ``source`` (a callable giving the
     ``pyarrow.RecordBatch`` es), ``agree`` and ``exchange`` let tests feed it directly.
     """
@@ -150,6 +158,9 @@ class Batches:
         self._open_pass = False
         #: batches per epoch, known once a first pass reached its end
         self.steps: int | None = None
+        self._form: Form = NUMPY  # the form the latest pass hands out (the second pass converts the share for it)
+        self._fast: InOrder | Gathered | None = None  # later epochs without Arrow (see _replay)
+        self._fast_off = False  # the share cannot be held twice, or a consumer changes shared batches
 
     # the stream ------------------------------------------------------------
     def _open(self) -> Iterator[Chunk]:
@@ -219,6 +230,7 @@ class Batches:
     def close(self) -> None:
         """Drop the cache and its spill file (the rank's end does this too)."""
         self._drop_received()
+        self._fast = None
         if self.store is not None:
             self.store.close()
 
@@ -288,13 +300,21 @@ class Batches:
 
     # passes ----------------------------------------------------------------
     def __iter__(self) -> Iterator[Chunk]:
+        return self.iterate(NUMPY)
+
+    def iterate(self, form: Form) -> Iterator[Any]:
+        """One pass (an epoch), each batch in ``form`` (:data:`~sparkhydrogen.data._replay.NUMPY` when iterated).
+
+        The framework loaders pass their own form (torch tensors) so that a later epoch of a
+        share held in memory hands out batches converted once (see :mod:`sparkhydrogen.data._replay`).
+        """
         resume, self._resume = self._resume, None
         epoch, skip = (resume.epoch, resume.position) if resume is not None else (self._next_epoch, 0)
         if self._passes == 0:
             if epoch == 0:
-                stream = self._first_pass(skip)
+                stream = self._first_pass(skip, form)
             elif resume is not None:  # a loaded state past the first epoch
-                stream = self._resumed_replay(resume)
+                stream = self._resumed_replay(resume, form)
             else:
                 raise LaunchError(f"epoch {epoch} before a first pass: the loader's state is inconsistent")
         else:
@@ -309,13 +329,14 @@ class Batches:
                     "the first pass over this rank's batches stopped before the end of its data, so the cache is "
                     "incomplete: finish the first epoch (iterate until the batches run out) before starting another"
                 )
-            stream = self._replay(epoch, skip)
+            stream = self._replay(epoch, skip, form)
+        self._form = form
         self._passes += 1
         self._next_epoch = epoch + 1
         self._epoch, self._position, self._open_pass = epoch, skip, True
         return self._track(stream, self._passes)
 
-    def _track(self, stream: Iterator[Chunk], token: int) -> Iterator[Chunk]:
+    def _track(self, stream: Iterator[Any], token: int) -> Iterator[Any]:
         """``stream``, counting the batches handed out while it is the current pass (``token``)."""
         try:
             for batch in stream:
@@ -347,7 +368,12 @@ class Batches:
             rows += chunk_rows(batch)
         return rows
 
-    def _first_pass(self, skip: int) -> Iterator[Chunk]:
+    def _first_pass(self, skip: int, form: Form) -> Iterator[Any]:
+        batch = form.batch
+        for chunk in self._first_chunks(skip):
+            yield batch(chunk)
+
+    def _first_chunks(self, skip: int) -> Iterator[Chunk]:
         converted = self._open()
         peeked, self._peeked = self._peeked, []
         stream = self._pipeline(_chain(peeked, converted), 0)
@@ -366,13 +392,13 @@ class Batches:
     def _end_of_pass(self, steps: int, rows: int, *, equal: bool) -> None:
         self._drain()
         self._complete = True
-        self.steps = steps
+        self.steps = steps  # later epochs convert the complete share once when the first of them starts (_replay)
         unused = self._rows_in - rows
         level = logging.INFO if unused and equal else logging.DEBUG
         log.log(level, "rank %d: %d batches (%d rows) of its %d rows; %d rows left unused%s", self.rank, steps,
                 rows, self._rows_in, unused, " to keep the ranks' step counts equal" if equal else "")
 
-    def _resumed_replay(self, resume: LoaderState) -> Iterator[Chunk]:
+    def _resumed_replay(self, resume: LoaderState, form: Form) -> Iterator[Any]:
         """A loaded state past the first epoch: read the whole share into the cache, then replay from there."""
         started = time.monotonic()
         for _ in _chain(self._peeked, self._open()):
@@ -390,15 +416,84 @@ class Batches:
             self.steps = own
         log.info("rank %d: resuming epoch %d at batch %d after reading its %d rows again (%.2f s)", self.rank,
                  resume.epoch, resume.position, self._rows_in, time.monotonic() - started)
-        yield from self._replay(resume.epoch, resume.position)
+        yield from self._replay(resume.epoch, resume.position, form)
 
-    def _replay(self, epoch: int, skip: int) -> Iterator[Chunk]:
+    def _fast_replay(self, form: Form) -> InOrder | Gathered | None:
+        """The share converted once for later epochs in ``form`` (made now if need be), or ``None``: use Arrow.
+
+        Only for a complete share held wholly in memory whose conversion fits the cache's
+        memory budget beside it (a second copy, or for unshuffled numpy batches only the
+        batches that span two cached chunks), and not with a global shuffle (each epoch
+        brings other rows).
+        """
+        store = self.store
+        if self._fast is not None and self._fast.form is form:
+            return self._fast
+        self._fast = None
+        if (self._fast_off or store is None or not self._complete or store.spilled_chunks
+                or self._exchange is not None):
+            return None
+        opts = self.options
+        copies = opts.shuffle or not form.share_views
+        if copies and 2 * store.memory_bytes > store.budget:
+            self._no_fast(store.memory_bytes)
+            return None
+        started = time.monotonic()
+        chunks = joinable([store.chunk(i) for i in range(len(store))])
+        if chunks is None:
+            self._fast_off = True
+            return None
+        fast: InOrder | Gathered
+        if opts.shuffle:
+            fast = Gathered(chunks, form, opts.batch_size, drop_last=opts.drop_last)
+        elif copies:
+            fast = InOrder.copied(chunks, form, opts.batch_size, drop_last=opts.drop_last)
+        else:
+            fast = InOrder.views(chunks, opts.batch_size, drop_last=opts.drop_last)
+            if store.memory_bytes + fast.nbytes > store.budget:
+                self._no_fast(fast.nbytes)
+                return None
+        self._fast = fast
+        log.debug("rank %d: the share converted once for later epochs (%s, %d rows, %d bytes beside the cache, "
+                  "%.3f s)", self.rank, type(fast).__name__, store.rows, fast.nbytes, time.monotonic() - started)
+        return fast
+
+    def _no_fast(self, extra: int) -> None:
+        self._fast_off = True
+        budget = self.store.budget if self.store is not None else 0
+        log.info("rank %d: later epochs cut batches from the cached Arrow rows: the share converted for them "
+                 "(%d bytes) does not fit the cache's memory budget (%d bytes) beside the cache", self.rank, extra,
+                 budget)
+
+    def _replay(self, epoch: int, skip: int, form: Form) -> Iterator[Any]:
         store = self.store
         if store is None:  # __iter__ checked it
             raise LaunchError("a replay needs cache=True")
         self._drop_received()
-        source: ShareStore | Received = store
         limit = self.steps if self._agree is not None else None
+        fast = self._fast_replay(form)
+        if isinstance(fast, InOrder) and fast.changed():
+            log.warning("rank %d: a batch the loader hands out again in every epoch was changed in place; from epoch "
+                        "%d on the loader makes each epoch's batches afresh from its cache (to keep the faster "
+                        "replay, change a copy: x = batch['x'].clone())", self.rank, epoch)
+            self._fast, self._fast_off, fast = None, True, None
+        if isinstance(fast, InOrder):
+            yield from fast.batches(skip, limit)
+            return
+        if isinstance(fast, Gathered):
+            rows = [chunk_rows(store.chunk(i)) for i in range(len(store))]
+            chunk_order = self._rng(epoch).permutation(len(store)).tolist()
+            order = shuffled_order(rows, chunk_order, self.options.shuffle_buffer, self._rng(epoch))
+            yield from fast.batches(order, skip, limit)
+            return
+        yield from map(form.batch, self._arrow_replay(epoch, skip, limit))
+
+    def _arrow_replay(self, epoch: int, skip: int, limit: int | None) -> Iterator[Chunk]:
+        """A later epoch cut from the cached Arrow chunks (or from the rows a global shuffle brought)."""
+        store = self.store
+        if store is None:  # __iter__ checked it
+            raise LaunchError("a replay needs cache=True")
+        source: ShareStore | Received = store
         if self._exchange is not None and epoch > 0:
             self._received = source = self._exchange(epoch, store)
             opts = self.options
@@ -475,7 +570,9 @@ def numpy_batches(batch_size: int, *, columns: Sequence[str] | None = None, shuf
     buffer of ``shuffle_buffer`` rows seeded by ``(seed, rank, epoch)``. ``cache=True``
     keeps the rank's rows so the batches can be iterated for more epochs: in memory up to
     ``cache_memory`` bytes (default: ``spark.hydrogen.data.cacheMemoryBudget``, 1 GiB), the
-    rest in an Arrow file under Spark's local dirs, read back a batch at a time. The
+    rest in an Arrow file under Spark's local dirs, read back a batch at a time. With
+    ``shuffle=False``, later epochs of a share held in memory hand out the same read-only
+    arrays every epoch (copy one before changing it in place; see docs/data.md). The
     batches have :meth:`Batches.state_dict` / :meth:`Batches.load_state_dict` to resume
     mid-epoch after a gang retry.
     ``global_shuffle=True`` (with ``cache=True``) also moves rows between ranks: from the

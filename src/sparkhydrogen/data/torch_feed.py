@@ -13,7 +13,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import LaunchError
+from ._convert import Chunk
 from ._feed import DEFAULT_SHUFFLE_BUFFER, Batches, FeedOptions, from_context
+from ._replay import Form
 
 __all__ = ["RankDataLoader", "RankDataset", "data_loader"]
 
@@ -30,6 +32,31 @@ def _tensor(name: str, array: npt.NDArray[Any]) -> torch.Tensor:
             f"column {name!r} holds {array.dtype} values, which a torch tensor cannot: leave it out with "
             "columns=[...] or convert it in Spark first"
         ) from None
+
+
+class _Tensors:
+    """The torch form of a batch: a dict of tensors sharing the numpy arrays' memory.
+
+    Later epochs of a share held in memory (``shuffle=False``) hand out the same tensors
+    every epoch; torch has no read-only tensors, so an in-place change (``x.sub_(m)``,
+    ``x[0] = 1``: anything that bumps a tensor's version counter) is noticed before the next
+    epoch, which then makes its batches afresh from the cache.
+    """
+
+    share_views = False  # a tensor cannot be read-only: later epochs need a copy of their own
+
+    def batch(self, chunk: Chunk) -> dict[str, torch.Tensor]:
+        return {name: _tensor(name, array) for name, array in chunk.items()}
+
+    def columns(self, share: Chunk) -> dict[str, Any]:
+        return self.batch(share)
+
+    def version(self, column: Any) -> int:
+        return int(column._version)
+
+
+#: The torch form of the batches (see :class:`sparkhydrogen.data._replay.Form`).
+TENSORS: Form = _Tensors()
 
 
 def _as_is(batch: Any) -> Any:
@@ -49,8 +76,7 @@ class RankDataset(IterableDataset[dict[str, torch.Tensor]]):
                 "the rank's data stream lives in the rank's own process and cannot be read from a DataLoader "
                 "worker: use num_workers=0"
             )
-        for batch in self.batches:
-            yield {name: _tensor(name, array) for name, array in batch.items()}
+        yield from self.batches.iterate(TENSORS)
 
 
 class RankDataLoader(DataLoader[dict[str, torch.Tensor]]):
@@ -66,6 +92,17 @@ class RankDataLoader(DataLoader[dict[str, torch.Tensor]]):
     def __init__(self, dataset: RankDataset, **kwargs: Any) -> None:
         self.batches = dataset.batches
         super().__init__(dataset, **kwargs)
+
+    def __iter__(self) -> Any:
+        """The dataset's batches as they come (the feed has batched, ordered and collated them already).
+
+        ``DataLoader``'s own iterator would add a record_function, a fetcher and a collate call
+        per batch (about 15 us, more than a cached epoch's batch costs): it is used only with
+        ``pin_memory=True``, which needs it.
+        """
+        if self.pin_memory:
+            return super().__iter__()
+        return iter(self.dataset)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands: epoch, batches handed out in it, seed, share fingerprint (plain values)."""
@@ -91,7 +128,9 @@ def data_loader(batch_size: int, columns: Sequence[str] | None = None, *, shuffl
     ``shuffle_buffer`` rows, seeded by ``(seed, rank, epoch)``. The rank's data is streamed
     once: iterate the loader again (epochs) with ``cache=True``, which keeps the rank's rows
     (in memory up to ``cache_memory`` bytes, default ``spark.hydrogen.data.cacheMemoryBudget``,
-    the rest spilled to local disk). ``global_shuffle=True`` (with ``cache=True``) also
+    the rest spilled to local disk); unshuffled later epochs of a share held in memory hand out
+    the same tensors every epoch, and an in-place change to one sends the loader back to making
+    them afresh (one WARNING; change a copy instead). ``global_shuffle=True`` (with ``cache=True``) also
     redistributes the cached rows across the ranks each epoch from the second on (peer to
     peer, seeded by ``(seed, epoch)``; see :func:`sparkhydrogen.data.numpy_batches`).
     The loader has ``state_dict()``/``load_state_dict()`` to resume mid-epoch after a gang
