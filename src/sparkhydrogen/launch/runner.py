@@ -314,7 +314,7 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
     errors: list[LaunchError] = []
     pause = threading.Event()  # never set: a bounded wait between attempts
     failed, cause, attempt = 0, "start", 0
-    sized_at, resized = time.monotonic(), False  # when this attempt was first sized; sized again before launch
+    sized_at, resized, resizes = time.monotonic(), False, 0  # this attempt: first sized; sized again (how often)
     try:
         while True:
             scope.attempt, scope.next_index = attempt, 0
@@ -342,7 +342,10 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
                 if not scope.launched and _slots_changed(exc, sizer, sized_at):
                     assert sizer is not None
                     cause, resized = f"the slots changed before the launch: {str(exc).splitlines()[0][:200]}", True
-                    log.warning("elastic gang %s: attempt %d is sized again (%s)", sizer.name, attempt, cause)
+                    resizes += 1  # said at once, then every 20th time (a re-size is tried every poll interval)
+                    log.log(logging.WARNING if resizes % 20 == 1 else logging.DEBUG,
+                            "elastic gang %s: attempt %d is sized again (%d time(s) so far; %s)", sizer.name,
+                            attempt, resizes, cause)
                     pause.wait(sizer.poll)  # the scheduler's view settles (an executor being removed)
                     continue
                 if not scope.launched:  # nothing was launched: retrying would not help
@@ -353,7 +356,7 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
                     _translate_scope(scope, exc) if _spark_failure(exc) else None)
                 if error is None:
                     raise  # a bug in the action, not a failed gang
-                sized_at = time.monotonic()
+                sized_at, resizes = time.monotonic(), 0
                 if sizer is not None and sizer.elastic and _growing(error):
                     cause, attempt = GREW, attempt + 1
                     continue
