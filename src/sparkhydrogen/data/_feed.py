@@ -158,7 +158,6 @@ class Batches:
         self._open_pass = False
         #: batches per epoch, known once a first pass reached its end
         self.steps: int | None = None
-        self._form: Form = NUMPY  # the form the latest pass hands out (the second pass converts the share for it)
         self._fast: InOrder | Gathered | None = None  # later epochs without Arrow (see _replay)
         self._fast_off = False  # the share cannot be held twice, or a consumer changes shared batches
 
@@ -330,7 +329,6 @@ class Batches:
                     "incomplete: finish the first epoch (iterate until the batches run out) before starting another"
                 )
             stream = self._replay(epoch, skip, form)
-        self._form = form
         self._passes += 1
         self._next_epoch = epoch + 1
         self._epoch, self._position, self._open_pass = epoch, skip, True

@@ -314,13 +314,11 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
     errors: list[LaunchError] = []
     pause = threading.Event()  # never set: a bounded wait between attempts
     failed, cause, attempt = 0, "start", 0
-    sized_at, resized, resizes = time.monotonic(), False, 0  # this attempt: first sized; sized again (how often)
+    sized_at, resizes = time.monotonic(), 0  # this attempt: when first sized; how often sized again before launch
     try:
         while True:
             scope.attempt, scope.next_index = attempt, 0
-            if resized:
-                resized = False
-            elif attempt and cause != GREW:
+            if attempt and cause != GREW and not resizes:  # a re-size before launch waits its poll, not a backoff
                 delay = backoff_delay(failed, retry_backoff)
                 log.warning("gang attempt %d of %d starts in %.1f s (attempt %d failed: %s)", attempt,
                             max_retries, delay, attempt - 1, str(errors[-1]).splitlines()[0])
@@ -341,7 +339,7 @@ def attempts(action: Callable[[], R], *, max_retries: int, retry_backoff: float,
             except Exception as exc:
                 if not scope.launched and _slots_changed(exc, sizer, sized_at):
                     assert sizer is not None
-                    cause, resized = f"the slots changed before the launch: {str(exc).splitlines()[0][:200]}", True
+                    cause = f"the slots changed before the launch: {str(exc).splitlines()[0][:200]}"
                     resizes += 1  # said at once, then every 20th time (a re-size is tried every poll interval)
                     log.log(logging.WARNING if resizes % 20 == 1 else logging.DEBUG,
                             "elastic gang %s: attempt %d is sized again (%d time(s) so far; %s)", sizer.name,
