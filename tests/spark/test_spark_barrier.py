@@ -125,6 +125,7 @@ def test_rank_failure_aborts_peers_and_names_the_rank(sc: Any, tmp_path: Any) ->
 
     def fn() -> None:
         ctx = h2.BarrierTaskContext.get()
+        ctx.barrier(timeout=60)  # every rank is up: none can be killed by the cancel before it observes
         if ctx.rank() == 1:
             raise ValueError("bad shard 17")
         start = time.monotonic()
