@@ -192,14 +192,17 @@ def warm_rank() -> int:
     return 1
 
 
-def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool) -> dict[str, Any]:
+def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool, shuffle: bool = False) -> dict[str, Any]:
     """One rank of ``run(feed_rank, 2, data=df)``: ``epochs`` passes of ``torch.data_loader(1024, cache=True)``.
 
     Each pass does the per-batch op (``feed_common.Tally``); ``in_memory`` then takes one more
     pass into a list and times the same op over the tensors already in memory (the reference
-    later epochs are held to). The peak RSS is read before that list is made. Every timed pass
-    after the first starts after a gang barrier, so that the gang's window measures the pass and
-    not how far apart the ranks finished the one before.
+    later epochs are held to); shuffled, the reference is what a user holding the share in
+    memory would run for a shuffled epoch: the share as one ``(rows, columns)`` tensor, each
+    batch's rows gathered by a new ``randperm`` and ``unbind`` into columns (the faster of the
+    two in-memory ways ``bench_feed_epochs.py`` measures). The peak RSS is read before that
+    list is made. Every timed pass after the first starts after a gang barrier, so that the
+    gang's window measures the pass and not how far apart the ranks finished the one before.
     """
     from feed_common import BATCH, Tally, now, peak_rss, reset_peak
 
@@ -208,7 +211,7 @@ def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool) -> dic
     import sparkhydrogen.torch as h2torch
 
     ctx = h2.BarrierTaskContext.get()
-    loader = h2torch.data_loader(BATCH, cache=True, equal_steps=equal_steps)
+    loader = h2torch.data_loader(BATCH, cache=True, equal_steps=equal_steps, shuffle=shuffle)
     tally = Tally(rows)
     out: dict[str, Any] = {"entered": entered, "epochs": []}
     for epoch in range(epochs):
@@ -221,10 +224,23 @@ def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool) -> dic
     out["peak"] = peak_rss()
     if in_memory:
         held = list(loader)
-        ctx.barrier()
-        start = now()
-        for batch in held:
-            tally.add(batch["label"])
+        if shuffle:
+            import torch
+
+            names = list(held[0])
+            block = torch.cat([torch.stack([batch[name] for name in names], 1) for batch in held])
+            del held
+            ctx.barrier()
+            start = now()
+            order = torch.randperm(block.shape[0])
+            for at in range(0, block.shape[0], BATCH):
+                batch = dict(zip(names, block[order[at:at + BATCH]].unbind(1), strict=True))
+                tally.add(batch["label"])
+        else:
+            ctx.barrier()
+            start = now()
+            for batch in held:
+                tally.add(batch["label"])
         out["memory"] = tally.result(start, now())
     return out
 
@@ -252,11 +268,15 @@ def ours_side(rows: int, partitions: int, master: str) -> dict[str, Any]:
         df.count()
         h2.run(warm_rank, 2)
         result: dict[str, Any] = {"module": h2.__file__}
-        for case, equal, epochs in (("first", True, 1), ("equal", True, 3), ("unequal", False, 3)):
+        for case, equal, epochs in (("first", True, 1), ("equal", True, 3), ("unequal", False, 3),
+                                    ("shuffled", True, 3)):
             reset_peak()
             begin = now()
-            ranks = h2.run(feed_rank, 2, data=df, args=(rows, equal, epochs, case != "first"))
+            ranks = h2.run(feed_rank, 2, data=df, args=(rows, equal, epochs, case != "first", case == "shuffled"))
             result[case] = {"begin": begin, "end": now(), "ranks": ranks, "driver_peak": peak_rss()}
+        begin = now()
+        df._jdf.toArrowBatchRdd().count()  # the JVM's Arrow conversion of the DataFrame alone: no Python
+        result["jvm"] = {"begin": begin, "end": now()}
         begin = now()
         floor = [r.asDict() for r in df.mapInArrow(floor_rank, "rows long, start double, end double, peak long")
                  .collect()]
@@ -337,7 +357,9 @@ def loader_section(rows: int, repeats: int, master: str, trees: list[tuple[str, 
     label = {"first": "first `data=` call of the session (`equal_steps=True`)",
              "equal": "`data=` + `torch.data_loader(1024, cache=True)`", "unequal": "the same, `equal_steps=False`",
              "default": "Petastorm `make_torch_dataloader` (default)",
-             "batched": "Petastorm with `BatchedDataLoader`", "floor": "floor: plain `df.mapInArrow` counting rows"}
+             "batched": "Petastorm with `BatchedDataLoader`", "floor": "floor: plain `df.mapInArrow` counting rows",
+             "shuffled": "the same, `shuffle=True` (in memory: a new order gathered from one 2-D tensor)",
+             "jvm": "ceiling: the JVM's Arrow conversion alone (`toArrowBatchRdd().count()`, no Python)"}
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
     loads, notes = [load()], []
     partitions = 2
@@ -348,9 +370,11 @@ def loader_section(rows: int, repeats: int, master: str, trees: list[tuple[str, 
                           "--master", master], tree)
             if not str(side["module"]).startswith(os.path.join(os.path.abspath(tree), "src")):
                 raise RuntimeError(f"the side for {tree} imported sparkhydrogen from {side['module']}")
-            for case in ("first", "equal", "unequal"):
+            for case in ("first", "equal", "unequal", "shuffled"):
                 samples.setdefault((name, case), []).append(_ours_row(side[case], rows))
             samples.setdefault((name, "floor"), []).append(_floor_row(side["floor"]))
+            jvm = side["jvm"]["end"] - side["jvm"]["begin"]
+            samples.setdefault((name, "jvm"), []).append({"epoch1": rows / jvm, "to_epoch1": jvm})
         if petastorm:
             print(f"bench_data loader: repeat {repeat + 1}, Petastorm, load {load()}", file=sys.stderr)
             with tempfile.TemporaryDirectory(prefix="bench-petastorm-") as cache:
@@ -383,7 +407,11 @@ def loader_section(rows: int, repeats: int, master: str, trees: list[tuple[str, 
         "`make_spark_converter`) to the last rank's end of epoch 1. Peak RSS: VmHWM of the rank's Python worker "
         "before the in-memory pass, and of the driver's Python process (the JVMs are not counted). Epoch 2 of a "
         "cached share pays its one-time conversion for later epochs; epoch 3 runs from it. \"In memory\": "
-        "the same op over the epoch's tensors already held in a list. Passes after the first start after a gang "
+        "the same op over the epoch's tensors already held in a list (shuffled: over the share held as one "
+        "`(rows, 33)` tensor, each batch's rows gathered by a new `torch.randperm` and unbound into columns, as a "
+        "user holding it in memory would shuffle). \"Ceiling\": the JVM turning the cached DataFrame into Arrow "
+        "record batches and counting them, the work every path through Spark's Arrow conversion does before any "
+        "Python sees a row. Passes after the first start after a gang "
         "barrier. The first call comes after a warm-up gang "
         "without data that imports torch. Load average (1/5/15 min) before and after each repeat: "
         f"{' | '.join(loads)}.",
@@ -401,7 +429,8 @@ def loader_section(rows: int, repeats: int, master: str, trees: list[tuple[str, 
             f"{num(med(key, 'epoch3'), ',.0f')} | {num(med(key, 'memory'), ',.0f')} | "
             f"{'none' if conv == 0 else num(conv, '.1f') + (' s' if conv else '')}"
             f" | {num(med(key, 'to_epoch1'), '.1f')} s | "
-            f"{num(None if med(key, 'rank_peak') is None else med(key, 'rank_peak') / 2**20, ',.0f')} MiB | "
+            f"{num(None if med(key, 'rank_peak') is None else med(key, 'rank_peak') / 2**20, ',.0f')}"
+            f"{' MiB' if med(key, 'rank_peak') is not None else ''} | "
             f"{num(None if med(key, 'driver_peak') is None else med(key, 'driver_peak') / 2**20, ',.0f')}"
             f"{' MiB' if med(key, 'driver_peak') is not None else ''} | "
             f"{f'{sum(map(bool, once))}/{len(once)}' if once else ''} |")

@@ -5,7 +5,11 @@ label as Arrow record batches of 10,000 rows (Spark's ``maxRecordsPerBatch``) fe
 :class:`sparkhydrogen.data.Batches` with ``cache=True`` inside ``sparkhydrogen.torch``'s
 ``RankDataLoader``, batches of 1024, the bench's per-batch op (``seen.index_add_``). Epoch 1
 includes the one-time conversion; "in memory" is the op over an epoch's tensors held in a
-list. CPU time (``time.process_time``), so a loaded machine slows the figures less than wall
+list (the same batches again). Shuffled epochs also get the references a user holding the share
+in memory would run, a new random order each epoch: "shuffled, per column" indexes each column
+tensor by the batch's rows of a ``torch.randperm`` (what a ``TensorDataset`` with a batch sampler
+does), "shuffled, one 2-D tensor" gathers the batch's rows of one ``(rows, 33)`` tensor and
+``unbind`` s it into columns. CPU time (``time.process_time``), so a loaded machine slows the figures less than wall
 time would. Each ``--tree`` runs in its own process (``PYTHONPATH=<tree>/src``), alternated
 ``--repeats`` times; medians.
 
@@ -56,6 +60,23 @@ def side(rows: int, shuffle: bool, epochs: int = 3) -> dict[str, Any]:
     rates = [timed(loader) for _ in range(epochs)]
     held = list(loader)
     out = {"epochs": rates, "memory": timed(held), "module": sys.modules["sparkhydrogen"].__file__}
+    if shuffle:
+        tensors = {name: torch.from_numpy(array) for name, array in columns.items()}
+        block = torch.from_numpy(np.stack(list(columns.values()), axis=1))
+
+        def per_column() -> Any:
+            order = torch.randperm(rows)
+            for at in range(0, rows, 1024):
+                index = order[at:at + 1024]
+                yield {name: tensor[index] for name, tensor in tensors.items()}
+
+        def one_block() -> Any:
+            order = torch.randperm(rows)
+            for at in range(0, rows, 1024):
+                yield dict(zip(tensors, block[order[at:at + 1024]].unbind(1), strict=True))
+
+        out["per_column"] = timed(per_column())
+        out["one_block"] = timed(one_block())
     if int(seen.min()) != int(seen.max()):
         raise RuntimeError("a row came more or less often than the others")
     return out
@@ -85,13 +106,21 @@ def main() -> None:
                 samples.setdefault((tree, setting), []).append(result)
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"{ns.rows:,} rows, batches of 1024, median of {ns.repeats}; M rows per CPU-second; load after: {load}\n")
-    print("| tree | shuffle | epoch 1 | epoch 2 | epoch 3 | in memory | in memory / epoch 2 |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| tree | shuffle | epoch 1 | epoch 2 | epoch 3 | in memory, same batches | in memory / epoch 3 | "
+          "in memory, shuffled, per column | in memory, shuffled, one 2-D tensor | epoch 3 / best shuffled in memory |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (tree, setting), runs in samples.items():
         epochs = [statistics.median(r["epochs"][i] for r in runs) / 1e6 for i in range(3)]
         memory = statistics.median(r["memory"] for r in runs) / 1e6
-        print(f"| {tree} | {setting == 'shuffled'} | {epochs[0]:.2f} | {epochs[1]:.2f} | {epochs[2]:.2f} | "
-              f"{memory:.1f} | {memory / epochs[1]:.1f}x |")
+        line = (f"| {tree} | {setting == 'shuffled'} | {epochs[0]:.2f} | {epochs[1]:.2f} | {epochs[2]:.2f} | "
+                f"{memory:.1f} | {memory / epochs[2]:.1f}x |")
+        if setting == "shuffled":
+            column = statistics.median(r["per_column"] for r in runs) / 1e6
+            block = statistics.median(r["one_block"] for r in runs) / 1e6
+            line += f" {column:.2f} | {block:.2f} | {epochs[2] / max(column, block):.2f}x |"
+        else:
+            line += "  |  |  |"
+        print(line)
 
 
 if __name__ == "__main__":

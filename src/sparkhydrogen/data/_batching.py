@@ -22,11 +22,12 @@ def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False
             copy: bool = True) -> Generator[Chunk, None, None]:
     """Chunks of any sizes to batches of exactly ``batch_size`` rows; the last one shorter, or dropped.
 
-    Every batch owns its arrays (contiguous, writable copies), so a consumer may keep or
-    change them. A batch that lies inside one chunk is one copy per column of the chunk's
-    rows (the chunk's arrays are views of the Arrow buffers: nothing else is copied); only
-    a batch that spans chunks joins pieces. The columns' shapes are checked once per chunk.
-    With ``copy=False`` a batch inside one chunk is views of the chunk's arrays instead.
+    Every batch's arrays are contiguous, writable and its own (no other batch sees its rows),
+    so a consumer may keep or change them. The full batches inside one chunk are cut from one
+    copy per column of those rows (the chunk's arrays are views of the Arrow buffers: nothing
+    else is copied; a kept batch keeps that copy alive); only a batch that spans chunks joins
+    pieces. The columns' shapes are checked once per chunk. With ``copy=False`` a batch
+    inside one chunk is views of the chunk's arrays instead.
 
     >>> import numpy as np
     >>> [len(b["x"]) for b in rebatch([{"x": np.arange(5)}, {"x": np.arange(4)}], 4)]
@@ -50,9 +51,13 @@ def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False
             pending.append({k: v[:need] for k, v in chunk.items()})
             yield _join(pending, copy)
             pending, have, at = [], 0, need
-        while rows - at >= batch_size:  # batches wholly inside this chunk: one copy per column
-            end = at + batch_size
-            yield {k: v[at:end].copy() if copy else v[at:end] for k, v in chunk.items()}
+        full = (rows - at) // batch_size
+        if full:  # batches wholly inside this chunk: one copy per column for all of them
+            end = at + full * batch_size
+            source = {k: v[at:end].copy() for k, v in chunk.items()} if copy else chunk
+            base = 0 if copy else at
+            for start in range(base, base + full * batch_size, batch_size):
+                yield {k: v[start:start + batch_size] for k, v in source.items()}
             at = end
         if at < rows:
             pending.append({k: v[at:] for k, v in chunk.items()} if at else chunk)
@@ -176,6 +181,7 @@ def equal_steps(batches: Iterable[Chunk], agree: Agree, on_end: Callable[[int, i
     ended = False
     window = max(1, first_window)
     steps = rows = 0
+    sizes: deque[int] = deque()  # each ready batch's bytes
     while True:
         while not ended and len(ready) < window and (held < max_bytes or not ready):
             try:
@@ -184,11 +190,12 @@ def equal_steps(batches: Iterable[Chunk], agree: Agree, on_end: Callable[[int, i
                 ended = True
                 break
             ready.append(batch)
-            held += _nbytes(batch)
+            sizes.append(_nbytes(batch))
+            held += sizes[-1]
         allowed, stop = agree(len(ready), ended)
         for _ in range(allowed):
             batch = ready.popleft()
-            held -= _nbytes(batch)
+            held -= sizes.popleft()
             steps += 1
             rows += chunk_rows(batch)
             yield batch
