@@ -199,10 +199,11 @@ def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool, shuffl
     pass into a list and times the same op over the tensors already in memory (the reference
     later epochs are held to); shuffled, the reference is what a user holding the share in
     memory would run for a shuffled epoch: the share as one ``(rows, columns)`` tensor, each
-    batch's rows gathered by a new ``randperm`` and ``unbind`` into columns (the faster of the
-    two in-memory ways ``bench_feed_epochs.py`` measures). The peak RSS is read before that
-    list is made. Every timed pass after the first starts after a gang barrier, so that the
-    gang's window measures the pass and not how far apart the ranks finished the one before.
+    batch's rows gathered by a new ``randperm`` and ``unbind`` into columns
+    (``feed_common.shuffled_in_memory``, the faster of the two ways ``bench_feed_epochs.py``
+    measures). The peak RSS is read before that list is made. Every timed pass after the first
+    starts after a gang barrier, so that the gang's window measures the pass and not how far
+    apart the ranks finished the one before.
     """
     from feed_common import BATCH, Tally, now, peak_rss, reset_peak
 
@@ -227,14 +228,14 @@ def feed_rank(rows: int, equal_steps: bool, epochs: int, in_memory: bool, shuffl
         if shuffle:
             import torch
 
+            from feed_common import shuffled_in_memory
+
             names = list(held[0])
             block = torch.cat([torch.stack([batch[name] for name in names], 1) for batch in held])
             del held
             ctx.barrier()
             start = now()
-            order = torch.randperm(block.shape[0])
-            for at in range(0, block.shape[0], BATCH):
-                batch = dict(zip(names, block[order[at:at + BATCH]].unbind(1), strict=True))
+            for batch in shuffled_in_memory(block, names):
                 tally.add(batch["label"])
         else:
             ctx.barrier()

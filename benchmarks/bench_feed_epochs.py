@@ -5,13 +5,14 @@ label as Arrow record batches of 10,000 rows (Spark's ``maxRecordsPerBatch``) fe
 :class:`sparkhydrogen.data.Batches` with ``cache=True`` inside ``sparkhydrogen.torch``'s
 ``RankDataLoader``, batches of 1024, the bench's per-batch op (``seen.index_add_``). Epoch 1
 includes the one-time conversion; "in memory" is the op over an epoch's tensors held in a
-list (the same batches again). Shuffled epochs also get the references a user holding the share
-in memory would run, a new random order each epoch: "shuffled, per column" indexes each column
-tensor by the batch's rows of a ``torch.randperm`` (what a ``TensorDataset`` with a batch sampler
-does), "shuffled, one 2-D tensor" gathers the batch's rows of one ``(rows, 33)`` tensor and
-``unbind`` s it into columns. CPU time (``time.process_time``), so a loaded machine slows the figures less than wall
-time would. Each ``--tree`` runs in its own process (``PYTHONPATH=<tree>/src``), alternated
-``--repeats`` times; medians.
+list (the same batches again). Shuffled epochs also get the references a user holding the
+share in memory would run, a new random order each epoch: "shuffled, per column" indexes each
+column tensor by the batch's rows of a ``torch.randperm`` (what a ``TensorDataset`` with a
+batch sampler does), "shuffled, one 2-D tensor" gathers the batch's rows of one ``(rows, 33)``
+tensor and ``unbind`` s it into columns (``feed_common.shuffled_in_memory``). CPU time
+(``time.process_time``), so a loaded machine slows the figures less than wall time would.
+Each ``--tree`` runs in its own process (``PYTHONPATH=<tree>/src``), alternated ``--repeats``
+times; medians.
 
 usage: .venv/bin/python benchmarks/bench_feed_epochs.py [--rows 1000000] [--repeats 3] [--tree CHECKOUT ...]
 """
@@ -36,6 +37,7 @@ def side(rows: int, shuffle: bool, epochs: int = 3) -> dict[str, Any]:
     import pyarrow as pa
     import torch
 
+    from feed_common import shuffled_in_memory
     from sparkhydrogen.data import Batches, FeedOptions
     from sparkhydrogen.data.torch_feed import RankDataLoader, RankDataset
 
@@ -70,13 +72,8 @@ def side(rows: int, shuffle: bool, epochs: int = 3) -> dict[str, Any]:
                 index = order[at:at + 1024]
                 yield {name: tensor[index] for name, tensor in tensors.items()}
 
-        def one_block() -> Any:
-            order = torch.randperm(rows)
-            for at in range(0, rows, 1024):
-                yield dict(zip(tensors, block[order[at:at + 1024]].unbind(1), strict=True))
-
         out["per_column"] = timed(per_column())
-        out["one_block"] = timed(one_block())
+        out["one_block"] = timed(shuffled_in_memory(block, list(tensors)))
     if int(seen.min()) != int(seen.max()):
         raise RuntimeError("a row came more or less often than the others")
     return out

@@ -110,6 +110,19 @@ def union_check(epochs: list[dict[str, Any]], rows: int) -> bool:
     return count == rows and int(np.unpackbits(total)[:rows].sum()) == rows
 
 
+def shuffled_in_memory(block: Any, names: list[str], batch: int = BATCH) -> Any:
+    """A shuffled epoch over a share already in memory as one ``(rows, columns)`` tensor.
+
+    What a user holding the share as tensors would run: each batch's rows gathered by a new
+    ``torch.randperm`` and ``unbind`` into a dict of columns (the reference for our shuffled epochs).
+    """
+    import torch
+
+    order = torch.randperm(block.shape[0])
+    for at in range(0, block.shape[0], batch):
+        yield dict(zip(names, block[order[at:at + batch]].unbind(1), strict=True))
+
+
 def now() -> float:
     """Wall-clock seconds, comparable across the processes of one machine."""
     return time.time()

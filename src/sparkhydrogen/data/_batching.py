@@ -54,9 +54,8 @@ def rebatch(chunks: Iterable[Chunk], batch_size: int, *, drop_last: bool = False
         full = (rows - at) // batch_size
         if full:  # batches wholly inside this chunk: one copy per column for all of them
             end = at + full * batch_size
-            source = {k: v[at:end].copy() for k, v in chunk.items()} if copy else chunk
-            base = 0 if copy else at
-            for start in range(base, base + full * batch_size, batch_size):
+            source = {k: v[at:end].copy() if copy else v[at:end] for k, v in chunk.items()}
+            for start in range(0, full * batch_size, batch_size):
                 yield {k: v[start:start + batch_size] for k, v in source.items()}
             at = end
         if at < rows:
@@ -176,12 +175,11 @@ def equal_steps(batches: Iterable[Chunk], agree: Agree, on_end: Callable[[int, i
     (20, [8, 12])
     """
     source = iter(batches)
-    ready: deque[Chunk] = deque()
+    ready: deque[tuple[Chunk, int]] = deque()  # batches made ahead, with their bytes
     held = 0
     ended = False
     window = max(1, first_window)
     steps = rows = 0
-    sizes: deque[int] = deque()  # each ready batch's bytes
     while True:
         while not ended and len(ready) < window and (held < max_bytes or not ready):
             try:
@@ -189,13 +187,13 @@ def equal_steps(batches: Iterable[Chunk], agree: Agree, on_end: Callable[[int, i
             except StopIteration:
                 ended = True
                 break
-            ready.append(batch)
-            sizes.append(_nbytes(batch))
-            held += sizes[-1]
+            size = _nbytes(batch)
+            ready.append((batch, size))
+            held += size
         allowed, stop = agree(len(ready), ended)
         for _ in range(allowed):
-            batch = ready.popleft()
-            held -= sizes.popleft()
+            batch, size = ready.popleft()
+            held -= size
             steps += 1
             rows += chunk_rows(batch)
             yield batch
