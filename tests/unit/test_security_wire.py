@@ -126,9 +126,14 @@ def test_the_secret_never_crosses_the_wire(make_server: Callable[..., Coordinato
     for form in secret_forms(handle.secret):
         assert form not in wire
     if tls:  # nothing of the protocol is readable either
-        for plain in (b'"op"', b"register", b"rank 1 round", handle.gang_id.encode(), b"H2\x01"):
+        for plain in (b'"op"', b"register", b"rank 1 round", handle.gang_id.encode()):
             assert plain not in wire
+        # Every frame starts with the 3-byte magic, so plaintext shows it once per frame (dozens of
+        # times here); random ciphertext holds those 3 bytes by chance about once in 16 M bytes, so
+        # one chance match is allowed (it happened once in CI), never a frame's worth.
+        assert wire.count(b"H2\x01") <= 1
     else:  # the proofs are fresh per connection: no two connections send the same bytes
+        assert wire.count(b"H2\x01") >= 12  # the frames are readable: the TLS bound above has teeth
         auths = [frame.header for data in proxy.to_server
                  for frame in FrameDecoder(Limits(1 << 20, 1 << 20)).feed(bytes(data)) if frame.kind is Kind.AUTH]
         assert len(auths) == 3 and len({a["proof"] for a in auths}) == 3 and len({a["nonce"] for a in auths}) == 3
