@@ -22,6 +22,22 @@ import pyspark
 
 SPARK_HOME = os.path.dirname(pyspark.__file__)
 DAEMON = os.path.join(SPARK_HOME, "sbin", "spark-daemon.sh")
+MASTER_CLASS = "org.apache.spark.deploy.master.Master"
+WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+
+
+def _runs(pid: int, main_class: str) -> bool:
+    """Whether ``pid`` is (still) a JVM running ``main_class``.
+
+    pids are reused (``pid_max`` is 32768 here), and an executor's command line names its worker
+    (``--worker-url spark://Worker@...``): a pid from a pid file is trusted only while its process
+    runs the daemon's own main class as an argument of its own.
+    """
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return main_class.encode() in args
 
 
 def _free_port() -> int:
@@ -72,7 +88,7 @@ class Cluster:
         for _ in range(count):
             self.started += 1
             numbers.append(self.started)
-            subprocess.run([DAEMON, "start", "org.apache.spark.deploy.worker.Worker", str(self.started), self.master,
+            subprocess.run([DAEMON, "start", WORKER_CLASS, str(self.started), self.master,
                             "--host", "127.0.0.1", "--cores", str(self.cores), "--memory", self.memory,
                             "--webui-port", str(_free_port()), "--work-dir", str(self.root / "work")],
                            env=self.env, check=True, capture_output=True, timeout=60)
@@ -88,10 +104,25 @@ class Cluster:
         """The master's pid, whether it is alive, and the end of its log (for a worker that did not register)."""
         pid_file = next((self.root / "pids").glob("*Master-1.pid"), None)
         pid = int(pid_file.read_text().strip()) if pid_file else None
-        alive = pid is not None and os.path.exists(f"/proc/{pid}")
+        alive = pid is not None and _runs(pid, MASTER_CLASS)
         log = next((self.root / "logs").glob("*Master-1-*.out"), None)
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log else "(no master log)"
         return f"master pid {pid} ({'alive' if alive else 'gone'}); its log ends:\n{tail}"
+
+    def describe(self, sc: object | None = None) -> str:
+        """Which workers are alive (by number and pid), the executors Spark lists, and the master's last lines."""
+        lines = []
+        for number in range(1, self.started + 1):
+            pid = self.worker_pid(number)
+            alive = pid in self.workers()
+            log = next((self.root / "logs").glob(f"*Worker-{number}-*.out"), None)
+            tail = log.read_text(errors="replace").splitlines()[-3:] if log else []
+            lines.append(f"worker {number} pid {pid}: {'alive' if alive else 'gone'}; its log ends: {tail}")
+        if sc is not None:
+            infos = sc._jsc.sc().statusTracker().getExecutorInfos()  # type: ignore[attr-defined]
+            lines.append("executors Spark lists: "
+                         + ", ".join(f"{i.host()}:{i.port()} ({i.numRunningTasks()} tasks)" for i in infos))
+        return "\n".join([*lines, self.master_state()])
 
     def worker_pid(self, number: int) -> int:
         path = next((self.root / "pids").glob(f"*Worker-{number}.pid"))
@@ -102,18 +133,24 @@ class Cluster:
         alive = []
         for number in range(1, self.started + 1):
             pid = self.worker_pid(number)
-            if os.path.exists(f"/proc/{pid}") and "Worker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+            if _runs(pid, WORKER_CLASS):
                 alive.append(pid)
         return alive
 
     def kill_worker(self, pid: int) -> None:
         """SIGKILL a worker JVM and its executor JVM (and the executor's Python workers): gone, not replaced."""
+        if not _runs(pid, WORKER_CLASS):
+            raise ValueError(f"pid {pid} is not a worker of this cluster (it exited, or the pid was reused)")
         tree = _descendants(pid)
+        print(f"standalone cluster: SIGKILL worker {pid} and its descendants {tree}", flush=True)
         for target in [pid, *tree]:
             try:
                 os.kill(target, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 30
+        while _runs(pid, WORKER_CLASS) and time.monotonic() < deadline:
+            time.sleep(0.05)  # SIGKILL is delivered asynchronously: /proc is the only signal that it took
 
 
 def _descendants(pid: int) -> list[int]:
@@ -146,13 +183,13 @@ def elastic_cluster(workers: int = 2, cores: int = 1, memory: str = "1g") -> Ite
     port = _free_port()
     master = f"spark://127.0.0.1:{port}"
     try:
-        subprocess.run([DAEMON, "start", "org.apache.spark.deploy.master.Master", "1", "--host", "127.0.0.1",
+        subprocess.run([DAEMON, "start", MASTER_CLASS, "1", "--host", "127.0.0.1",
                         "--port", str(port), "--webui-port", str(_free_port())], env=env, check=True,
                        capture_output=True, timeout=60)
         _wait_for_log(root / "logs", r"I have been elected leader", 1, 60)
         cluster = Cluster(root, env, master, cores, memory)
         for number in range(1, workers + 1):
-            subprocess.run([DAEMON, "start", "org.apache.spark.deploy.worker.Worker", str(number), master,
+            subprocess.run([DAEMON, "start", WORKER_CLASS, str(number), master,
                             "--host", "127.0.0.1", "--cores", str(cores), "--memory", memory,
                             "--webui-port", str(_free_port()), "--work-dir", str(root / "work")],
                            env=env, check=True, capture_output=True, timeout=60)
@@ -161,7 +198,7 @@ def elastic_cluster(workers: int = 2, cores: int = 1, memory: str = "1g") -> Ite
         yield cluster
     finally:
         for pid in _pids(root / "pids"):
-            if os.path.exists(f"/proc/{pid}"):
+            if _runs(pid, MASTER_CLASS) or _runs(pid, WORKER_CLASS):  # never a stranger that reused the pid
                 _kill_tree(pid)
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
