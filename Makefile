@@ -35,7 +35,7 @@ MLFLOW := "mlflow-skinny==3.17.2" "Flask==3.1.3" "flask-cors==6.0.5" "sqlalchemy
 # the frameworks the launchers serve, tested for real: CPU builds, pinned (torch pinned alongside so pip keeps it)
 FRAMEWORKS := "jax==0.10.2" "jaxlib==0.10.2" "tensorflow-cpu==2.21.0" "tf-keras==2.21.0" "lightning==2.6.6" \
               "deepspeed==0.19.8" $(MLFLOW)
-FSTAMP := $(VENV)/.installed-frameworks-3
+FSTAMP := $(VENV)/.installed-frameworks-4
 
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(VPY))
@@ -60,10 +60,12 @@ $(TSTAMP): $(STAMP)
 frameworks: $(FSTAMP)
 
 # DeepSpeed builds its CPU shared-memory comm op on first use (1-2 min, 2 cores): built here, once, so that no test
-# pays for it (a test timed out mid-build leaves torch's build lock behind, and every later build waits on it)
+# pays for it (a test timed out mid-build leaves torch's build lock behind, and every later build waits on it).
+# It is built inside the venv (TORCH_EXTENSIONS_DIR; tests/conftest.py sets the same): torch's shared
+# ~/.cache/torch_extensions would be rebuilt by every other checkout's venv, its ninja file naming that venv's paths.
 $(FSTAMP): $(TSTAMP)
 	DS_BUILD_OPS=0 $(VPY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(FRAMEWORKS)
-	DS_ACCELERATOR=cpu $(VPY) -c "from deepspeed.accelerator import get_accelerator as a; \
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(VPY) -c "from deepspeed.accelerator import get_accelerator as a; \
 	  a().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $(FSTAMP)
 

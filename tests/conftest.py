@@ -34,6 +34,9 @@ import pytest
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+# Torch's JIT-built extensions (DeepSpeed's CPU comm op, built by `make frameworks`) live in this venv, not in
+# the shared ~/.cache/torch_extensions that another checkout's venv rebuilds with its own paths.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 #: ids of the session kinds of ``spark``, in the order pytest runs them
 KINDS = ("local[4]", "local-cluster[2,1,1024]", "connect")
