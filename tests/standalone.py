@@ -26,18 +26,23 @@ MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 
 
-def _runs(pid: int, main_class: str) -> bool:
-    """Whether ``pid`` is (still) a JVM running ``main_class``.
+def _runs(pid: int, main_class: str, master: str) -> bool:
+    """Whether ``pid`` is (still) this cluster's daemon running ``main_class``.
 
-    pids are reused (``pid_max`` is 32768 here), and an executor's command line names its worker
-    (``--worker-url spark://Worker@...``): a pid from a pid file is trusted only while its process
-    runs the daemon's own main class as an argument of its own.
+    pids are reused (``pid_max`` is 32768 here, and a suite run wraps it), and an executor's command
+    line names its worker (``--worker-url spark://Worker@...``): a pid from a pid file is trusted only
+    while its process runs the daemon's main class with this cluster's master among its own arguments
+    (a worker's master URL, the master's ``--port``), never because a stranger took the pid.
     """
     try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return main_class.encode() in args
+    if main_class not in args:
+        return False
+    if main_class == MASTER_CLASS:
+        return any(a == "--port" and b == master.rsplit(":", 1)[1] for a, b in zip(args, args[1:], strict=False))
+    return master in args
 
 
 def _free_port() -> int:
@@ -104,7 +109,7 @@ class Cluster:
         """The master's pid, whether it is alive, and the end of its log (for a worker that did not register)."""
         pid_file = next((self.root / "pids").glob("*Master-1.pid"), None)
         pid = int(pid_file.read_text().strip()) if pid_file else None
-        alive = pid is not None and _runs(pid, MASTER_CLASS)
+        alive = pid is not None and _runs(pid, MASTER_CLASS, self.master)
         log = next((self.root / "logs").glob("*Master-1-*.out"), None)
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log else "(no master log)"
         return f"master pid {pid} ({'alive' if alive else 'gone'}); its log ends:\n{tail}"
@@ -133,13 +138,13 @@ class Cluster:
         alive = []
         for number in range(1, self.started + 1):
             pid = self.worker_pid(number)
-            if _runs(pid, WORKER_CLASS):
+            if _runs(pid, WORKER_CLASS, self.master):
                 alive.append(pid)
         return alive
 
     def kill_worker(self, pid: int) -> None:
         """SIGKILL a worker JVM and its executor JVM (and the executor's Python workers): gone, not replaced."""
-        if not _runs(pid, WORKER_CLASS):
+        if not _runs(pid, WORKER_CLASS, self.master):
             raise ValueError(f"pid {pid} is not a worker of this cluster (it exited, or the pid was reused)")
         tree = _descendants(pid)
         print(f"standalone cluster: SIGKILL worker {pid} and its descendants {tree}", flush=True)
@@ -149,7 +154,7 @@ class Cluster:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 30
-        while _runs(pid, WORKER_CLASS) and time.monotonic() < deadline:
+        while _runs(pid, WORKER_CLASS, self.master) and time.monotonic() < deadline:
             time.sleep(0.05)  # SIGKILL is delivered asynchronously: /proc is the only signal that it took
 
 
@@ -198,7 +203,7 @@ def elastic_cluster(workers: int = 2, cores: int = 1, memory: str = "1g") -> Ite
         yield cluster
     finally:
         for pid in _pids(root / "pids"):
-            if _runs(pid, MASTER_CLASS) or _runs(pid, WORKER_CLASS):  # never a stranger that reused the pid
+            if _runs(pid, MASTER_CLASS, master) or _runs(pid, WORKER_CLASS, master):  # not a stranger on a reused pid
                 _kill_tree(pid)
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
