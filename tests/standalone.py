@@ -116,10 +116,10 @@ class Cluster:
 
     def describe(self, sc: object | None = None) -> str:
         """Which workers are alive (by number and pid), the executors Spark lists, and the master's last lines."""
-        lines = []
+        lines, running = [], set(self.workers())
         for number in range(1, self.started + 1):
             pid = self.worker_pid(number)
-            alive = pid in self.workers()
+            alive = pid in running
             log = next((self.root / "logs").glob(f"*Worker-{number}-*.out"), None)
             tail = log.read_text(errors="replace").splitlines()[-3:] if log else []
             lines.append(f"worker {number} pid {pid}: {'alive' if alive else 'gone'}; its log ends: {tail}")
